@@ -1,0 +1,122 @@
+"""Plain YAML data -> typed spec dataclasses, with per-field checks that name the dotted key."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, Dict, List, Optional, Union
+
+from codetr.spec.errors import SpecError
+
+_NONE = type(None)
+
+
+def to_dataclass(cls: type, data: Any, path: str = "") -> Any:
+    """Builds `cls` from a mapping, recursively; unknown keys and wrong types raise SpecError."""
+    where = path or "<spec>"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping of {cls.__name__} fields, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f" Did you mean '{_join(path, close[0])}'?" if close else ""
+            raise SpecError(f"unknown key '{_join(path, key)}'.{hint} "
+                            f"Allowed keys of {where}: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], _join(path, name))
+            check_constraints(kwargs[name], f.metadata, _join(path, name))
+    return cls(**kwargs)
+
+
+def check_constraints(value: Any, meta: typing.Mapping, key: str) -> None:
+    """Applies `choices`, `min`, `max`, `gt` and `each` metadata to a converted value."""
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise SpecError(f"{key}={value!r} is not supported.{hint} "
+                        f"Allowed values: {', '.join(map(str, meta['choices']))}")
+    if "min" in meta and value < meta["min"]:
+        raise SpecError(f"{key}={value!r} is out of range: must be >= {meta['min']}"
+                        + (f" and <= {meta['max']}" if "max" in meta else ""))
+    if "max" in meta and value > meta["max"]:
+        raise SpecError(f"{key}={value!r} is out of range: must be <= {meta['max']}"
+                        + (f" and >= {meta['min']}" if "min" in meta else ""))
+    if "gt" in meta and not value > meta["gt"]:
+        raise SpecError(f"{key}={value!r} is out of range: must be > {meta['gt']}")
+    if "each" in meta:
+        for i, item in enumerate(value):
+            check_constraints(item, meta["each"], f"{key}[{i}]")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and _NONE in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not _NONE):
+            try:
+                return _coerce(option, value, key)
+            except SpecError as err:
+                errors.append(str(err))
+        raise SpecError(errors[-1] if len(errors) == 1 else
+                        f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+    if dataclasses.is_dataclass(tp):
+        return to_dataclass(tp, value, key)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{key}: expected a list of {_type_name(args[0])}, got {_show(value)}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise SpecError(f"{key}: expected a mapping, got {_show(value)}")
+        return {_coerce(args[0], k, f"{key} key"): _coerce(args[1], v, f"{key}.{k}")
+                for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SpecError(f"{key}: expected true or false, got {_show(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise SpecError(f"{key}: expected an integer, got {_show(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # '1e-4' read as a string by a YAML 1.1 loader
+            except ValueError:
+                pass
+        raise SpecError(f"{key}: expected a number, got {_show(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise SpecError(f"{key}: expected a string, got {_show(value)}")
+    raise TypeError(f"unsupported spec type {tp} at {key}")
+
+
+def _join(path: str, name: Any) -> str:
+    return f"{path}.{name}" if path else str(name)
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+

@@ -1,0 +1,142 @@
+"""Spec file + `key=value` overrides -> a validated `ExperimentSpec`."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+from codetr.spec.convert import to_dataclass
+from codetr.spec.errors import SpecError
+from codetr.spec.schema import ExperimentSpec
+from codetr.spec.yaml_io import dump_yaml, load_yaml, load_yaml_text
+
+# Backbone names the spec accepts (TAO's list) that this build cannot construct yet.
+UNAVAILABLE_BACKBONES = {
+    "fan_tiny": "FAN backbones are not available in timm",
+    "fan_small": "FAN backbones are not available in timm",
+    "fan_base": "FAN backbones are not available in timm",
+    "fan_large": "FAN backbones are not available in timm",
+}
+
+
+def parse_override(text: str) -> tuple[str, Any, str]:
+    """`a.b=value` -> ('a.b', parsed value, op). op is '=' (set), '+' (add a key) or '~' (delete).
+
+    Values are parsed as YAML (`[1,2,3]`, `true`, `1e-4`, `null`); `key=` sets an empty string.
+    """
+    if text.startswith("~"):
+        return text[1:].split("=", 1)[0], None, "~"
+    op = "="
+    if text.startswith("+"):
+        op, text = "+", text[1:]
+    if "=" not in text:
+        raise SpecError(f"override '{text}' is not of the form key=value (e.g. train.optim.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise SpecError(f"override '{text}': empty key")
+    value = load_yaml_text(raw, f"override {key}") if raw.strip() else ""
+    return key, value, op
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Returns a copy of `data` with each `key=value` applied (nested keys are created)."""
+    data = copy.deepcopy(data) if data else {}
+    for text in overrides:
+        key, value, op = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"override '{text}': '{part}' is not a section")
+            node = child
+        if op == "~":
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    return data
+
+
+def spec_from_dict(data: Optional[dict], origin: str = "<spec>") -> ExperimentSpec:
+    """Builds and validates the spec; SpecError messages start with `origin`."""
+    try:
+        spec = to_dataclass(ExperimentSpec, data)
+        check_spec(spec)
+    except SpecError as err:
+        raise SpecError(f"{origin}: {err}") from None
+    return spec
+
+
+def load_spec(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> ExperimentSpec:
+    """Reads the spec file (defaults when `path` is None), applies overrides and validates."""
+    data = {}
+    origin = "defaults"
+    if path is not None:
+        try:
+            data = load_yaml(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise SpecError(str(err)) from None
+        origin = str(path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise SpecError(f"{path}: the spec must be a mapping of sections (model, dataset, ...)")
+    try:
+        data = apply_overrides(data, overrides)
+    except SpecError as err:
+        raise SpecError(f"{origin}: {err}") from None
+    return spec_from_dict(data, origin)
+
+
+def spec_to_dict(spec: ExperimentSpec) -> dict:
+    """Plain data (for YAML or for a checkpoint) of a spec."""
+    return dataclasses.asdict(spec)
+
+
+def spec_to_yaml(spec: ExperimentSpec) -> str:
+    """The resolved spec as YAML text (what `codetr spec` prints and every task saves)."""
+    return dump_yaml(spec_to_dict(spec))
+
+
+def check_spec(spec: ExperimentSpec) -> None:
+    """Rules that involve several fields."""
+    m, a = spec.model, spec.dataset.augmentation
+    idx = m.return_interm_indices
+    if len(idx) != m.num_feature_levels:
+        raise SpecError(
+            f"model.return_interm_indices={idx} has {len(idx)} entries but "
+            f"model.num_feature_levels={m.num_feature_levels}: the lengths must match "
+            f"(e.g. [0, 1, 2, 3, 4] for 5 levels, [1, 2, 3, 4] for 4, [1, 2, 3] for 3)")
+    if sorted(set(idx)) != list(idx):
+        raise SpecError(f"model.return_interm_indices={idx} must be strictly increasing")
+    if m.dilation and not m.backbone.startswith("resnet"):
+        raise SpecError(f"model.dilation=true is supported for resnet backbones only, "
+                        f"not model.backbone={m.backbone}")
+    if not m.loss_types:
+        raise SpecError("model.loss_types must name at least one of: labels, boxes")
+    if m.hidden_dim % m.nheads:
+        raise SpecError(f"model.hidden_dim={m.hidden_dim} must be divisible by model.nheads={m.nheads}")
+    if m.fix_refpoints_hw == 0 or m.fix_refpoints_hw < -2:
+        raise SpecError(f"model.fix_refpoints_hw={m.fix_refpoints_hw} is not supported. "
+                        "Allowed values: -1 (learn w, h per box), -2 (shared w, h), > 0 (fixed)")
+    for name in ("input_mean", "input_std"):
+        if len(getattr(a, name)) not in (1, 3):
+            raise SpecError(f"dataset.augmentation.{name} must have 1 or 3 values, "
+                            f"got {getattr(a, name)}")
+    if a.train_random_crop_min > a.train_random_crop_max:
+        raise SpecError(f"dataset.augmentation.train_random_crop_min={a.train_random_crop_min} "
+                        f"exceeds train_random_crop_max={a.train_random_crop_max}")
+    if a.fixed_random_crop is not None and a.fixed_random_crop % 32:
+        raise SpecError(f"dataset.augmentation.fixed_random_crop={a.fixed_random_crop} must be "
+                        "divisible by 32")
+    if spec.encryption_key:
+        raise SpecError("encryption_key is not supported: codetr writes plain PyTorch .pth files "
+                        "(load them with torch.load(weights_only=True)); set encryption_key: null")
+    for task in ("evaluate", "inference"):
+        t = getattr(spec, task)
+        if (t.input_width is None) != (t.input_height is None):
+            raise SpecError(f"{task}.input_width and {task}.input_height must be set together")

@@ -1,0 +1,72 @@
+"""YAML reading and writing that agree with DVC on numbers.
+
+PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; DVC, Snakemake users and humans
+expect a float. `SpecLoader` adds the YAML 1.2 float pattern so `1e-4`, `1E+3` and `.5` load as
+floats whichever way the file is written.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class SpecLoader(yaml.SafeLoader):
+    """SafeLoader whose float resolver accepts `1e-4` (YAML 1.2 style)."""
+
+
+SpecLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
+}
+SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def load_yaml_text(text: str, origin: str = "<string>") -> Any:
+    """Parses YAML text; errors name `origin` and the line."""
+    try:
+        return yaml.load(text, Loader=SpecLoader)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{origin}: not valid YAML: {err}") from None
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """Reads a YAML file with `SpecLoader`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"spec file not found: {path}") from None
+    return load_yaml_text(text, str(path))
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text in key order as given; floats always carry a dot (`1.0e-04`) so any reader agrees."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=None)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _float_repr(dumper: yaml.SafeDumper, value: float):
+    text = repr(value)
+    if "e" in text and "." not in text.split("e")[0]:
+        mantissa, exp = text.split("e")
+        text = f"{mantissa}.0e{exp}"
+    return dumper.represent_scalar("tag:yaml.org,2002:float", text)
+
+
+_Dumper.add_representer(float, _float_repr)
