@@ -61,8 +61,17 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
+# Sections of params.yaml that belong to pipeline stages, not to the codetr tasks.
+PIPELINE_SECTIONS = ("prepare", "backbone", "report")
+
+
 def spec_from_dict(data: Optional[dict], origin: str = "<spec>") -> ExperimentSpec:
-    """Builds and validates the spec; SpecError messages start with `origin`."""
+    """Builds and validates the spec; SpecError messages start with `origin`.
+
+    The pipeline's own sections (`PIPELINE_SECTIONS`) may sit beside the spec in params.yaml:
+    they are ignored here so `codetr train -e params.yaml` works.
+    """
+    data = {k: v for k, v in (data or {}).items() if k not in PIPELINE_SECTIONS}
     try:
         spec = to_dataclass(ExperimentSpec, data)
         check_spec(spec)
