@@ -149,3 +149,12 @@ def check_spec(spec: ExperimentSpec) -> None:
         t = getattr(spec, task)
         if (t.input_width is None) != (t.input_height is None):
             raise SpecError(f"{task}.input_width and {task}.input_height must be set together")
+
+
+def save_spec(spec: ExperimentSpec, folder: str | os.PathLike) -> str:
+    """Writes the resolved spec as `<folder>/experiment_spec.yaml` (atomically); returns the path."""
+    from codetr.fileio import atomic_write_text
+
+    path = os.path.join(folder, "experiment_spec.yaml")
+    atomic_write_text(path, spec_to_yaml(spec))
+    return path

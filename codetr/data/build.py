@@ -1,0 +1,144 @@
+"""Where the spec meets the data classes: label map, datasets, collators and dataloaders."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from codetr.data.classmap import label_map_from_classmap
+from codetr.data.coco import CocoFormatError, CocoSource, load_coco
+from codetr.data.collate import Collator
+from codetr.data.dataset import CocoDetectionDataset
+from codetr.data.images import ImageFolderDataset
+from codetr.data.labels import LabelMap
+from codetr.data.transforms import build_transforms, max_output_size
+from codetr.spec.errors import SpecError
+from codetr.spec.schema import DataSource, ExperimentSpec
+
+SPLITS = ("train", "val", "test")
+
+
+def split_sources(spec: ExperimentSpec, split: str) -> list[DataSource]:
+    """The `DataSource`s of a split ("train", "val" or "test"); a SpecError when there are none."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    ds = spec.dataset
+    sources = {"train": ds.train_data_sources, "val": ds.val_data_sources,
+               "test": [ds.test_data_sources] if ds.test_data_sources else []}[split]
+    sources = [s for s in sources if s.json_file or s.image_dir]
+    if not sources:
+        raise SpecError(f"dataset.{split}_data_sources is empty; give image_dir and json_file")
+    for i, s in enumerate(sources):
+        if not s.json_file or not s.image_dir:
+            raise SpecError(f"dataset.{split}_data_sources[{i}] needs both image_dir and json_file")
+    return sources
+
+
+def load_split_sources(spec: ExperimentSpec, split: str) -> list[CocoSource]:
+    """Loads and validates every source of a split (see `codetr.data.coco.load_coco`)."""
+    return [load_coco(s.json_file, s.image_dir) for s in split_sources(spec, split)]
+
+
+def merge_categories(sources: Sequence[CocoSource]) -> list[dict]:
+    """The union of the sources' categories; one id with two names is an error naming both files."""
+    merged: dict[int, tuple[str, str]] = {}
+    for src in sources:
+        for cat in src.categories:
+            seen = merged.setdefault(cat["id"], (cat["name"], src.json_file))
+            if seen[0] != cat["name"]:
+                raise CocoFormatError(f"category id {cat['id']} is '{seen[0]}' in {seen[1]} but "
+                                      f"'{cat['name']}' in {src.json_file}")
+    return [{"id": cid, "name": name} for cid, (name, _) in sorted(merged.items())]
+
+
+def build_label_map(spec: ExperimentSpec, checkpoint_label_map: Optional[LabelMap | Mapping] = None,
+                    train_sources: Optional[Sequence[CocoSource]] = None) -> LabelMap:
+    """The label map of an experiment.
+
+    Priority: the checkpoint's map (it defines the trained model); else the categories of the train
+    sources (`train_sources` when already loaded), else of the val or test sources; else the
+    inference classmap (line i = category id i).
+
+    Raises:
+        SpecError: `dataset.num_classes` does not fit the categories (the message says what to set).
+    """
+    if checkpoint_label_map is not None:
+        if isinstance(checkpoint_label_map, LabelMap):
+            return checkpoint_label_map
+        return LabelMap.from_dict(checkpoint_label_map)
+    ds = spec.dataset
+    if train_sources is None:
+        for split in SPLITS:
+            try:
+                specs = split_sources(spec, split)
+            except SpecError:
+                continue
+            train_sources = [load_coco(s.json_file, s.image_dir, check_files=False) for s in specs]
+            break
+    if train_sources:
+        return LabelMap.from_categories(merge_categories(train_sources), ds.num_classes,
+                                        ds.contiguous_labels)
+    if ds.infer_data_sources is not None and ds.infer_data_sources.classmap:
+        return label_map_from_classmap(ds.infer_data_sources.classmap, ds.num_classes,
+                                       ds.contiguous_labels)
+    raise SpecError("no categories to build the label map from: give dataset.train_data_sources, "
+                    "val/test data sources, or dataset.infer_data_sources.classmap")
+
+
+def build_dataset(spec: ExperimentSpec, split: str, label_map: LabelMap,
+                  input_size: Optional[tuple[int, int]] = None,
+                  sources: Optional[Sequence[CocoSource]] = None) -> CocoDetectionDataset:
+    """The dataset of a split: train transforms for "train", eval transforms otherwise.
+
+    Args:
+        input_size: (height, width) to resize eval images to exactly (evaluate/inference option).
+        sources: the split's already loaded sources (else they are loaded now).
+    """
+    if sources is None:
+        sources = load_split_sources(spec, split)
+    transforms = build_transforms(spec.dataset.augmentation, split == "train", input_size)
+    return CocoDetectionDataset(sources, label_map, transforms, spec.dataset.dataset_type)
+
+
+def build_infer_dataset(spec: ExperimentSpec,
+                        input_size: Optional[tuple[int, int]] = None) -> ImageFolderDataset:
+    """The images of `dataset.infer_data_sources.image_dir` with the eval transform."""
+    infer = spec.dataset.infer_data_sources
+    if infer is None or not infer.image_dir:
+        raise SpecError("dataset.infer_data_sources.image_dir is not set")
+    return ImageFolderDataset(infer.image_dir,
+                              build_transforms(spec.dataset.augmentation, False, input_size))
+
+
+def build_collator(spec: ExperimentSpec, split: str,
+                   input_size: Optional[tuple[int, int]] = None) -> Collator:
+    """Padding of a split: to a multiple of `pad_size_divisor`, and to one fixed size for every
+    batch when `fixed_padding` (or, for training, `fixed_random_crop`) is set."""
+    aug = spec.dataset.augmentation
+    train = split == "train"
+    fixed = aug.fixed_padding or (train and aug.fixed_random_crop is not None)
+    size = max_output_size(aug, train, input_size) if fixed else None
+    return Collator(aug.pad_size_divisor, size)
+
+
+def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, shuffle: bool,
+                     collate_fn: Collator | None = None, drop_last: bool = False,
+                     seed: Optional[int] = None, pin_memory: bool = False
+                     ) -> torch.utils.data.DataLoader:
+    """A DataLoader with forked workers kept alive across epochs.
+
+    Args:
+        collate_fn: a `Collator` (its `images` method for an `ImageFolderDataset`); default pads to
+            the batch maximum.
+        seed: seeds the shuffling and, through it, each worker's torch RNG (random augmentation).
+    """
+    generator = None
+    if seed is not None:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+    if collate_fn is None:
+        collate_fn = Collator()
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        collate_fn=collate_fn, drop_last=drop_last, generator=generator, pin_memory=pin_memory,
+        persistent_workers=workers > 0)

@@ -1,0 +1,274 @@
+"""Loading and validating one COCO source (annotation JSON + image folder) into flat arrays.
+
+Every problem that would otherwise surface mid-epoch or silently corrupt training is found here,
+before the first step: malformed JSON (file and line), duplicate or zero ids, unknown image or
+category ids, file names escaping the image folder, missing image files. Boxes are clipped to the
+image; boxes left empty are dropped with a `DataWarning` that counts them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+
+from codetr.data.images import displayed_size
+
+
+class CocoFormatError(ValueError):
+    """The annotation file breaks the COCO format or our rules; the message names file and entry."""
+
+
+class DataWarning(UserWarning):
+    """Annotations were repaired or dropped while loading (the message gives counts)."""
+
+
+@dataclass
+class ImageRecord:
+    """One image and its annotations, as loaded (crowd boxes included, for evaluation).
+
+    Attributes:
+        boxes: float32 `[N, 4]` xyxy in pixels of the original (displayed) image, clipped to it.
+        category_ids: int64 `[N]` original COCO category ids.
+        iscrowd: bool `[N]`.
+        ann_ids: int64 `[N]` COCO annotation ids.
+    """
+    image_id: int
+    source: int
+    path: str
+    file_name: str
+    height: int
+    width: int
+    boxes: np.ndarray
+    category_ids: np.ndarray
+    iscrowd: np.ndarray
+    ann_ids: np.ndarray
+
+
+@dataclass
+class CocoSource:
+    """A validated COCO file as flat arrays; annotations of image i are `ann_offsets[i]:[i+1]`.
+
+    Attributes:
+        categories: `[{"id": int, "name": str}]` as in the file.
+        image_ids, heights, widths: int64 `[I]`.
+        file_names: `I` paths relative to `image_dir`.
+        ann_offsets: int64 `[I + 1]`.
+        boxes: float32 `[A, 4]` xyxy pixels, clipped; category_ids, ann_ids: int64 `[A]`;
+        iscrowd: bool `[A]`.
+        stats: counts of images, annotations, crowd, clipped and dropped boxes.
+    """
+    json_file: str
+    image_dir: str
+    categories: list[dict]
+    image_ids: np.ndarray
+    file_names: list[str]
+    heights: np.ndarray
+    widths: np.ndarray
+    ann_offsets: np.ndarray
+    boxes: np.ndarray
+    category_ids: np.ndarray
+    iscrowd: np.ndarray
+    ann_ids: np.ndarray
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def record(self, index: int, source: int = 0) -> ImageRecord:
+        """The `ImageRecord` of image `index` (`source` is the caller's index of this source)."""
+        a, b = int(self.ann_offsets[index]), int(self.ann_offsets[index + 1])
+        return ImageRecord(int(self.image_ids[index]), source,
+                           os.path.join(self.image_dir, self.file_names[index]),
+                           self.file_names[index], int(self.heights[index]), int(self.widths[index]),
+                           self.boxes[a:b], self.category_ids[a:b], self.iscrowd[a:b],
+                           self.ann_ids[a:b])
+
+
+def _read_json(json_file: str) -> dict:
+    try:
+        with open(json_file, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {json_file} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise CocoFormatError(f"{json_file}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise CocoFormatError(f"{json_file}: not UTF-8 text: {err}") from None
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{json_file}: the top level must be an object with images, "
+                              "annotations and categories")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{json_file}: '{key}' must be a list")
+    if not isinstance(data.get("annotations", []), list):
+        raise CocoFormatError(f"{json_file}: 'annotations' must be a list")
+    return data
+
+
+def _int(value, what: str, json_file: str) -> int:
+    # bool is an int in Python, and a float id would not round-trip through pycocotools' dicts.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CocoFormatError(f"{json_file}: {what} must be an integer, got {value!r}")
+    return value
+
+
+def check_file_name(file_name: str, json_file: str, image_id: int) -> str:
+    """A file name must be relative and stay inside the image folder (no `..`, no absolute path)."""
+    if not isinstance(file_name, str) or not file_name:
+        raise CocoFormatError(f"{json_file}: image id {image_id} has no file_name")
+    posix, windows = PurePosixPath(file_name), PureWindowsPath(file_name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
+        raise CocoFormatError(f"{json_file}: image id {image_id} file_name '{file_name}' must be a "
+                              "relative path inside image_dir (no '..', not absolute)")
+    return file_name
+
+
+def _categories(data: dict, json_file: str) -> list[dict]:
+    categories, seen = [], set()
+    for cat in data["categories"]:
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise CocoFormatError(f"{json_file}: category {cat!r} has no id")
+        cid = _int(cat["id"], f"category id {cat['id']!r}", json_file)
+        if cid in seen:
+            raise CocoFormatError(f"{json_file}: duplicate category id {cid}")
+        seen.add(cid)
+        categories.append({"id": cid, "name": str(cat.get("name", cid))})
+    return categories
+
+
+def _images(data: dict, json_file: str, image_dir: str) -> tuple[list[int], list[str], list, list]:
+    ids, names, heights, widths, index = [], [], [], [], {}
+    for img in data["images"]:
+        if not isinstance(img, dict) or "id" not in img:
+            raise CocoFormatError(f"{json_file}: image entry {img!r} has no id")
+        iid = _int(img["id"], f"image id {img['id']!r}", json_file)
+        if iid in index:
+            raise CocoFormatError(f"{json_file}: duplicate image id {iid}")
+        index[iid] = len(ids)
+        ids.append(iid)
+        names.append(check_file_name(img.get("file_name"), json_file, iid))
+        heights.append(img.get("height"))
+        widths.append(img.get("width"))
+    return ids, names, heights, widths
+
+
+def _check_files_exist(json_file: str, image_dir: str, names: list[str]) -> None:
+    missing = [n for n in names if not os.path.isfile(os.path.join(image_dir, n))]
+    if missing:
+        shown = ", ".join(os.path.join(image_dir, n) for n in missing[:3])
+        raise FileNotFoundError(f"{len(missing)} of {len(names)} image files listed in {json_file} "
+                                f"are missing, e.g. {shown}")
+
+
+def _fill_sizes(json_file: str, image_dir: str, ids: list[int], names: list[str],
+                heights: list, widths: list) -> None:
+    """Reads the header of images whose JSON entry lacks a valid width/height."""
+    for i, (h, w) in enumerate(zip(heights, widths)):
+        valid = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (h, w))
+        if not valid:
+            heights[i], widths[i] = displayed_size(os.path.join(image_dir, names[i]))
+
+
+def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
+              check_files: bool = True) -> CocoSource:
+    """Loads and validates one COCO source.
+
+    Args:
+        json_file: the COCO annotation file (images, annotations, categories).
+        image_dir: the folder the images' `file_name`s are relative to.
+        check_files: check now that every image file exists (stat only, no decoding).
+
+    Raises:
+        FileNotFoundError: the JSON file or image files are missing (names them).
+        CocoFormatError: the content is invalid (names the file and the offending entry).
+    """
+    json_file, image_dir = str(json_file), str(image_dir)
+    data = _read_json(json_file)
+    categories = _categories(data, json_file)
+    known_categories = {c["id"] for c in categories}
+    ids, names, heights, widths = _images(data, json_file, image_dir)
+    if check_files:
+        _check_files_exist(json_file, image_dir, names)
+    _fill_sizes(json_file, image_dir, ids, names, heights, widths)
+    image_index = {iid: i for i, iid in enumerate(ids)}
+
+    rows, seen_ann = [], set()
+    for ann in data.get("annotations", []):
+        if not isinstance(ann, dict) or "id" not in ann:
+            raise CocoFormatError(f"{json_file}: annotation {str(ann)[:80]} has no id")
+        aid = _int(ann["id"], f"annotation id {ann['id']!r}", json_file)
+        if aid == 0:
+            raise CocoFormatError(f"{json_file}: annotation id 0 is not allowed (pycocotools never "
+                                  "matches a detection to annotation id 0); number annotations from 1")
+        if aid in seen_ann:
+            raise CocoFormatError(f"{json_file}: duplicate annotation id {aid}")
+        seen_ann.add(aid)
+        img = image_index.get(ann.get("image_id"))
+        if img is None:
+            raise CocoFormatError(f"{json_file}: annotation id {aid} refers to image id "
+                                  f"{ann.get('image_id')!r}, which is not in 'images'")
+        cid = ann.get("category_id")
+        if cid not in known_categories or isinstance(cid, bool):
+            raise CocoFormatError(f"{json_file}: annotation id {aid} has category_id {cid!r}, which "
+                                  f"is not in 'categories' (ids {sorted(known_categories)})")
+        bbox = ann.get("bbox")
+        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            raise CocoFormatError(f"{json_file}: annotation id {aid} bbox {bbox!r} must be "
+                                  "[x, y, width, height] numbers")
+        rows.append((img, aid, cid, bool(ann.get("iscrowd", 0)), *bbox))
+
+    table = np.asarray(rows, dtype=np.float64).reshape(-1, 8)
+    img_idx = table[:, 0].astype(np.int64)
+    boxes, keep, n_clipped = clip_boxes(table[:, 4:8], np.asarray(heights, np.float64)[img_idx],
+                                        np.asarray(widths, np.float64)[img_idx])
+    n_dropped = int((~keep).sum())
+    if n_dropped:
+        examples = table[~keep, 1].astype(np.int64)[:5].tolist()
+        warnings.warn(f"{json_file}: dropped {n_dropped} of {len(table)} annotations whose box is empty "
+                      f"or non-finite after clipping to the image (annotation ids {examples}...)",
+                      DataWarning, stacklevel=2)
+    if n_clipped:
+        warnings.warn(f"{json_file}: clipped {n_clipped} boxes that extended outside their image",
+                      DataWarning, stacklevel=2)
+    table, boxes, img_idx = table[keep], boxes[keep], img_idx[keep]
+    order = np.argsort(img_idx, kind="stable")
+    counts = np.bincount(img_idx, minlength=len(ids))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    iscrowd = table[order, 3].astype(bool)
+    return CocoSource(
+        json_file=json_file, image_dir=image_dir, categories=categories,
+        image_ids=np.asarray(ids, dtype=np.int64), file_names=names,
+        heights=np.asarray(heights, dtype=np.int64), widths=np.asarray(widths, dtype=np.int64),
+        ann_offsets=offsets, boxes=boxes[order].astype(np.float32),
+        category_ids=table[order, 2].astype(np.int64), iscrowd=iscrowd,
+        ann_ids=table[order, 1].astype(np.int64),
+        stats={"images": len(ids), "annotations": int(len(table)), "crowd": int(iscrowd.sum()),
+               "clipped": int(n_clipped), "dropped": n_dropped,
+               "negative_images": int((counts == 0).sum())})
+
+
+def clip_boxes(xywh: np.ndarray, heights: np.ndarray, widths: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Clips COCO boxes to their images.
+
+    Args:
+        xywh: `[N, 4]` COCO boxes (x, y, w, h) in pixels.
+        heights, widths: `[N]` size of each box's image.
+
+    Returns:
+        xyxy `[N, 4]` clipped boxes, keep bool `[N]` (False: empty or non-finite after clipping, i.e.
+        w or h <= 0 or entirely outside), and the number of kept boxes that clipping changed.
+    """
+    with np.errstate(invalid="ignore"):
+        raw = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        limits = np.stack([widths, heights, widths, heights], axis=1)
+        clipped = np.clip(raw, 0.0, limits)
+        keep = (np.isfinite(raw).all(axis=1) & (clipped[:, 2] > clipped[:, 0])
+                & (clipped[:, 3] > clipped[:, 1]))
+    changed = keep & (np.abs(clipped - raw) > 1e-6).any(axis=1)
+    return np.where(np.isfinite(clipped), clipped, 0.0), keep, int(changed.sum())

@@ -1,0 +1,189 @@
+"""Losses of the collaborative ATSS head and the positive samples it hands to the decoder.
+
+Follows mmdet's `ATSSHead.loss` (used unchanged by Co-DETR's `CoATSSHead`): sigmoid focal loss
+on every valid anchor, GIoU on the decoded boxes of the positives weighted by their centerness
+target, and a centerness BCE on the positives. Terms are returned UNWEIGHTED (mmdet's Co-DINO
+config multiplies GIoU by 2 relative to the others; the caller owns all weights).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from codetr.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from codetr.losses.atss_assigner import anchors_inside_image, atss_assign
+from codetr.losses.focal import sigmoid_focal_loss
+
+# mmdet's DeltaXYWHBBoxCoder settings of the ATSS head.
+DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
+# mmdet's delta2bbox clamp: a box never grows or shrinks by more than 1000/16 per side in one go,
+# so exp() cannot overflow on a wild early prediction.
+_MAX_LOG_RATIO = abs(math.log(16.0 / 1000.0))
+
+
+@dataclass
+class PositiveSamples:
+    """One image's positive anchors with their assigned gts, plus its negatives for padding.
+
+    Attributes:
+        anchors: `[P, 4]` xyxy pixels, the positive anchors.
+        labels: `[P]` int64 label indices of the assigned gts.
+        gt_boxes: `[P, 4]` xyxy pixels, the assigned gt boxes.
+        neg_anchors: `[M, 4]` xyxy pixels, the valid anchors assigned to the background.
+    """
+    anchors: Tensor
+    labels: Tensor
+    gt_boxes: Tensor
+    neg_anchors: Tensor
+
+
+def delta_xywh_encode(anchors_xyxy: Tensor, boxes_xyxy: Tensor) -> Tensor:
+    """mmdet DeltaXYWH encoding (means 0, stds `DELTA_STDS`) of boxes relative to anchors.
+
+    Args:
+        anchors_xyxy: `[N, 4]` xyxy pixels.
+        boxes_xyxy: `[N, 4]` xyxy pixels.
+
+    Returns:
+        `[N, 4]` deltas (dx, dy, dw, dh) divided by the stds.
+    """
+    stds = anchors_xyxy.new_tensor(DELTA_STDS)
+    anchor_wh = anchors_xyxy[:, 2:] - anchors_xyxy[:, :2]
+    anchor_c = (anchors_xyxy[:, :2] + anchors_xyxy[:, 2:]) / 2
+    box_wh = boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]
+    box_c = (boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2
+    deltas = torch.cat(((box_c - anchor_c) / anchor_wh, torch.log(box_wh / anchor_wh)), dim=-1)
+    return deltas / stds
+
+
+def delta_xywh_decode(anchors_xyxy: Tensor, deltas: Tensor) -> Tensor:
+    """Inverse of `delta_xywh_encode`, with mmdet's clamp of the log size ratios.
+
+    Args:
+        anchors_xyxy: `[N, 4]` xyxy pixels.
+        deltas: `[N, 4]` (dx, dy, dw, dh) in units of the stds.
+
+    Returns:
+        `[N, 4]` xyxy pixels (not clipped to the image, as in ATSS training).
+    """
+    deltas = deltas * deltas.new_tensor(DELTA_STDS)
+    anchor_wh = anchors_xyxy[:, 2:] - anchors_xyxy[:, :2]
+    anchor_c = (anchors_xyxy[:, :2] + anchors_xyxy[:, 2:]) / 2
+    centre = anchor_c + anchor_wh * deltas[:, :2]
+    wh = anchor_wh * deltas[:, 2:].clamp(min=-_MAX_LOG_RATIO, max=_MAX_LOG_RATIO).exp()
+    return torch.cat((centre - wh / 2, centre + wh / 2), dim=-1)
+
+
+def centerness_targets(anchors_xyxy: Tensor, gt_boxes_xyxy: Tensor) -> Tensor:
+    """FCOS centerness of each anchor centre inside its assigned gt.
+
+    Args:
+        anchors_xyxy: `[P, 4]` xyxy pixels; each centre lies strictly inside its gt.
+        gt_boxes_xyxy: `[P, 4]` xyxy pixels.
+
+    Returns:
+        `[P]` in (0, 1]: `sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))`.
+    """
+    centre = (anchors_xyxy[:, :2] + anchors_xyxy[:, 2:]) / 2
+    left_top = centre - gt_boxes_xyxy[:, :2]  # [P, 2] (l, t)
+    right_bottom = gt_boxes_xyxy[:, 2:] - centre  # [P, 2] (r, b)
+    ratio = torch.min(left_top, right_bottom) / torch.max(left_top, right_bottom)
+    return torch.sqrt(ratio[:, 0] * ratio[:, 1])
+
+
+def _mean_over_ranks(value: Tensor) -> Tensor:
+    """Mean of a scalar over the distributed ranks (itself when not distributed)."""
+    value = value.detach().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
+
+
+def _flatten_levels(maps: Sequence[Tensor]) -> Tensor:
+    """`[B, K, H_l, W_l]` per level -> `[B, sum_l H_l * W_l, K]`, rows in (level, y, x) order."""
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps],
+                     dim=1)
+
+
+def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
+                centerness: Sequence[Tensor], anchors: Sequence[Tensor],
+                targets: Sequence[dict], num_classes: int, focal_alpha: float = 0.25,
+                gamma: float = 2.0, topk: int = 9
+                ) -> tuple[dict[str, Tensor], list[PositiveSamples]]:
+    """ATSS assignment and losses for a batch, plus the positives of every image.
+
+    Args:
+        cls_scores: per level `[B, C, H_l, W_l]` raw class logits.
+        deltas: per level `[B, 4, H_l, W_l]` DeltaXYWH box deltas (after the level's Scale).
+        centerness: per level `[B, 1, H_l, W_l]` raw centerness logits.
+        anchors: per level `[H_l * W_l, 4]` xyxy pixels, rows in (y, x) order, shared by all
+            images.
+        targets: B dicts with `boxes` `[N, 4]` cxcywh normalised by `size`, `labels` `[N]`
+            int64 and `size` `[2]` (h, w) of the unpadded image (DESIGN.md data contract).
+        num_classes: number of class logits `C`.
+        focal_alpha: focal loss alpha.
+        gamma: focal loss gamma.
+        topk: ATSS candidates per level and gt.
+
+    Returns:
+        `(losses, positives)`: `losses` has scalar `loss_cls`, `loss_bbox` (GIoU) and
+        `loss_centerness`, unweighted; `positives` has one `PositiveSamples` per image.
+    """
+    cls_flat = _flatten_levels(cls_scores)  # [B, A, C]
+    deltas_flat = _flatten_levels(deltas)  # [B, A, 4]
+    ctr_flat = _flatten_levels(centerness)[..., 0]  # [B, A]
+    anchors_all = torch.cat(list(anchors), dim=0).to(cls_flat.device).float()  # [A, 4]
+    counts = [a.shape[0] for a in anchors]
+    batch, num_anchors = cls_flat.shape[:2]
+    if anchors_all.shape[0] != num_anchors or len(targets) != batch:
+        raise ValueError(f"{anchors_all.shape[0]} anchors / {len(targets)} targets for "
+                         f"predictions of shape {tuple(cls_flat.shape)}")
+
+    labels = torch.full((batch, num_anchors), num_classes, dtype=torch.long,
+                        device=cls_flat.device)
+    matched_gt = anchors_all.new_zeros(batch, num_anchors, 4)
+    valid = torch.zeros(batch, num_anchors, dtype=torch.bool, device=cls_flat.device)
+    for b, target in enumerate(targets):
+        h, w = (float(v) for v in target["size"])
+        gt_xyxy = box_cxcywh_to_xyxy(target["boxes"].to(anchors_all)) \
+            * anchors_all.new_tensor([w, h, w, h])
+        gt_index, gt_label = atss_assign(anchors_all, counts, gt_xyxy, target["labels"],
+                                         topk=topk, valid_hw=(h, w))
+        positive = gt_index >= 0
+        labels[b, positive] = gt_label[positive]
+        matched_gt[b, positive] = gt_xyxy[gt_index[positive]]
+        valid[b] = anchors_inside_image(anchors_all, (h, w))
+    positive = labels < num_classes  # [B, A]
+
+    # All three terms share the positive count of the whole (distributed) batch, as mmdet.
+    num_pos = _mean_over_ranks(positive.sum().float()).clamp(min=1.0)
+    onehot = F.one_hot(labels, num_classes + 1)[..., :num_classes]  # background -> all zeros
+    focal = sigmoid_focal_loss(cls_flat, onehot, alpha=focal_alpha, gamma=gamma)
+    loss_cls = (focal * valid[..., None]).sum() / num_pos
+
+    pos_anchors = anchors_all.expand(batch, -1, -1)[positive]  # [P, 4]
+    pos_gt = matched_gt[positive]  # [P, 4]
+    ctr_target = centerness_targets(pos_anchors, pos_gt)  # [P]
+    pos_boxes = delta_xywh_decode(pos_anchors, deltas_flat[positive].float())
+    giou = elementwise_generalized_box_iou(pos_boxes, pos_gt)
+    # mmdet clamps this normaliser at 1 too, so a handful of off-centre positives is not blown up.
+    ctr_sum = _mean_over_ranks(ctr_target.sum()).clamp(min=1.0)
+    loss_bbox = ((1 - giou) * ctr_target).sum() / ctr_sum
+    loss_centerness = F.binary_cross_entropy_with_logits(
+        ctr_flat[positive].float(), ctr_target, reduction="sum") / num_pos
+
+    positives = [
+        PositiveSamples(anchors=anchors_all[positive[b]], labels=labels[b, positive[b]],
+                        gt_boxes=matched_gt[b, positive[b]],
+                        neg_anchors=anchors_all[valid[b] & ~positive[b]])
+        for b in range(batch)
+    ]
+    losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_centerness": loss_centerness}
+    return losses, positives

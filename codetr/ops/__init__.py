@@ -1,0 +1,16 @@
+"""Custom tensor ops: multi-scale deformable attention (reference, CPU gather path, Triton, dispatch)."""
+from codetr.ops.msda import (
+    multi_scale_deformable_attention,
+    multi_scale_deformable_attention_cpu,
+    multi_scale_deformable_attention_pytorch,
+    multi_scale_deformable_attention_triton,
+    select_backend,
+)
+
+__all__ = [
+    "multi_scale_deformable_attention",
+    "multi_scale_deformable_attention_cpu",
+    "multi_scale_deformable_attention_pytorch",
+    "multi_scale_deformable_attention_triton",
+    "select_backend",
+]

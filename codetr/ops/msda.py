@@ -1,0 +1,147 @@
+"""Multi-scale deformable attention: PyTorch reference and device dispatch.
+
+The op samples each attention head's value map at ``P`` points on each of ``L``
+feature levels and sums the bilinear samples weighted by ``attention_weights``.
+Argument order follows mmcv's ``MultiScaleDeformableAttnFunction`` so weights and
+call sites port one-to-one.
+
+Paths: ``pytorch`` (this file, the reference), ``cpu`` (gather-based, ``msda_cpu.py``)
+and ``triton`` (``msda_triton.py``, CUDA tensors; CPU tensors only under
+``TRITON_INTERPRET=1``). The dispatcher picks one per call; ``backend=`` or the
+``CODETR_MSDA_BACKEND`` environment variable forces one.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from codetr.ops.msda_cpu import multi_scale_deformable_attention_cpu
+
+
+def multi_scale_deformable_attention_pytorch(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Reference multi-scale deformable attention built on ``F.grid_sample``.
+
+    Args:
+        value: ``[B, Nk, H, D]`` values of all levels, flattened row-major per level
+            and concatenated level after level (``Nk = sum(h_l * w_l)``).
+        spatial_shapes: ``[L, 2]`` int64, ``(h_l, w_l)`` of every level.
+        level_start_index: ``[L]`` int64, offset of each level in ``Nk``. Unused here
+            (the levels are split by ``spatial_shapes``), kept for mmcv's signature.
+        sampling_locations: ``[B, Nq, H, L, P, 2]`` normalised ``(x, y)``; ``0`` and ``1``
+            are the outer edges of the feature map (``align_corners=False``), points
+            outside sample zeros.
+        attention_weights: ``[B, Nq, H, L, P]``, usually softmaxed over ``L * P``.
+
+    Returns:
+        ``[B, Nq, H * D]``, heads concatenated along the channel axis.
+    """
+    del level_start_index
+    bs, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    value_list = value.split(sizes, dim=1)
+    # grid_sample wants [-1, 1] with -1/+1 at the outer pixel edges (align_corners=False).
+    sampling_grids = 2 * sampling_locations - 1
+    sampling_value_list = []
+    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        # [B, h*w, H, D] -> [B*H, D, h, w]
+        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(bs * num_heads, head_dim, h, w)
+        # [B, Nq, H, P, 2] -> [B*H, Nq, P, 2]
+        grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        # [B*H, D, Nq, P]
+        sampling_value_list.append(
+            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    # [B, Nq, H, L, P] -> [B*H, 1, Nq, L*P]
+    weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries, num_levels * num_points)
+    # [B*H, D, Nq, L*P] * weights -> [B*H, D, Nq] -> [B, H*D, Nq]
+    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * weights).sum(-1)
+    output = output.view(bs, num_heads * head_dim, num_queries)
+    return output.transpose(1, 2).contiguous()
+
+
+Backend = Literal["auto", "pytorch", "cpu", "triton"]
+BACKEND_ENV = "CODETR_MSDA_BACKEND"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported (it ships with CUDA builds of torch)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def multi_scale_deformable_attention_triton(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Triton kernels (forward and backward); see ``codetr.ops.msda_triton``.
+
+    Imported on first use: Triton reads ``TRITON_INTERPRET`` when the kernels are
+    decorated, so importing it eagerly would freeze that choice at ``import codetr``.
+    """
+    from codetr.ops.msda_triton import multi_scale_deformable_attention_triton as triton_fn
+
+    return triton_fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def select_backend(value: Tensor, backend: Backend | None = None) -> Backend:
+    """The path ``multi_scale_deformable_attention`` takes for ``value``.
+
+    Args:
+        value: ``[B, Nk, H, D]``; its device and dtype decide ``auto``.
+        backend: forced path; ``None`` reads ``CODETR_MSDA_BACKEND`` (default ``auto``).
+
+    Returns:
+        ``triton`` for CUDA tensors when Triton imports, ``cpu`` for fp32/fp64 CPU tensors,
+        ``pytorch`` otherwise; a forced path is returned as is.
+    """
+    choice = backend or os.environ.get(BACKEND_ENV, "auto")
+    if choice not in ("auto", "pytorch", "cpu", "triton"):
+        raise ValueError(f"unknown msda backend {choice!r}; use auto, pytorch, cpu or triton")
+    if choice != "auto":
+        return choice  # type: ignore[return-value]
+    if value.is_cuda and triton_available():
+        return "triton"
+    if value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64):
+        return "cpu"
+    return "pytorch"
+
+
+_PATHS: dict[str, Callable[..., Tensor]] = {
+    "pytorch": multi_scale_deformable_attention_pytorch,
+    "cpu": multi_scale_deformable_attention_cpu,
+    "triton": multi_scale_deformable_attention_triton,
+}
+
+
+def multi_scale_deformable_attention(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    backend: Backend | None = None,
+) -> Tensor:
+    """Multi-scale deformable attention on the fastest available path.
+
+    Same arguments and result as :func:`multi_scale_deformable_attention_pytorch`;
+    ``backend`` forces a path (see :func:`select_backend`).
+    """
+    path = _PATHS[select_backend(value, backend)]
+    return path(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

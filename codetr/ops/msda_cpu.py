@@ -1,0 +1,138 @@
+"""Gather-based multi-scale deformable attention, the fast path on CPU.
+
+Bilinear sampling plus the attention-weighted sum is a sparse weighted sum of value rows:
+every (batch, query, head) reads ``L * P * 4`` rows (4 bilinear corners per point) of
+``value`` viewed as ``[B * Nk * H, D]``, with weight ``attention * bilinear``. Forward is
+one ``F.embedding_bag(mode='sum', per_sample_weights=...)`` call, which reads ``value``
+in place instead of the reference's transposed copies, per-level ``grid_sample`` and
+``[B*H, D, Nq, L*P]`` stack. Backward of that sum is a chunked gather/scatter
+(:class:`WeightedRowSum`); autograd carries the rest (corner weights -> locations and
+attention weights) through plain element-wise ops.
+
+Same bilinear zero-padding semantics as ``F.grid_sample(align_corners=False)``: pixel
+coordinate ``loc * size - 0.5``, corners outside the map get weight 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+# Elements of one [chunk, K, D] temporary in the backward pass (8 MiB in fp32).
+_CHUNK_ELEMENTS = 1 << 21
+
+
+class WeightedRowSum(torch.autograd.Function):
+    """``out[n] = sum_k weights[n, k] * table[index[n, k]]``, differentiable in table and weights."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, table: Tensor, index: Tensor, weights: Tensor) -> Tensor:  # type: ignore[override]
+        """Args: table ``[R, D]``, index ``[N, K]`` int32/int64 rows of table, weights ``[N, K]``.
+
+        Returns ``[N, D]``.
+        """
+        ctx.save_for_backward(table, index, weights)
+        return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
+        table, index, weights = ctx.saved_tensors
+        num_bags, bag_size = index.shape
+        dim = table.shape[1]
+        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[0] else None
+        grad_weights = torch.empty_like(weights) if ctx.needs_input_grad[2] else None
+        # Chunks bound the [chunk, K, D] temporaries; a full-size one is ~GBs at 1024^2.
+        step = max(1, _CHUNK_ELEMENTS // (bag_size * dim))
+        for start in range(0, num_bags, step):
+            idx = index[start:start + step].reshape(-1)
+            g = grad_out[start:start + step]  # [n, D]
+            if grad_weights is not None:
+                rows = table.index_select(0, idx).view(-1, bag_size, dim)  # [n, K, D]
+                grad_weights[start:start + step] = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1)
+            if grad_table is not None:
+                contrib = weights[start:start + step].unsqueeze(-1) * g.unsqueeze(1)  # [n, K, D]
+                grad_table.index_add_(0, idx, contrib.view(-1, dim))
+        return grad_table, None, grad_weights
+
+
+def _corner_index_and_weights(
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Key indices and bilinear weights of the 4 corners of every sampling point.
+
+    Args:
+        spatial_shapes: ``[L, 2]`` int64 ``(h, w)``.
+        level_start_index: ``[L]`` int64.
+        sampling_locations: ``[B, Nq, H, L, P, 2]`` normalised ``(x, y)``.
+
+    Returns:
+        ``key [B, Nq, H, L, P, 4]`` int64 index into ``Nk`` (0 for corners outside the
+        map) and ``weight [B, Nq, H, L, P, 4]`` (0 outside), corners ordered
+        (y0, x0), (y0, x1), (y1, x0), (y1, x1). Weights carry autograd to the locations.
+    """
+    num_levels = spatial_shapes.shape[0]
+    heights = spatial_shapes[:, 0].view(num_levels, 1)  # [L, 1] broadcasts over P
+    widths = spatial_shapes[:, 1].view(num_levels, 1)
+    x = sampling_locations[..., 0] * widths.to(sampling_locations.dtype) - 0.5  # [B, Nq, H, L, P]
+    y = sampling_locations[..., 1] * heights.to(sampling_locations.dtype) - 0.5
+    # Clamping keeps far-away points outside the map (all corners masked) without
+    # overflowing the integer cast; floor carries no gradient.
+    x0 = torch.minimum(x.detach().clamp(min=-2.0), widths + 1.0).floor()
+    y0 = torch.minimum(y.detach().clamp(min=-2.0), heights + 1.0).floor()
+    lx = x - x0
+    ly = y - y0
+    x0 = x0.long()
+    y0 = y0.long()
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)  # [B, Nq, H, L, P, 4]
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)
+    weight = torch.stack([(1 - lx) * (1 - ly), lx * (1 - ly), (1 - lx) * ly, lx * ly], dim=-1)
+    heights = heights.unsqueeze(-1)  # [L, 1, 1]
+    widths = widths.unsqueeze(-1)
+    inside = (xs >= 0) & (xs < widths) & (ys >= 0) & (ys < heights)
+    key = level_start_index.view(num_levels, 1, 1) + ys * widths + xs
+    return torch.where(inside, key, 0), torch.where(inside, weight, 0)
+
+
+def multi_scale_deformable_attention_cpu(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention as a sparse weighted row sum (fast on CPU).
+
+    Args:
+        value: ``[B, Nk, H, D]`` values of all levels, each level flattened row-major.
+        spatial_shapes: ``[L, 2]`` int64 ``(h_l, w_l)``.
+        level_start_index: ``[L]`` int64 offset of each level in ``Nk``.
+        sampling_locations: ``[B, Nq, H, L, P, 2]`` normalised ``(x, y)``, ``[0, 1]`` spans
+            the map (``align_corners=False``); points outside read zeros.
+        attention_weights: ``[B, Nq, H, L, P]``.
+
+    Returns:
+        ``[B, Nq, H * D]``.
+    """
+    bs, num_keys, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    spatial_shapes = spatial_shapes.to(device=value.device, dtype=torch.int64)
+    level_start_index = level_start_index.to(device=value.device, dtype=torch.int64)
+    key, corner_weight = _corner_index_and_weights(spatial_shapes, level_start_index, sampling_locations)
+    weights = corner_weight * attention_weights.unsqueeze(-1).to(corner_weight.dtype)
+    # Row of value viewed as [B * Nk * H, D].
+    batch = torch.arange(bs, device=value.device).view(bs, 1, 1, 1, 1, 1)
+    head = torch.arange(num_heads, device=value.device).view(1, 1, num_heads, 1, 1, 1)
+    rows = (batch * num_keys + key) * num_heads + head
+    if bs * num_keys * num_heads < 2**31:
+        rows = rows.int()  # halves the index memory saved for backward
+    bag = num_levels * num_points * 4
+    out = WeightedRowSum.apply(
+        value.reshape(bs * num_keys * num_heads, head_dim),
+        rows.reshape(bs * num_queries * num_heads, bag),
+        weights.reshape(bs * num_queries * num_heads, bag).to(value.dtype),
+    )
+    return out.view(bs, num_queries, num_heads * head_dim)

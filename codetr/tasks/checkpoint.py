@@ -1,0 +1,208 @@
+"""codetr checkpoints: weights_only-safe Lightning checkpoints, written atomically.
+
+A checkpoint is Lightning's own checkpoint dict (`state_dict`, `optimizer_states`,
+`lr_schedulers`, `loops`, `callbacks`, `epoch`, `global_step`, ...) converted to plain data, plus
+
+- `codetr`: {`format_version`, `spec` (the resolved spec as plain data), `label_map`
+  (`LabelMap.to_dict()`)}, so evaluate and inference rebuild the model from the file alone;
+- `ema`: `ModelEMA.state_dict()` when EMA is enabled;
+- `rng`: the random generators' states (tensors and ints), restored on resume.
+
+Every file holds only tensors, numbers, strings, None, lists, tuples and dicts:
+`torch.load(path, weights_only=True)` loads it. `AtomicCheckpointIO` writes through a temporary
+file, fsync and rename, so a killed process never leaves a truncated `last.pth`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from torch import nn
+
+from codetr.fileio import atomic_torch_save
+
+FORMAT_VERSION = 1
+# The LightningModule holds the detector as `self.model`: its keys carry this prefix.
+MODEL_PREFIX = "model."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, not a codetr checkpoint or of another architecture."""
+
+
+def to_weights_only_safe(obj: Any, where: str = "checkpoint") -> Any:
+    """Converts `obj` recursively to types `torch.load(weights_only=True)` accepts.
+
+    Counters/OrderedDicts become dicts, numpy arrays become tensors, numpy scalars Python numbers,
+    dataclasses dicts. Anything else (a class instance, a function) raises TypeError naming the
+    key path, so an unsafe checkpoint fails at save time, not at load time.
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.dtype,
+                                       torch.device, torch.Size)):
+        return obj
+    if isinstance(obj, dict):  # includes Counter, OrderedDict, defaultdict
+        return {k: to_weights_only_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj) if isinstance(obj, (set, frozenset)) else obj
+        out = [to_weights_only_safe(v, f"{where}[{i}]") for i, v in enumerate(items)]
+        return tuple(out) if isinstance(obj, tuple) else out
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_weights_only_safe(dataclasses.asdict(obj), where)
+    raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored in a weights_only checkpoint")
+
+
+class AtomicCheckpointIO(CheckpointIO):
+    """Lightning checkpoint IO: weights_only-safe data, atomic writes, weights_only loads."""
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any,
+                        storage_options: Optional[Any] = None) -> None:
+        atomic_torch_save(to_weights_only_safe(checkpoint), path)
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location or "cpu", require_codetr=False)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
+                    require_codetr: bool = True) -> Dict[str, Any]:
+    """Loads a checkpoint with `weights_only=True`.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, or (`require_codetr`) has no `codetr`
+            section (spec + label map), i.e. was not written by codetr's training.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
+    if require_codetr and "codetr" not in ckpt:
+        raise CheckpointError(f"{path} is not a codetr checkpoint: it has no 'codetr' section with "
+                              f"the spec and label map (top-level keys: {sorted(ckpt)[:10]})")
+    return ckpt
+
+
+def model_state_dict(ckpt: Dict[str, Any], prefer_ema: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The detector's weights in a checkpoint: (state_dict without prefix, 'ema' | 'model').
+
+    Accepts codetr/Lightning checkpoints (`state_dict` with `model.` keys), `{'model': sd}` and
+    bare state dicts. EMA weights win when present and `prefer_ema`.
+    """
+    ema = ckpt.get("ema")
+    if prefer_ema and isinstance(ema, dict) and isinstance(ema.get("state_dict"), dict):
+        return dict(ema["state_dict"]), "ema"
+    for key in ("state_dict", "model"):
+        sd = ckpt.get(key)
+        if isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values()):
+            if all(k.startswith(MODEL_PREFIX) for k in sd):
+                return {k[len(MODEL_PREFIX):]: v for k, v in sd.items()}, "model"
+            if any(k.startswith(MODEL_PREFIX) for k in sd):  # Lightning: model.* + criterion.*
+                return {k[len(MODEL_PREFIX):]: v for k, v in sd.items()
+                        if k.startswith(MODEL_PREFIX)}, "model"
+            return dict(sd), "model"
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return dict(ckpt), "model"
+    raise CheckpointError(f"no model weights found in the checkpoint (keys: {sorted(ckpt)[:10]})")
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a (partial) state-dict load did."""
+    loaded: List[str]
+    missing: List[str]
+    unexpected: List[str]
+    mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]  # key, checkpoint, model shape
+
+    @property
+    def ok(self) -> bool:
+        """True when every key matched in name and shape."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, limit: int = 10) -> str:
+        """A few lines naming what did not load."""
+        def show(keys: List[str]) -> str:
+            more = f" ... (+{len(keys) - limit})" if len(keys) > limit else ""
+            return ", ".join(keys[:limit]) + more
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.missing:
+            lines.append(f"missing in the checkpoint ({len(self.missing)}): {show(self.missing)}")
+        if self.unexpected:
+            lines.append(f"unexpected in the checkpoint ({len(self.unexpected)}): "
+                         f"{show(self.unexpected)}")
+        if self.mismatched:
+            shown = [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched]
+            lines.append(f"shape mismatch, skipped ({len(shown)}): {show(shown)}")
+        return "\n".join(lines)
+
+
+def compare_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> LoadReport:
+    """Compares checkpoint tensors with `model`'s by name and shape (nothing is loaded)."""
+    own = model.state_dict()
+    loaded, mismatched = [], []
+    for key, value in state.items():
+        if key in own:
+            if tuple(own[key].shape) == tuple(value.shape):
+                loaded.append(key)
+            else:
+                mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+    return LoadReport(loaded=loaded, missing=[k for k in own if k not in state],
+                      unexpected=[k for k in state if k not in own], mismatched=mismatched)
+
+
+def load_partial(model: nn.Module, state: Dict[str, torch.Tensor]) -> LoadReport:
+    """Loads the tensors whose name and shape match; reports the rest (fine-tuning start)."""
+    report = compare_state_dict(model, state)
+    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    return report
+
+
+def require_same_architecture(model: nn.Module, state: Dict[str, torch.Tensor], origin: str) -> None:
+    """Raises CheckpointError naming the differences unless `state` fits `model` exactly."""
+    report = compare_state_dict(model, state)
+    if not report.ok:
+        raise CheckpointError(
+            f"{origin} was written for another architecture (a different backbone, number of "
+            f"classes, layers or queries in the spec?):\n{report.summary()}")
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """The states of Python's, NumPy's and torch's (CPU and CUDA) generators, as plain data."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,74 @@
+"""Exponential moving average of a model's weights (RT-DETR's `ModelEMA`), updated every step."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict
+
+import torch
+from torch import nn
+
+
+class ModelEMA:
+    """Keeps `ema = d * ema + (1 - d) * weights` for every floating-point parameter and buffer.
+
+    The decay ramps up as `decay * (1 - exp(-updates / warmup_steps))` when `warmup_steps > 0`, so
+    the average does not remember the random initialisation for long (RT-DETR's warm-up rule).
+    Integer buffers (e.g. BatchNorm's `num_batches_tracked`) are copied, not averaged.
+
+    The copy is deliberately NOT an `nn.Module` attribute of the LightningModule: DDP/FSDP would
+    otherwise wrap, shard and broadcast it like a trainable part of the model.
+
+    Args:
+        model: the model to average (its current weights initialise the average).
+        decay: the target decay in (0, 1].
+        warmup_steps: the time constant of the decay ramp (0: constant decay).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup_steps: int = 0):
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1], got {decay}")
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = float(decay)
+        self.warmup_steps = int(warmup_steps)
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        """The decay that the next `update` uses."""
+        if self.warmup_steps <= 0:
+            return self.decay
+        return self.decay * (1.0 - math.exp(-(self.updates + 1) / self.warmup_steps))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Moves the average towards `model`'s current weights (same architecture)."""
+        d = self.current_decay()
+        current = model.state_dict()
+        for name, avg in self.module.state_dict().items():
+            new = current[name].detach().to(device=avg.device)
+            if avg.dtype.is_floating_point:
+                avg.mul_(d).add_(new.to(avg.dtype), alpha=1.0 - d)
+            else:
+                avg.copy_(new)
+        self.updates += 1
+
+    def to(self, device: torch.device | str) -> "ModelEMA":
+        """Moves the averaged copy to `device`."""
+        self.module.to(device)
+        return self
+
+    def state_dict(self) -> Dict[str, object]:
+        """Plain data for a checkpoint: {'updates', 'decay', 'warmup_steps', 'state_dict'}."""
+        return {
+            "updates": self.updates,
+            "decay": self.decay,
+            "warmup_steps": self.warmup_steps,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+        }
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Restores what `state_dict` returned (strict: same architecture)."""
+        self.module.load_state_dict(state["state_dict"])  # type: ignore[arg-type]
+        self.updates = int(state["updates"])  # type: ignore[arg-type]

@@ -1,0 +1,114 @@
+"""Spec -> Lightning accelerator, devices, strategy, precision and node count.
+
+No GPU: everything runs on the CPU with a one-line notice; `num_gpus > 1` then means that many
+CPU processes (DDP over gloo), which is how multi-process training is tested without GPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+PRECISIONS = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+@dataclass
+class Runtime:
+    """Arguments for `lightning.Trainer` and what was decided on the way.
+
+    Attributes:
+        accelerator: 'cpu' or 'gpu'.
+        devices: a device count (CPU) or a list of CUDA indices (GPU).
+        strategy: 'auto', or a Lightning strategy object for several processes.
+        precision: a Lightning precision flag ('32-true', '16-mixed', 'bf16-mixed').
+        num_nodes: machines taking part.
+        world_size: processes in all (devices x nodes).
+        notices: one-line messages for the user (CPU fallback, precision changes).
+    """
+    accelerator: str
+    devices: Union[int, List[int]]
+    strategy: object
+    precision: str
+    num_nodes: int
+    world_size: int
+    notices: List[str] = field(default_factory=list)
+
+
+def resolve_devices(num_gpus: int, gpu_ids: Sequence[int], cuda_count: int,
+                    notices: List[str]) -> tuple[str, Union[int, List[int]]]:
+    """Picks the accelerator and devices; `cuda_count` is `torch.cuda.device_count()`."""
+    if cuda_count == 0:
+        notices.append(f"No GPU found: running on the CPU with {num_gpus} process"
+                       f"{'es' if num_gpus > 1 else ''}.")
+        return "cpu", num_gpus
+    ids = list(gpu_ids)
+    if len(ids) != num_gpus:
+        # TAO's default gpu_ids is [0]: with num_gpus > 1 and no explicit ids, take the first N.
+        if ids == [0]:
+            ids = list(range(num_gpus))
+        else:
+            raise ValueError(f"gpu_ids={list(gpu_ids)} must list num_gpus={num_gpus} device indices")
+    bad = [i for i in ids if i >= cuda_count]
+    if bad:
+        raise ValueError(f"gpu_ids {bad} do not exist: this machine has {cuda_count} GPU(s) "
+                         f"(indices 0..{cuda_count - 1})")
+    return "gpu", ids
+
+
+def resolve_precision(precision: str, accelerator: str, notices: List[str]) -> str:
+    """Maps fp32|fp16|bf16 to Lightning's flag; fp16 AMP does not exist on the CPU -> bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported (fp32, fp16, bf16)")
+    if precision == "fp16" and accelerator == "cpu":
+        notices.append("precision fp16 is not available on the CPU: using bf16 mixed precision.")
+        return PRECISIONS["bf16"]
+    if precision == "bf16" and accelerator == "gpu" and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision bf16 needs a GPU with bfloat16 support (Ampere or newer); "
+                         "use fp16 or fp32")
+    return PRECISIONS[precision]
+
+
+def build_strategy(name: str, world_size: int, accelerator: str) -> object:
+    """'auto' for one process, else DDP (gloo on CPU, NCCL on GPU) or FSDP (full state dicts)."""
+    if world_size <= 1:
+        return "auto"
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # Co-DETR's training-only branches can leave a parameter without a gradient in a step
+        # (e.g. no positive sample for a co-head): DDP must not wait for it.
+        return DDPStrategy(find_unused_parameters=True,
+                           process_group_backend="gloo" if accelerator == "cpu" else None)
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # Full (rank-0 gathered) state dicts keep checkpoints single files loadable anywhere.
+        return FSDPStrategy(state_dict_type="full")
+    raise ValueError(f"distributed_strategy={name!r} is not supported (ddp, fsdp)")
+
+
+def resolve_runtime(num_gpus: int, gpu_ids: Sequence[int], num_nodes: int, precision: str,
+                    distributed_strategy: str, cuda_count: Optional[int] = None) -> Runtime:
+    """Everything `lightning.Trainer` needs to place the run.
+
+    Args:
+        num_gpus: processes per node (GPUs, or CPU processes without a GPU).
+        gpu_ids: CUDA indices to use (ignored on CPU).
+        num_nodes: machines.
+        precision: 'fp32', 'fp16' or 'bf16'.
+        distributed_strategy: 'ddp' or 'fsdp'.
+        cuda_count: override for `torch.cuda.device_count()` (tests).
+    """
+    notices: List[str] = []
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    accelerator, devices = resolve_devices(num_gpus, gpu_ids, count, notices)
+    flag = resolve_precision(precision, accelerator, notices)
+    per_node = devices if isinstance(devices, int) else len(devices)
+    world = per_node * num_nodes
+    if distributed_strategy == "fsdp" and accelerator == "cpu" and world > 1:
+        notices.append("distributed_strategy fsdp needs GPUs: using ddp on the CPU.")
+        distributed_strategy = "ddp"
+    strategy = build_strategy(distributed_strategy, world, accelerator)
+    return Runtime(accelerator=accelerator, devices=devices, strategy=strategy, precision=flag,
+                   num_nodes=num_nodes, world_size=world, notices=notices)

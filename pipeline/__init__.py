@@ -1,0 +1,5 @@
+"""The reproducible pipeline: one module per stage (prepare, backbone, report) plus helpers.
+
+`dvc.yaml` is the stage table (train, evaluate and infer run the `codetr` CLI directly); the
+`Snakefile` reads the same table, so `dvc repro` and `snakemake` run the same DAG.
+"""

@@ -1,0 +1,58 @@
+"""The codetr console script: help, spec printing, exit codes."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codetr.cli import main
+from codetr.spec import load_spec
+
+CODETR = [sys.executable, "-m", "codetr.cli"]
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("codetr")
+    assert exe.exists(), "the `codetr` console script is not installed in the venv"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "inference" in out.stdout
+
+
+@pytest.mark.parametrize("task", ["train", "evaluate", "inference", "spec"])
+def test_help_for_each_task(task, capsys):
+    with pytest.raises(SystemExit) as ex:
+        main([task, "--help"])
+    assert ex.value.code == 0
+    assert "key=value" in capsys.readouterr().out
+
+
+def test_spec_prints_resolved_yaml(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("train:\n  num_epochs: 3\n")
+    assert main(["spec", "-e", str(spec), "train.optim.lr=1e-4", "model.num_co_heads=2"]) == 0
+    out = capsys.readouterr().out
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(out)
+    s = load_spec(resolved)
+    assert (s.train.num_epochs, s.train.optim.lr, s.model.num_co_heads) == (3, 1e-4, 2)
+
+
+def test_spec_defaults_without_file(capsys):
+    assert main(["spec"]) == 0
+    assert "swin_large_patch4_window7_224" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "choose a task"),
+    (["train"], "experiment_spec_file"),
+    (["fly", "-e", "x"], "invalid choice"),
+    (["spec", "model.num_queries=5000"], "model.num_queries=5000 is out of range"),
+    (["spec", "trainn.seed=3"], "Did you mean 'train'"),
+    (["spec", "oops"], "expected key=value"),
+    (["train", "-e", "/nonexistent/spec.yaml"], "spec file not found"),
+])
+def test_usage_and_spec_errors_exit_2_without_traceback(argv, fragment):
+    out = subprocess.run(CODETR + argv, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert fragment in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,114 @@
+"""Contrastive denoising queries: layout, attention mask, noise ranges."""
+import torch
+from torch import nn
+
+from codetr.boxes import box_cxcywh_to_xyxy
+from codetr.model.denoising import build_denoising_queries, denoising_attn_mask
+
+
+def _dino_mask(groups: int, max_gt: int, num_queries: int) -> torch.Tensor:
+    """DINO's `prepare_for_cdn` mask, built with its explicit loop (the reference)."""
+    single = max_gt
+    pad = single * 2 * groups
+    mask = torch.zeros(pad + num_queries, pad + num_queries, dtype=torch.bool)
+    mask[pad:, :pad] = True
+    for i in range(groups):
+        if i == 0:
+            mask[single * 2 * i:single * 2 * (i + 1), single * 2 * (i + 1):pad] = True
+        if i == groups - 1:
+            mask[single * 2 * i:single * 2 * (i + 1), :single * i * 2] = True
+        else:
+            mask[single * 2 * i:single * 2 * (i + 1), single * 2 * (i + 1):pad] = True
+            mask[single * 2 * i:single * 2 * (i + 1), :single * 2 * i] = True
+    return mask
+
+
+def _targets(counts, generator):
+    out = []
+    for n in counts:
+        cxcy = torch.rand(n, 2, generator=generator) * 0.4 + 0.3
+        wh = torch.rand(n, 2, generator=generator) * 0.1 + 0.05
+        out.append({"labels": torch.randint(0, 7, (n,), generator=generator), "boxes": torch.cat([cxcy, wh], 1)})
+    return out
+
+
+def test_mask_matches_dino_loop():
+    for groups, max_gt, queries in [(1, 3, 4), (3, 2, 5), (5, 1, 7)]:
+        got = denoising_attn_mask(groups, max_gt, queries, torch.device("cpu"))
+        assert torch.equal(got, _dino_mask(groups, max_gt, queries))
+
+
+def test_mask_semantics():
+    mask = denoising_attn_mask(3, 2, 5, torch.device("cpu"))
+    pad = 12
+    assert mask[pad:, :pad].all()  # matching queries never see denoising ones
+    assert not mask[:, pad:].any()  # everyone sees the matching queries
+    assert not mask[pad:, pad:].any()
+    for g in range(3):
+        rows = slice(4 * g, 4 * g + 4)
+        assert not mask[rows, 4 * g:4 * g + 4].any()  # a group sees itself
+        others = [c for c in range(pad) if not 4 * g <= c < 4 * g + 4]
+        assert mask[rows][:, others].all()  # and no other group
+
+
+def test_layout_without_noise():
+    gen = torch.Generator().manual_seed(1)
+    targets = _targets([3, 1, 0], gen)
+    embedding = nn.Embedding(7, 16)
+    dn = build_denoising_queries(targets, embedding, 7, 10, 7, 0.0, 0.0)
+    assert dn.meta == {"num_groups": 2, "max_gt": 3, "pad_size": 12}
+    assert dn.content.shape == (3, 12, 16) and dn.reference_unsig.shape == (3, 12, 4)
+    assert dn.attn_mask.shape == (22, 22)
+    for i, t in enumerate(targets):
+        n = t["labels"].numel()
+        for g in range(2):
+            for sign in range(2):
+                for j in range(3):
+                    q = g * 6 + sign * 3 + j
+                    if j < n:
+                        torch.testing.assert_close(dn.content[i, q], embedding.weight[t["labels"][j]])
+                        torch.testing.assert_close(dn.reference_unsig[i, q].sigmoid(), t["boxes"][j], atol=1e-5, rtol=0)
+                    else:
+                        assert not dn.content[i, q].any() and not dn.reference_unsig[i, q].any()
+
+
+def test_box_noise_ranges():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    targets = _targets([40, 25], gen)
+    dn = build_denoising_queries(targets, nn.Embedding(7, 8), 7, 4, 120, 0.0, 1.0)
+    groups, max_gt = dn.meta["num_groups"], dn.meta["max_gt"]
+    assert groups == 3
+    boxes = dn.reference_unsig.sigmoid().view(2, groups, 2, max_gt, 4)
+    for i, t in enumerate(targets):
+        n = t["labels"].numel()
+        gt = t["boxes"]
+        half = gt[:, 2:].repeat(1, 2) / 2  # (w/2, h/2, w/2, h/2)
+        # Centres 0.3..0.7 and sizes <= 0.15 keep noisy corners inside [0, 1]: no clamping.
+        rel = (box_cxcywh_to_xyxy(boxes[i, :, :, :n]) - box_cxcywh_to_xyxy(gt)).abs() / half
+        pos, neg = rel[:, 0], rel[:, 1]
+        assert pos.max() < 1.0 + 1e-3 and neg.min() > 1.0 - 1e-3 and neg.max() < 2.0 + 1e-3
+        assert pos.min() < 0.1 and neg.max() > 1.9  # the ranges are covered, not just bounded
+
+
+def test_label_noise_rate():
+    torch.manual_seed(0)
+    num_classes = 4
+    targets = [{"labels": torch.zeros(50, dtype=torch.long), "boxes": torch.full((50, 4), 0.5)}]
+    embedding = nn.Embedding(num_classes, 8)
+    dn = build_denoising_queries(targets, embedding, num_classes, 3, 2000, 1.0, 0.0)
+    labels = torch.cdist(dn.content[0], embedding.weight).argmin(-1)  # recover the noisy labels
+    changed = (labels != 0).float().mean().item()
+    # Flip probability 0.5, and a flip draws the original class 1/C of the time.
+    assert abs(changed - 0.5 * (1 - 1 / num_classes)) < 0.03
+
+
+def test_no_ground_truth_gives_no_queries():
+    targets = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    assert build_denoising_queries(targets, nn.Embedding(3, 8), 3, 5, 100, 0.5, 1.0) is None
+
+
+def test_at_least_one_group():
+    gen = torch.Generator().manual_seed(3)
+    dn = build_denoising_queries(_targets([9], gen), nn.Embedding(7, 8), 7, 5, 4, 0.5, 1.0)
+    assert dn.meta == {"num_groups": 1, "max_gt": 9, "pad_size": 18}

@@ -1,0 +1,149 @@
+"""Stage `backbone` and the downloader, against a local HTTP server on 127.0.0.1."""
+import hashlib
+import http.server
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import backbone
+from pipeline.backbone import BackboneError, check_spec_path, run, state_dict_from_file
+from pipeline.download import DownloadError, download
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves the test folder, plus /status/<code> errors and a /truncated body."""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path.startswith("/status/"):
+            self.send_error(int(self.path.rsplit("/", 1)[1]))
+        elif self.path == "/truncated.pth":
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+        else:
+            super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: _Handler(*a, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _weights(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"conv.weight": torch.randn(4, 3, 3, 3, generator=g), "bn.bias": torch.randn(4, generator=g)}
+
+
+def _leftovers(folder: Path) -> list:
+    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_url_download_with_checksum(server, tmp_path):
+    root, base = server
+    state = _weights()
+    torch.save({"state_dict": state}, root / "w.pth")
+    digest = hashlib.sha256((root / "w.pth").read_bytes()).hexdigest()
+    info = run(f"{base}/w.pth", tmp_path / "out", sha256=digest.upper(), progress=False)
+    loaded = torch.load(tmp_path / "out" / "backbone.pth", weights_only=True)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert info["num_tensors"] == 2 and info["source"] == f"{base}/w.pth"
+    assert json.loads((tmp_path / "out" / "source.json").read_text()) == info
+    assert _leftovers(tmp_path / "out") == ["backbone.pth", "source.json"]
+
+
+def test_checksum_mismatch_leaves_nothing(server, tmp_path):
+    root, base = server
+    torch.save(_weights(), root / "w.pth")
+    (tmp_path / "out").mkdir()
+    torch.save(_weights(1), tmp_path / "out" / "backbone.pth")  # stale result of a previous run
+    with pytest.raises(BackboneError, match="sha256 mismatch"):
+        run(f"{base}/w.pth", tmp_path / "out", sha256="0" * 64, progress=False)
+    assert _leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("code", [404, 500])
+def test_http_errors_are_clear(server, tmp_path, code):
+    _, base = server
+    with pytest.raises(DownloadError, match=f"HTTP error {code}"):
+        download(f"{base}/status/{code}", tmp_path / "dl" / "f.pth", progress=False)
+    assert _leftovers(tmp_path / "dl") == []
+
+
+def test_missing_file_via_stage_is_404(server, tmp_path):
+    _, base = server
+    with pytest.raises(BackboneError, match="HTTP error 404"):
+        run(f"{base}/absent.pth", tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_truncated_body_and_no_server(server, tmp_path):
+    _, base = server
+    with pytest.raises(DownloadError, match="incomplete|closed after"):
+        download(f"{base}/truncated.pth", tmp_path / "dl" / "t.pth", timeout=5.0, progress=False)
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DownloadError, match="cannot connect"):
+        download(f"http://127.0.0.1:{port}/w.pth", tmp_path / "dl" / "t.pth", timeout=5.0,
+                 progress=False)
+    assert _leftovers(tmp_path / "dl") == []
+
+
+def test_local_file_unwraps_and_strips_ddp_prefix(tmp_path):
+    state = _weights(2)
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ckpt.pt")
+    run(str(tmp_path / "ckpt.pt"), tmp_path / "out")
+    loaded = torch.load(tmp_path / "out" / "backbone.pth", weights_only=True)
+    assert sorted(loaded) == sorted(state) and torch.equal(loaded["bn.bias"], state["bn.bias"])
+    with pytest.raises(BackboneError, match="sha256 mismatch"):
+        run(str(tmp_path / "ckpt.pt"), tmp_path / "out2", sha256="ab" * 32)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match="not a readable"):
+        state_dict_from_file(tmp_path / "junk.pth")
+
+
+def test_none_and_unknown_sources(tmp_path):
+    info = run("none", tmp_path / "out")
+    assert info["file"] is None and _leftovers(tmp_path / "out") == ["source.json"]
+    with pytest.raises(BackboneError, match="not none, a URL"):
+        run("no/such/file.pth", tmp_path / "out")
+    with pytest.raises(BackboneError, match="unknown package"):
+        run("package:resnet_999", tmp_path / "out")
+    with pytest.raises(BackboneError, match="set it to null"):
+        check_spec_path("none", tmp_path / "out", str(tmp_path / "out" / "backbone.pth"))
+    check_spec_path("none", tmp_path / "out", None)
+
+
+def test_timm_hub_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="need the network"):
+        run("timm:resnet18.a1_in1k", tmp_path / "out")
+
+
+def test_main_reads_params_and_reports_errors(tmp_path, capsys):
+    torch.save(_weights(), tmp_path / "w.pth")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"backbone:\n  source: {tmp_path / 'w.pth'}\n  sha256: null\n"
+                      f"model:\n  pretrained_backbone_path: {tmp_path / 'out' / 'backbone.pth'}\n")
+    assert backbone.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "backbone.pth").exists()
+    params.write_text("backbone:\n  source: none\nmodel:\n  pretrained_backbone_path: x.pth\n")
+    assert backbone.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 1
+    assert "set it to null" in capsys.readouterr().err
