@@ -120,7 +120,7 @@ def test_box_coder_matches_torchvision():
     wild[:, 2:] = wild[:, 2:].abs()
     torch.testing.assert_close(delta_xywh_decode(anchors, wild),
                                coder.decode_single(wild, anchors), rtol=1e-4, atol=1e-2)
-    shrunk = delta_xywh_decode(anchors, torch.full((50, 4), -1e3))
+    shrunk = delta_xywh_decode(anchors, torch.tensor([0.0, 0.0, -1e3, -1e3]).expand(50, 4))
     torch.testing.assert_close(shrunk[:, 2:] - shrunk[:, :2],
                                (anchors[:, 2:] - anchors[:, :2]) * 16 / 1000)
 

@@ -14,10 +14,6 @@ from codetr.tasks.checkpoint import (AtomicCheckpointIO, CheckpointError, captur
 from codetr.tasks.ema import ModelEMA
 
 
-def tiny_net(num_classes: int = 3) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(num_classes))
-
-
 def make_net(num_classes: int = 3) -> nn.Module:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, num_classes, 1))
     return net

@@ -32,7 +32,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     # RGBA/LA drop alpha (the colour under it is kept, as torchvision's read_image does).
-    return np.asarray(image.convert("RGB"))
+    return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy needs one
 
 
 def load_rgb(path: str | os.PathLike) -> torch.Tensor:
@@ -51,7 +51,7 @@ def load_rgb(path: str | os.PathLike) -> torch.Tensor:
         raise FileNotFoundError(f"image file {path} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"cannot decode image {path}: {err}") from None
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def displayed_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -1,0 +1,174 @@
+"""Backbones over timm: ResNet, Swin, EfficientViT, EfficientNet-Lite and a DINOv2 ViT + SFP.
+
+Pyramid slot k of ``return_interm_indices`` means stride 2^(k+2): 0 -> 4 (C2), 1 -> 8, 2 -> 16,
+3 -> 32 (C5), 4 -> 64. CNNs and Swin have slots 0..3 natively (read from timm ``feature_info``);
+slot 4 is left to the neck (``num_extra_levels``). The ViT family builds all five slots with
+its simple feature pyramid. Every model is created with ``pretrained=False`` (we run offline);
+weights come from ``pretrained_path``.
+"""
+import torch
+from torch import Tensor, nn
+
+import timm
+from codetr.model.pretrained import LoadReport, load_backbone_weights
+from codetr.model.vit_pyramid import SimpleFeaturePyramid, create_vit, vit_feature_map, vit_strides
+
+# Spec name -> timm model name. Tags (.ms_in22k, ...) only select pretrained weights, which we
+# never download, so the 22k/1k variants of one architecture share a timm name.
+TIMM_NAMES = {
+    "swin_large_224_22k": "swin_large_patch4_window7_224",
+    "swin_large_384_22k": "swin_large_patch4_window12_384",
+    "swin_large_patch4_window7_224": "swin_large_patch4_window7_224",
+    "swin_large_patch4_window12_384": "swin_large_patch4_window12_384",
+    "swin_base_224_22k": "swin_base_patch4_window7_224",
+    "swin_base_384_22k": "swin_base_patch4_window12_384",
+    "swin_tiny_224_1k": "swin_tiny_patch4_window7_224",
+    "resnet_18": "resnet18",
+    "resnet_34": "resnet34",
+    "resnet_50": "resnet50",
+    "efficientvit_b0": "efficientvit_b0",
+    "efficientvit_b1": "efficientvit_b1",
+    "efficientvit_b2": "efficientvit_b2",
+    "efficientvit_b3": "efficientvit_b3",
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+    # All three ViT-L names share the DINOv2 ViT-L/14 architecture; they differ in weights only.
+    "vit_large_dinov2": "vit_large_patch14_dinov2",
+    "vit_large_nvdinov2": "vit_large_patch14_dinov2",
+    "vit_large_codetr": "vit_large_patch14_dinov2",
+}
+FAN_NAMES = ("fan_tiny", "fan_small", "fan_base", "fan_large")
+NATIVE_CNN_SLOTS = 4  # C2..C5
+
+
+def timm_model_name(name: str) -> str:
+    """The timm model behind a spec backbone name.
+
+    Raises:
+        ValueError: FAN backbones (not in timm) or an unknown name.
+    """
+    if name in FAN_NAMES:
+        raise ValueError(f"FAN backbones are not available in timm; choose one of "
+                         f"{', '.join(TIMM_NAMES)}")
+    if name not in TIMM_NAMES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(TIMM_NAMES)}")
+    return TIMM_NAMES[name]
+
+
+def _check_slots(slots: list[int]) -> list[int]:
+    slots = list(slots)
+    if not slots or slots != list(range(slots[0], slots[0] + len(slots))) or not 0 <= slots[0] \
+            or slots[-1] > 4:
+        raise ValueError(f"return_interm_indices must be ascending consecutive slots within 0..4 "
+                         f"(slot k = stride 2^(k+2)), got {slots}")
+    return slots
+
+
+class Backbone(nn.Module):
+    """A timm trunk returning NCHW pyramid levels, with optional freezing and weight loading.
+
+    Args:
+        name: a spec backbone name (``codetr.spec.schema.BACKBONES``); the family (resnet_*,
+            swin_*, efficientvit_*, efficientnet_lite0, vit_large_*) decides how it is built.
+        return_interm_indices: ascending consecutive pyramid slots in 0..4.
+        train_backbone: False freezes the trunk (``requires_grad=False``, BatchNorm and dropout
+            kept in eval mode). The ViT pyramid is new and stays trainable. BatchNorm is never
+            replaced by a frozen variant: measured here, frozen BN hurt both random init and
+            the ImageNet weights.
+        dilation: resnet_* only: dilate the last stage (DETR's DC5), so slot 3 has stride 16
+            (``strides`` reports it; the neck's extra level then has stride 32).
+        pretrained_path: checkpoint for the trunk (``body``); see :func:`load_backbone_weights`.
+        pyramid_channels: output channels of the ViT simple feature pyramid (ignored otherwise).
+        timm_name: build this timm model instead of the one ``name`` maps to (same family); lets
+            tests build a family's tiny member, e.g. ``vit_small_patch14_dinov2``.
+
+    Attributes:
+        body: the timm trunk (features_only model or VisionTransformer); load weights into it.
+        pyramid: the ViT ``SimpleFeaturePyramid`` or None.
+        slots: the slots returned by ``forward`` (the requested ones the backbone has natively).
+        out_channels: channels per returned level.
+        strides: stride per returned level.
+        num_extra_levels: requested slots the neck must add with stride-2 convs.
+        load_report: the :class:`LoadReport` of ``pretrained_path`` or None.
+    """
+
+    def __init__(self, name: str, return_interm_indices: list[int], train_backbone: bool = True,
+                 dilation: bool = False, pretrained_path: str | None = None,
+                 pyramid_channels: int = 256, timm_name: str | None = None) -> None:
+        super().__init__()
+        slots = _check_slots(return_interm_indices)
+        model_name = timm_name if timm_name is not None else timm_model_name(name)
+        if dilation and not name.startswith("resnet_"):
+            raise ValueError(f"dilation is only supported for resnet_* backbones, not {name!r}")
+        self.name = name
+        self.pyramid: SimpleFeaturePyramid | None = None
+        self.channels_last_output = False
+        if name.startswith("vit_"):
+            self.body = create_vit(model_name)
+            self.pyramid = SimpleFeaturePyramid(self.body.embed_dim, pyramid_channels, slots)
+            self.slots = slots
+            self.out_channels = [pyramid_channels] * len(slots)
+            self.strides = vit_strides(slots)
+        else:
+            self.slots = [s for s in slots if s < NATIVE_CNN_SLOTS]
+            if not self.slots:
+                raise ValueError(f"{name} has slots 0..3 natively; {slots} requests none of them")
+            self.body = self._create_features(name, model_name, self.slots, dilation)
+            self.out_channels = list(self.body.feature_info.channels())
+            self.strides = list(self.body.feature_info.reduction())
+            # timm's Swin returns NHWC; everything downstream expects NCHW.
+            self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
+        self.num_extra_levels = len(slots) - len(self.slots)
+        self.train_backbone = train_backbone
+        self.load_report: LoadReport | None = None
+        if pretrained_path is not None:
+            self.load_report = load_backbone_weights(self.body, pretrained_path)
+        if not train_backbone:
+            self.body.requires_grad_(False)
+            self.body.eval()
+
+    @staticmethod
+    def _create_features(name: str, model_name: str, slots: list[int], dilation: bool) -> nn.Module:
+        """A timm features_only model returning exactly ``slots`` (C2..C5 by stage order)."""
+        kwargs: dict[str, object] = {}
+        if name.startswith("swin_"):
+            kwargs["strict_img_size"] = False  # any input size; masks become dynamic
+        if dilation:
+            kwargs["output_stride"] = 16
+        # Read feature_info from a meta-device copy (no memory, milliseconds) to pick out_indices.
+        with torch.device("meta"):
+            probe = timm.create_model(model_name, pretrained=False, features_only=True, **kwargs)
+        reductions = probe.feature_info.reduction()
+        stages = [i for i, r in enumerate(reductions) if r >= 4]  # drop the stride-2 stem
+        if len(stages) != NATIVE_CNN_SLOTS:
+            raise ValueError(f"timm {model_name} has feature reductions {reductions}; "
+                             f"expected four levels at strides 4..32")
+        expected = [4, 8, 16, 16] if dilation else [4, 8, 16, 32]
+        if [reductions[i] for i in stages] != expected:
+            raise ValueError(f"timm {model_name} levels have strides "
+                             f"{[reductions[i] for i in stages]}, expected {expected}")
+        return timm.create_model(model_name, pretrained=False, features_only=True,
+                                 out_indices=tuple(stages[s] for s in slots), **kwargs)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """Switch mode; a frozen trunk stays in eval mode (BatchNorm statistics untouched)."""
+        super().train(mode)
+        if not self.train_backbone:
+            self.body.eval()
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """Extract the pyramid levels.
+
+        Args:
+            images: float ``[B, 3, H, W]`` normalised, zero-padded images.
+
+        Returns:
+            ``len(slots)`` tensors ``[B, out_channels[i], H_i, W_i]`` (NCHW), finest first, with
+            ``H_i = ceil(H / strides[i])`` (ViT: exactly; CNNs: as their convolutions round).
+        """
+        if self.pyramid is not None:
+            return self.pyramid(vit_feature_map(self.body, images))
+        features = self.body(images)
+        if self.channels_last_output:
+            features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
+        return list(features)

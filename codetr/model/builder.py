@@ -1,0 +1,74 @@
+"""Where the spec meets the constructors: the only module that reads `spec.model`."""
+from __future__ import annotations
+
+from codetr.losses.criterion import SetCriterion
+from codetr.losses.matcher import HungarianMatcher
+from codetr.model.atss_head import CoATSSHead
+from codetr.model.backbone import Backbone
+from codetr.model.codetr import CoDETR
+from codetr.model.neck import ChannelMapper
+from codetr.model.position_encoding import PositionEmbeddingSine
+from codetr.model.query_head import QueryHead
+from codetr.postprocess.postprocess import PostProcess
+from codetr.spec.schema import ExperimentSpec
+
+
+def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone: bool = True) -> CoDETR:
+    """The Co-DETR model of `spec.model` with `num_classes` class logits.
+
+    Args:
+        spec: the experiment spec (`model` and `train.activation_checkpoint` are read).
+        num_classes: class logits (`LabelMap.num_classes`).
+        load_pretrained_backbone: load `model.pretrained_backbone_path` (False when the weights
+            come from a full checkpoint anyway).
+    """
+    m = spec.model
+    backbone = Backbone(
+        name=m.backbone,
+        return_interm_indices=list(m.return_interm_indices),
+        train_backbone=m.train_backbone,
+        dilation=m.dilation,
+        pretrained_path=m.pretrained_backbone_path if load_pretrained_backbone else None,
+    )
+    neck = ChannelMapper(list(backbone.out_channels), m.hidden_dim, backbone.num_extra_levels)
+    strides = list(backbone.strides)
+    for _ in range(backbone.num_extra_levels):
+        strides.append(strides[-1] * 2)
+    query_head = QueryHead(
+        num_classes=num_classes, hidden_dim=m.hidden_dim, nheads=m.nheads,
+        num_feature_levels=m.num_feature_levels, enc_layers=m.enc_layers, dec_layers=m.dec_layers,
+        dim_feedforward=m.dim_feedforward, dropout=m.dropout_ratio, enc_n_points=m.enc_n_points,
+        dec_n_points=m.dec_n_points, num_queries=m.num_queries, two_stage_type=m.two_stage_type,
+        embed_init_tgt=m.embed_init_tgt, decoder_sa_type=m.decoder_sa_type,
+        fix_refpoints_hw=m.fix_refpoints_hw, pre_norm=m.pre_norm, use_dn=m.use_dn,
+        dn_number=m.dn_number, dn_box_noise_scale=m.dn_box_noise_scale,
+        dn_label_noise_ratio=m.dn_label_noise_ratio, num_co_heads=m.num_co_heads,
+        activation_checkpoint=spec.train.activation_checkpoint,
+    )
+    co_heads = [
+        CoATSSHead(num_classes=num_classes, in_channels=m.hidden_dim, num_levels=m.num_feature_levels + 1,
+                   stacked_convs=m.co_head_num_convs)
+        for _ in range(m.num_co_heads)
+    ]
+    position = PositionEmbeddingSine(m.hidden_dim // 2, m.pe_temperatureH, m.pe_temperatureW)
+    return CoDETR(backbone, neck, position, query_head, co_heads, strides,
+                  co_head_loss_weight=m.co_head_loss_weight, focal_alpha=m.focal_alpha)
+
+
+def build_criterion(spec: ExperimentSpec, num_classes: int) -> SetCriterion:
+    """The query-head losses of `spec.model` (co-head losses come weighted from the model)."""
+    m = spec.model
+    matcher = HungarianMatcher(cost_class=m.cls_loss_coef, cost_bbox=m.bbox_loss_coef,
+                               cost_giou=m.giou_loss_coef, focal_alpha=m.focal_alpha)
+    return SetCriterion(num_classes=num_classes, matcher=matcher, cls_loss_coef=m.cls_loss_coef,
+                        bbox_loss_coef=m.bbox_loss_coef, giou_loss_coef=m.giou_loss_coef,
+                        focal_alpha=m.focal_alpha, loss_types=list(m.loss_types), aux_loss=m.aux_loss,
+                        interm_loss_coef=m.interm_loss_coef, no_interm_box_loss=m.no_interm_box_loss)
+
+
+def build_postprocess(spec: ExperimentSpec) -> PostProcess:
+    """Top-k selection and optional soft-NMS of `spec.model`."""
+    m = spec.model
+    return PostProcess(num_select=m.num_select, soft_nms_enabled=m.soft_nms_enabled,
+                       soft_nms_method=m.soft_nms_method, soft_nms_iou_threshold=m.soft_nms_iou_threshold,
+                       soft_nms_sigma=m.soft_nms_sigma)

@@ -1,0 +1,92 @@
+"""Co-DINO, as in the paper's figure.
+
+    image -> backbone -> neck -> query head (encoder -> two-stage selection -> decoder + denoising)
+                                  |                                       -> one-to-one detections
+                                  '- encoder memory as maps -> ATSS co-heads (one-to-many)  [train]
+                                        '- their positives -> customized positive queries
+                                           through the same decoder                          [train]
+
+At inference only backbone, neck and query head run: the co-heads cost nothing there.
+State-dict prefixes follow the official checkpoints: `backbone.*`, `neck.*`, `query_head.*`,
+`bbox_head.{k}.*` (the ATSS co-heads).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codetr.model.atss_head import CoATSSHead
+from codetr.model.backbone import Backbone
+from codetr.model.neck import ChannelMapper
+from codetr.model.position_encoding import PositionEmbeddingSine
+from codetr.model.positive_queries import build_positive_queries
+from codetr.model.query_head import QueryHead
+
+
+class CoDETR(nn.Module):
+    """Co-DETR with a DINO query head and `len(bbox_head)` collaborative ATSS heads.
+
+    Args:
+        backbone: image -> multi-scale features.
+        neck: features -> `hidden_dim` maps, extra stride-2 levels.
+        position_encoding: padding mask -> sine position maps.
+        query_head: the DETR head (transformer, branches, denoising, positive-query pass).
+        bbox_head: the ATSS co-heads (empty list: plain DINO).
+        level_strides: stride in pixels of each neck level (finest first).
+        co_head_loss_weight: multiplies every co-head loss term.
+        focal_alpha: focal-loss alpha of the co-heads.
+    """
+
+    def __init__(self, backbone: Backbone, neck: ChannelMapper, position_encoding: PositionEmbeddingSine,
+                 query_head: QueryHead, bbox_head: Sequence[CoATSSHead], level_strides: Sequence[int],
+                 co_head_loss_weight: float, focal_alpha: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.position_encoding = position_encoding
+        self.query_head = query_head
+        self.bbox_head = nn.ModuleList(bbox_head)
+        self.level_strides = list(level_strides)
+        self.co_head_loss_weight = co_head_loss_weight
+        self.focal_alpha = focal_alpha
+
+    def forward(self, images: Tensor, masks: Tensor,
+                targets: Optional[Sequence[dict[str, Tensor]]] = None) -> dict[str, Any]:
+        """Predicts; in training with targets also returns what the losses need.
+
+        Args:
+            images: `[B, 3, H, W]` normalised, padded.
+            masks: `[B, H, W]` bool, True on padding.
+            targets: B dicts (`boxes` cxcywh normalised by `size`, `labels`, `size` (h, w)).
+
+        Returns:
+            The query head's outputs (docs/DESIGN.md), plus in training `co_losses` (weighted
+            ATSS terms) and `pos_outputs` (per co-head `{"layers": [...], "targets": {...}}`).
+        """
+        feats = self.neck(self.backbone(images))
+        level_masks = [F.interpolate(masks[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in feats]
+        level_pos = [self.position_encoding(m).to(f.dtype) for m, f in zip(level_masks, feats)]
+        out = self.query_head(feats, level_masks, level_pos, targets)
+        memory = out.pop("memory")
+        if self.training and targets is not None and len(self.bbox_head) > 0:
+            out.update(self._collaborative(memory, targets))
+        return out
+
+    def _collaborative(self, memory, targets: Sequence[dict[str, Tensor]]) -> dict[str, Any]:
+        """One-to-many ATSS supervision of the encoder and the positive-query decoder passes."""
+        maps = self.query_head.aux_feature_maps(memory)
+        strides = self.level_strides + [self.level_strides[-1] * 2]
+        sizes = torch.stack([t["size"] for t in targets]).to(maps[0].device)
+        co_losses: dict[str, Tensor] = {}
+        pos_outputs = []
+        for k, head in enumerate(self.bbox_head):
+            losses, positives = head.loss_and_positives(maps, strides, targets, focal_alpha=self.focal_alpha)
+            for name, value in losses.items():
+                co_losses[f"{name}_co{k}"] = value * self.co_head_loss_weight
+            pos_boxes, pos_targets = build_positive_queries(positives, sizes, self.query_head.num_classes)
+            layers = self.query_head.forward_positive(memory, pos_boxes, k)
+            pos_outputs.append({"layers": layers, "targets": pos_targets})
+        return {"co_losses": co_losses, "pos_outputs": pos_outputs}
