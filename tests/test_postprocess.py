@@ -1,4 +1,4 @@
-"""Soft-NMS against a plain Python loop and torchvision NMS; PostProcess against a per-image loop."""
+"""Soft-NMS vs a plain Python loop and torchvision NMS; PostProcess vs a per-image loop."""
 import math
 
 import pytest
@@ -108,7 +108,7 @@ def test_soft_nms_edge_cases():
 
 
 def _loop_postprocess(logits, boxes, sizes, k):
-    """Per image: sort every (query, class) score in Python, convert boxes coordinate by coordinate."""
+    """Per image: sort all (query, class) scores in Python, convert each box coordinate by hand."""
     results = []
     for i in range(logits.shape[0]):
         prob = logits[i].sigmoid()

@@ -86,7 +86,7 @@ def test_encoder_reference_points_are_valid_pixel_centres():
     # Padded image: normalised by the valid size (3 x 3 of 6 x 4), then mapped back to the padded
     # map of each level by its valid ratio, which is the plain padded-map position.
     torch.testing.assert_close(ref[1, 1 * 6 + 2, 0], torch.tensor([2.5 / 6, 1.5 / 4]))
-    torch.testing.assert_close(ref[1, 16 + 1 * 3 + 2, 1], torch.tensor([2.5 / 3, 1.5 / 2]))
+    torch.testing.assert_close(ref[1, 24 + 1 * 3 + 2, 1], torch.tensor([2.5 / 3, 1.5 / 2]))
 
 
 def test_activation_checkpoint_same_outputs_and_grads():

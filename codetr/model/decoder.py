@@ -209,7 +209,9 @@ class Decoder(nn.Module):
         references: list[Tensor] = [reference_boxes]
         for lid, layer in enumerate(self.layers):
             reference_input = reference[:, :, None] * scale  # [B, Nq, L, 4]
-            query_pos = self.ref_point_head(sine_embed_boxes(reference_input[:, :, 0], self.embed_dim // 2))
+            # sine_embed_boxes computes in float32; follow the queries' dtype (bf16 weights).
+            sine = sine_embed_boxes(reference_input[:, :, 0], self.embed_dim // 2).to(output.dtype)
+            query_pos = self.ref_point_head(sine)
             output = layer(
                 output,
                 query_pos,

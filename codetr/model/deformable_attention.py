@@ -111,5 +111,9 @@ class MultiScaleDeformableAttention(nn.Module):
             )
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
-        output = multi_scale_deformable_attention(value, spatial_shapes, level_start_index, locations, weights)
-        return self.output_proj(output)
+        # Sample in float32 (as Deformable DETR's kernel does under AMP): bf16 locations would be
+        # off by up to a cell on large maps, and under autocast the inputs' dtypes would differ.
+        output = multi_scale_deformable_attention(
+            value.float(), spatial_shapes, level_start_index, locations.float(), weights.float()
+        )
+        return self.output_proj(output.to(query.dtype))

@@ -38,7 +38,7 @@ class PositionEmbeddingSine(nn.Module):
     encoding of a padded image matches the encoding of the same image unpadded.
 
     Args:
-        num_pos_feats: features per axis; the output has ``2 * num_pos_feats`` channels (128 -> 256).
+        num_pos_feats: features per axis; the output has ``2 * num_pos_feats`` channels.
         temperature_h: frequency base of the y block (TAO's ``pe_temperatureH``, 20 in Co-DINO).
         temperature_w: frequency base of the x block (``pe_temperatureW``).
         normalize: divide the running position by the row/column length of valid pixels, so

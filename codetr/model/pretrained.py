@@ -7,7 +7,6 @@ and timm ``features_only`` models rename top-level sequentials (``layers.0.`` ->
 """
 import importlib.util
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +18,6 @@ logger = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("state_dict", "model", "module")
 STRIP_PREFIXES = ("module.", "model.", "backbone.", "body.", "_orig_mod.")
-# timm's features_only wrapper joins the first two name levels of sequential containers.
-_FLATTENED = re.compile(r"^([A-Za-z_]\w*)\.(\d+)\.")
 _SHOWN = 10  # keys listed per category in the summary
 
 
@@ -46,8 +43,9 @@ class LoadReport:
     def summary(self) -> str:
         """A human-readable multi-line summary (at most 10 keys per category)."""
         lines = [f"loaded {len(self.loaded)} tensors from {self.path}"]
+        mismatched = [f"{k}: {a} vs {b}" for k, a, b in self.mismatched]
         for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                            ("shape-mismatched", [f"{k}: {a} vs {b}" for k, a, b in self.mismatched])):
+                            ("shape-mismatched", mismatched)):
             if keys:
                 more = f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
                 lines.append(f"{len(keys)} {title}: {', '.join(keys[:_SHOWN])}{more}")
@@ -100,7 +98,9 @@ def _candidates(key: str) -> list[str]:
                 names.append(names[-1][len(prefix):])
                 stripped = True
                 break
-    return [form for name in names for form in (name, _FLATTENED.sub(r"\1_\2.", name))]
+    # timm's features_only wrapper flattens top-level sequentials by joining the first two name
+    # levels ("layers.0.blocks" -> "layers_0.blocks", "stem.in_conv" -> "stem_in_conv").
+    return [form for name in names for form in (name, name.replace(".", "_", 1))]
 
 
 def match_state_dict(module: nn.Module, state_dict: dict[str, Tensor],
@@ -152,7 +152,7 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
     matched, report = match_state_dict(module, state_dict, str(path))
     if not matched:
         raise ValueError(
-            f"no tensor of {path} matches the backbone (shape-mismatched: {len(report.mismatched)});"
+            f"no tensor of {path} matches the backbone ({len(report.mismatched)} shape-mismatched);"
             f" checkpoint keys start {list(state_dict)[:5]}, backbone keys start "
             f"{list(module.state_dict())[:5]}")
     module.load_state_dict(matched, strict=False)

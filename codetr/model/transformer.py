@@ -75,7 +75,8 @@ class CoDinoTransformer(nn.Module):
         decoder_sa_type: `sa`, `ca_label` or `ca_content`.
         fix_refpoints_hw: `no` only, as DINO: -1 learns (cx, cy, w, h) per query; -2 learns
             (cx, cy) per query (initialised uniformly, as DINO) and one (w, h) shared by all
-            queries; a value in (0, 1) fixes w = h to it (cx, cy learned).
+            queries; a value > 0 fixes w = h to it (cx, cy learned); as in DINO the value
+            goes through the clamped inverse sigmoid, so values >= 1 mean whole-image boxes.
         pre_norm: LayerNorm on the encoder output (see `Encoder`).
         num_co_heads: auxiliary heads; one `aux_pos_trans` projection each.
         activation_checkpoint: recompute the encoder layers in backward.
@@ -143,10 +144,10 @@ class CoDinoTransformer(nn.Module):
         elif fix_refpoints_hw == -2:
             self.refpoint_embed = nn.Embedding(num_queries, 2)
             self.hw_embed = nn.Embedding(1, 2)
-        elif 0 < fix_refpoints_hw < 1:
+        elif fix_refpoints_hw > 0:
             self.refpoint_embed = nn.Embedding(num_queries, 2)
         else:
-            raise ValueError(f"fix_refpoints_hw must be -1, -2 or in (0, 1), got {fix_refpoints_hw}")
+            raise ValueError(f"fix_refpoints_hw must be -1, -2 or > 0, got {fix_refpoints_hw}")
 
     def reset_parameters(self) -> None:
         """DINO's init: Xavier for every matrix, then the deformable attention's own init."""
@@ -168,7 +169,9 @@ class CoDinoTransformer(nn.Module):
         if self.hw_embed is not None:
             nn.init.normal_(self.hw_embed.weight)
 
-    def encode(self, mlvl_feats: Sequence[Tensor], mlvl_masks: Sequence[Tensor], mlvl_pos: Sequence[Tensor]) -> EncoderMemory:
+    def encode(
+        self, mlvl_feats: Sequence[Tensor], mlvl_masks: Sequence[Tensor], mlvl_pos: Sequence[Tensor]
+    ) -> EncoderMemory:
         """Flattens the levels, adds the level embeddings to the positions and encodes.
 
         Args:
@@ -277,7 +280,7 @@ class CoDinoTransformer(nn.Module):
             `[B, N, D]`.
         """
         feats = self.hidden_dim // 2
-        embed = sine_embed_boxes(boxes, feats)  # [B, N, 2D] blocks (y, x, w, h)
+        embed = sine_embed_boxes(boxes, feats).to(self.aux_pos_trans[head_index].weight.dtype)  # (y, x, w, h)
         # Co-DINO's get_proposal_pos_embed orders the blocks (x, y, w, h): swap so the official
         # aux_pos_trans weights see the layout they were trained on.
         embed = torch.cat([embed[..., feats:2 * feats], embed[..., :feats], embed[..., 2 * feats:]], -1)

@@ -94,7 +94,7 @@ class SimpleFeaturePyramid(nn.Module):
         if not slots or sorted(set(slots)) != list(slots) or not 0 <= slots[0] <= slots[-1] < 5:
             raise ValueError(f"slots must be ascending, unique, within 0..4; got {slots}")
         if 4 in slots and 3 not in slots:
-            raise ValueError("slot 4 (stride 64) is pooled from slot 3, so slot 3 must be requested")
+            raise ValueError("slot 4 (stride 64) is pooled from slot 3: request slot 3 too")
         self.slots = list(slots)
         half, quarter = in_channels // 2, in_channels // 4
         resamplers = {

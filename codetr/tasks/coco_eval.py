@@ -7,6 +7,7 @@ original image, `score`); ground truth is a COCO dataset dict. An empty result l
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence
 
@@ -33,6 +34,38 @@ class CocoMetrics:
     stats: Dict[str, float]
     per_class: List[Dict[str, Any]]
     pr_curve: List[tuple]
+
+
+def load_ground_truth(json_files: Sequence[str]) -> Dict[str, Any]:
+    """The COCO ground truth of one or more annotation files, for `evaluate_coco`.
+
+    One file is used as is. Several are merged: images and categories concatenated (image ids
+    must not collide, since detections only carry the image id), annotation ids renumbered
+    1..N so that no two files' ids overwrite each other in the COCO index.
+
+    Raises:
+        ValueError: two files share an image id.
+    """
+    files = list(json_files)
+    datasets = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            datasets.append(json.load(f))
+    if len(datasets) == 1:
+        return datasets[0]
+    images, anns, cats, owner = [], [], {}, {}
+    for path, data in zip(files, datasets):
+        for img in data.get("images", []):
+            if img["id"] in owner:
+                raise ValueError(f"image id {img['id']} is in both {owner[img['id']]} and {path}: "
+                                 "evaluation over several sources needs distinct image ids")
+            owner[img["id"]] = path
+            images.append(img)
+        anns.extend(data.get("annotations", []))
+        for cat in data.get("categories", []):
+            cats.setdefault(cat["id"], cat)
+    anns = [dict(a, id=i + 1) for i, a in enumerate(anns)]
+    return {"images": images, "annotations": anns, "categories": sorted(cats.values(), key=lambda c: c["id"])}
 
 
 def _silent(*_args: Any, **_kwargs: Any) -> None:

@@ -68,11 +68,14 @@ def safe_relative_path(image_path: Path, root: Path, suffix: str, prefix: Sequen
         prefix: extra leading components (e.g. an index per input folder) to keep several
             roots apart.
     """
-    rel = Path(image_path).resolve().relative_to(Path(root).resolve())
+    try:  # lexical: resolving symlinks could move the image "outside" its root
+        rel = PurePath(image_path).relative_to(PurePath(root))
+    except ValueError:
+        rel = PurePath(PurePath(image_path).name)
     parts: List[str] = [_clean(p) for p in prefix]
     parents = rel.parts[:-1]
     parts += [_clean(p) for p in parents]
-    parts.append(_clean(Path(rel.name).stem) + suffix)
+    parts.append(_clean(PurePath(rel.name).stem if rel.name else "_") + suffix)
     return PurePath(*parts)
 
 

@@ -5,6 +5,7 @@ CPU processes (DDP over gloo), which is how multi-process training is tested wit
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
 
@@ -112,3 +113,20 @@ def resolve_runtime(num_gpus: int, gpu_ids: Sequence[int], num_nodes: int, preci
     strategy = build_strategy(distributed_strategy, world, accelerator)
     return Runtime(accelerator=accelerator, devices=devices, strategy=strategy, precision=flag,
                    num_nodes=num_nodes, world_size=world, notices=notices)
+
+
+def ensure_writable_dir(path: str, what: str) -> None:
+    """Creates `path` and proves it writable now, before hours of work depend on it.
+
+    Raises:
+        PermissionError: naming `what` (e.g. 'train results directory') and the reason.
+    """
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as err:
+        raise PermissionError(f"the {what} {path} is not writable ({err.strerror or err}); "
+                              "set results_dir to a writable folder") from None

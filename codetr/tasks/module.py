@@ -1,0 +1,188 @@
+"""The LightningModule: one training step, COCO validation, EMA and checkpoint contents.
+
+The detector, criterion and post-processor are plain modules injected by `train.py`; this file
+only runs them (Lightning examples' style). Contracts: docs/DESIGN.md.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+from codetr.data import Batch, LabelMap
+from codetr.spec.schema import OptimConfig
+from codetr.tasks.checkpoint import FORMAT_VERSION, capture_rng_state, restore_rng_state
+from codetr.tasks.coco_eval import STAT_NAMES, evaluate_coco, to_coco_results
+from codetr.tasks.ema import ModelEMA
+from codetr.tasks.optim import (build_optimizer, build_param_groups, build_scheduler,
+                                describe_groups, optional_steps)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class CoDETRModule(L.LightningModule):
+    """Trains `model` with `criterion`; validates with COCO metrics on original category ids.
+
+    Args:
+        model: `CoDETR` (or any module with its forward contract).
+        criterion: outputs, targets -> dict of weighted loss terms (their sum is the loss).
+        postprocess: outputs, orig_sizes `[B, 2]` -> per image {scores, labels, boxes xyxy px}.
+        optim: `train.optim`.
+        label_map: label index -> original category id and name.
+        spec_dict: the resolved spec as plain data, stored in every checkpoint.
+        clip_grad_norm: max L2 norm of the gradients (0: no clipping).
+        ema_decay: EMA decay, None to disable EMA.
+        ema_warmup_steps: EMA decay ramp (see `ModelEMA`).
+        vit_layer_decay: apply `optim.layer_decay_rate` to the backbone blocks.
+        val_ground_truth: COCO ground truth dict of the validation split (None: no validation).
+        verbose: print the parameter groups.
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, postprocess: nn.Module,
+                 optim: OptimConfig, label_map: LabelMap, spec_dict: Dict[str, Any],
+                 clip_grad_norm: float = 0.0, ema_decay: Optional[float] = None,
+                 ema_warmup_steps: int = 0, vit_layer_decay: bool = False,
+                 val_ground_truth: Optional[Dict[str, Any]] = None, verbose: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.postprocess = postprocess
+        self.optim_cfg = optim
+        self.label_map = label_map
+        self.spec_dict = spec_dict
+        self.clip_grad_norm = clip_grad_norm
+        self.vit_layer_decay = vit_layer_decay
+        self.val_ground_truth = val_ground_truth
+        self.verbose = verbose
+        self.ema = ModelEMA(model, ema_decay, ema_warmup_steps) if ema_decay is not None else None
+        self._category_lut = label_map.category_id_lut()
+        self._val_results: Dict[int, List[dict]] = {}
+        self.last_val_metrics: Dict[str, float] = {}
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, Any]:
+        """Eval-mode predictions: `pred_logits` `[B, Q, C]`, `pred_boxes` `[B, Q, 4]` cxcywh."""
+        return self.model(images, masks)
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        outputs = self.model(batch.images, batch.masks, batch.targets)
+        terms = self.criterion(outputs, batch.targets)
+        loss = sum(terms.values())
+        self._check_finite(loss, terms)
+        n = len(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=n)
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self.trainer.world_size > 1:  # every rank must stop, or the others wait forever
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise NonFiniteLossError(
+                f"the training loss is {float(loss):.4g} at step {self.global_step} (epoch "
+                f"{self.current_epoch}); loss terms: {shown}. Try a lower train.optim.lr, "
+                "train.optim.warmup_steps, train.clip_grad_norm > 0 or precision fp32.")
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        """L2-norm clipping at `clip_grad_norm`; FSDP clips through its own root module."""
+        if self.clip_grad_norm <= 0:
+            return
+        wrapped = getattr(self.trainer.strategy, "model", None)
+        if wrapped is not None and hasattr(wrapped, "clip_grad_norm_") \
+                and type(wrapped).__name__ == "FullyShardedDataParallel":
+            wrapped.clip_grad_norm_(self.clip_grad_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip_grad_norm,
+                                gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        groups = build_param_groups(self.model, self.optim_cfg, self.vit_layer_decay)
+        if self.verbose:
+            print("parameter groups:\n" + describe_groups(groups))
+        optimizer = build_optimizer(groups, self.optim_cfg)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        steps_per_epoch = optional_steps(self.trainer.estimated_stepping_batches) // epochs
+        scheduler = build_scheduler(optimizer, self.optim_cfg, max(1, steps_per_epoch))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ---- validation -----------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_results = {}
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        outputs = self.eval_model()(batch.images, batch.masks)
+        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
+        detections = self.postprocess(outputs, orig_sizes)
+        for target, det in zip(batch.targets, detections):
+            self._val_results[int(target["image_id"])] = to_coco_results(
+                int(target["image_id"]), det["scores"], det["labels"], det["boxes"], self._category_lut)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_ground_truth is None or self.trainer.sanity_checking:
+            return
+        results = self._gather(self._val_results)
+        metrics = None
+        if self.trainer.is_global_zero:
+            m = evaluate_coco(self.val_ground_truth, [d for dets in results.values() for d in dets],
+                              image_ids=sorted(results))
+            metrics = m.stats
+        metrics = self.trainer.strategy.broadcast(metrics, src=0)
+        self.last_val_metrics = dict(metrics)
+        for name in STAT_NAMES:
+            self.log(f"val/{name}", float(metrics[name]), prog_bar=name in ("AP", "AP50"),
+                     sync_dist=True)  # equal on every rank: the mean changes nothing
+
+    def _gather(self, results: Dict[int, List[dict]]) -> Dict[int, List[dict]]:
+        """All ranks' detections by image id; the distributed sampler repeats a few images to
+        even out the ranks, so the first copy of an image wins."""
+        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return results
+        everyone: List[Optional[Dict[int, List[dict]]]] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(everyone, results)
+        merged: Dict[int, List[dict]] = {}
+        for part in everyone:
+            for image_id, dets in (part or {}).items():
+                merged.setdefault(image_id, dets)
+        return merged
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["codetr"] = {"format_version": FORMAT_VERSION, "spec": self.spec_dict,
+                                "label_map": self.label_map.to_dict()}
+        checkpoint["rng"] = capture_rng_state()
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        checkpoint.pop("hyper_parameters", None)
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if self.ema is not None:
+            if "ema" in checkpoint:
+                self.ema.load_state_dict(checkpoint["ema"])
+            else:  # EMA switched on mid-run: start the average from the restored weights
+                self.ema.module.load_state_dict(
+                    {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()
+                     if k.startswith("model.")})
+        if "rng" in checkpoint:
+            restore_rng_state(checkpoint["rng"])

@@ -1,0 +1,187 @@
+"""`codetr train`: build everything from the spec, then fit with Lightning.
+
+Outputs in `<results_dir>/train` (`spec.task_results_dir("train")`):
+`model_epoch_<NNN>.pth` every `checkpoint_interval` epochs (NNN = 0-based epoch), `last.pth`
+after every epoch, the final `codetr_model.pth`, `experiment_spec.yaml` and the logs
+(`dvclive/`, or `csv/` when DVCLive cannot run). A rerun with the same results_dir resumes from
+`last.pth`; `train.resume_training_checkpoint_path` overrides it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import List, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from torch import nn
+
+from codetr.data import LabelMap, build_label_map, load_split_sources
+from codetr.spec import ExperimentSpec, spec_to_dict
+from codetr.spec.load import save_spec
+from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_partial,
+                                     model_state_dict, require_same_architecture)
+from codetr.tasks.datamodule import CoDETRDataModule
+from codetr.tasks.module import CoDETRModule
+from codetr.tasks.optim import freeze_parameters
+from codetr.tasks.runtime import Runtime, ensure_writable_dir, resolve_runtime
+
+LAST = "last.pth"
+FINAL = "codetr_model.pth"
+OOM_ADVICE = ("out of memory. Reduce the memory per step: a smaller dataset.batch_size, "
+              "train.activation_checkpoint: true, dataset.augmentation.fixed_padding: false, "
+              "fewer model.num_queries, or a lower resolution (dataset.augmentation.scales, "
+              "random_resize_max_size, fixed_random_crop)")
+
+
+def run(spec: ExperimentSpec) -> int:
+    """Trains the model of `spec`; returns the exit status (0)."""
+    from codetr.model.builder import build_criterion, build_model, build_postprocess
+
+    train_dir = spec.task_results_dir("train")
+    if not spec.train.is_dry_run:
+        ensure_writable_dir(train_dir, "train results directory")
+    L.seed_everything(spec.train.seed, workers=True, verbose=False)
+    runtime = resolve_runtime(spec.train.num_gpus, spec.train.gpu_ids, spec.train.num_nodes,
+                              spec.train.precision, spec.train.distributed_strategy)
+    sources = load_split_sources(spec, "train")
+    label_map = build_label_map(spec, train_sources=sources)
+    model = build_model(spec, label_map.num_classes)
+    if spec.train.pretrained_model_path and not find_resume_checkpoint(spec, train_dir):
+        load_pretrained(model, spec.train.pretrained_model_path)
+    if spec.train.freeze:
+        frozen = freeze_parameters(model, spec.train.freeze)
+        _info("frozen: " + ", ".join(f"{p} ({n} tensors)" for p, n in frozen.items()))
+    datamodule = CoDETRDataModule(spec, label_map)
+    return fit(spec, model, build_criterion(spec, label_map.num_classes), build_postprocess(spec),
+               datamodule, label_map, runtime, train_dir)
+
+
+def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postprocess: nn.Module,
+        datamodule: CoDETRDataModule, label_map: LabelMap, runtime: Runtime, train_dir: str,
+        log_every_n_steps: int = 10) -> int:
+    """Runs Lightning's fit loop with codetr's checkpoints, logging and failure messages.
+
+    Args:
+        spec: the experiment spec (`train` is read; the whole spec goes into checkpoints).
+        model, criterion, postprocess: see `CoDETRModule`.
+        datamodule: the data (its `setup('fit')` is called here for the val ground truth).
+        label_map: stored in checkpoints.
+        runtime: devices, strategy and precision (`resolve_runtime`).
+        train_dir: where checkpoints and logs go.
+        log_every_n_steps: how often per-step train metrics are logged.
+    """
+    t = spec.train
+    dry = t.is_dry_run
+    for notice in runtime.notices:
+        _info(notice)
+    if t.enable_ema and t.distributed_strategy == "fsdp" and runtime.world_size > 1:
+        raise ValueError("train.enable_ema is not supported with distributed_strategy fsdp "
+                         "(the average would need the full, unsharded weights); use ddp")
+    resume = None if dry else find_resume_checkpoint(spec, train_dir)
+    if resume:
+        state, _ = model_state_dict(load_checkpoint(resume, require_codetr=False), prefer_ema=False)
+        require_same_architecture(model, state, resume)
+        _info(f"resuming from {resume}")
+    datamodule.setup("fit")
+    has_val = datamodule.has_val()
+    module = CoDETRModule(
+        model, criterion, postprocess, t.optim, label_map, spec_to_dict(spec),
+        clip_grad_norm=t.clip_grad_norm, ema_decay=t.ema.decay if t.enable_ema else None,
+        ema_warmup_steps=t.ema.warmup_steps, vit_layer_decay=spec.model.backbone.startswith("vit"),
+        val_ground_truth=datamodule.ground_truth("val") if has_val else None, verbose=t.verbose)
+    callbacks: List[L.Callback] = []
+    logger = False
+    if not dry:
+        callbacks.append(checkpoint_callback(train_dir, t.checkpoint_interval))
+        logger = build_logger(train_dir, resume=resume is not None)
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = L.Trainer(
+        accelerator=runtime.accelerator, devices=runtime.devices, strategy=runtime.strategy,
+        num_nodes=runtime.num_nodes, precision=runtime.precision, max_epochs=t.num_epochs,
+        check_val_every_n_epoch=t.validation_interval, num_sanity_val_steps=0,
+        limit_val_batches=None if has_val else 0, plugins=[AtomicCheckpointIO()],
+        logger=logger, callbacks=callbacks, default_root_dir=train_dir,
+        enable_checkpointing=not dry, fast_dev_run=2 if dry else False,
+        log_every_n_steps=log_every_n_steps, enable_model_summary=False)
+    if not dry and trainer.is_global_zero:
+        save_spec(spec, train_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except torch.OutOfMemoryError as err:
+        raise RuntimeError(f"training ran {OOM_ADVICE}") from err
+    if dry:
+        _info("dry run: the spec, data, model and 2 train/val batches work; nothing was written")
+        return 0
+    trainer.save_checkpoint(os.path.join(train_dir, FINAL))
+    if module.last_val_metrics:
+        _info("last validation: " + ", ".join(f"{k} {v:.4f}" for k, v in module.last_val_metrics.items()))
+    return 0
+
+
+def find_resume_checkpoint(spec: ExperimentSpec, train_dir: str) -> Optional[str]:
+    """`train.resume_training_checkpoint_path` when set (must exist), else `<train_dir>/last.pth`
+    when present (auto-resume), else None."""
+    explicit = spec.train.resume_training_checkpoint_path
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise FileNotFoundError(f"train.resume_training_checkpoint_path {explicit} does not exist")
+        return explicit
+    last = os.path.join(train_dir, LAST)
+    return last if os.path.isfile(last) else None
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Starts from another checkpoint's weights where names and shapes match; reports the rest."""
+    state, which = model_state_dict(load_checkpoint(path, require_codetr=False))
+    report = load_partial(model, state)
+    if not report.loaded:
+        raise ValueError(f"train.pretrained_model_path {path}: no tensor matches the model by name "
+                         f"and shape; is it a Co-DETR checkpoint?\n{report.summary()}")
+    _info(f"pretrained weights ({which}) from {path}:\n{report.summary()}")
+
+
+def checkpoint_callback(train_dir: str, interval: int) -> ModelCheckpoint:
+    """`model_epoch_<NNN>.pth` every `interval` epochs and `last.pth` after every epoch."""
+    callback = ModelCheckpoint(dirpath=train_dir, filename="model_epoch_{epoch:03d}",
+                               auto_insert_metric_name=False, every_n_epochs=interval,
+                               save_top_k=-1, save_last=True, save_on_train_epoch_end=True,
+                               enable_version_counter=False)
+    callback.FILE_EXTENSION = ".pth"
+    callback.CHECKPOINT_NAME_LAST = "last"
+    return callback
+
+
+def build_logger(train_dir: str, resume: bool):
+    """DVCLive in `<train_dir>/dvclive`; a CSV logger in `<train_dir>/csv` where DVCLive would
+    crash (inside a git repository without any commit)."""
+    if _git_without_commits(os.getcwd()):
+        _info("notice: DVCLive cannot log inside a git repository without commits; "
+              f"logging to {os.path.join(train_dir, 'csv')} instead")
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(train_dir, name="csv", version="")
+    from dvclive.lightning import DVCLiveLogger
+
+    return DVCLiveLogger(dir=os.path.join(train_dir, "dvclive"), dvcyaml=None, save_dvc_exp=False,
+                         log_model=False, resume=resume)
+
+
+def _git_without_commits(cwd: str) -> bool:
+    try:
+        inside = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=cwd, capture_output=True)
+        if inside.returncode != 0:
+            return False
+        head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd,
+                              capture_output=True)
+        return head.returncode != 0
+    except OSError:  # no git executable: DVCLive will not find a repository either
+        return False
+
+
+def _info(message: str) -> None:
+    """Prints on the first process only (every DDP process runs this module)."""
+    if rank_zero_only.rank == 0:
+        print(message, flush=True)

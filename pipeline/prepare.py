@@ -1,0 +1,199 @@
+"""Stage `prepare`: build the data folder (synthetic shapes, or a user's COCO data) and its stats.
+
+`params.yaml` section `prepare`:
+
+    source: synthetic        # synthetic | coco
+    contiguous_ids: false    # rewrite category ids to 1..K (ascending old id) in every split
+    synthetic: {num_train, num_val, num_test, image_size, seed, classes, max_objects, empty_prob}
+    coco:                    # used when source is coco
+      images: symlink        # symlink | copy | none (none: the spec keeps the original image_dir)
+      train: {json_file: ..., image_dir: ...}
+      val:   {json_file: ..., image_dir: ...}
+      test:  {json_file: ..., image_dir: ...}   # optional; null skips the split
+
+Output folder (`--out`, declared in dvc.yaml), the same layout for both sources:
+
+    classmap.txt                      class names in ascending category id order
+    stats.json                        images, boxes, empty images, boxes per class, per split
+    <split>/annotations.json          COCO, validated by `codetr.data.coco.load_coco`
+    <split>/images/<file_name>        unless coco.images is none
+
+The folder is built beside `--out` and renamed into place, so a failed run leaves no half-built
+data. With `--check-spec`, the spec's `dataset.num_classes` / `contiguous_labels` are checked
+against the categories found (the same `LabelMap` rules the train task applies).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from codetr.data.classmap import write_classmap
+from codetr.data.coco import load_coco
+from codetr.data.labels import LabelMap
+from codetr.data.synthetic import generate
+from codetr.fileio import atomic_write_text
+from pipeline.params import load_params, section
+
+SPLITS = ("train", "val", "test")
+IMAGE_MODES = ("symlink", "copy", "none")
+
+
+class PrepareError(ValueError):
+    """The prepare params or the user's data are unusable; the message says which and why."""
+
+
+def _copy_coco_split(split: str, src: dict, out: Path, images: str) -> None:
+    """Copies one split's JSON to `out/<split>/annotations.json` and places its images."""
+    json_file, image_dir = Path(src["json_file"]), Path(src["image_dir"])
+    source = load_coco(json_file, image_dir)  # validates before anything is placed
+    (out / split).mkdir(parents=True)
+    shutil.copyfile(json_file, out / split / "annotations.json")
+    if images == "none":
+        return
+    for name in source.file_names:
+        target = out / split / "images" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if images == "symlink":
+            os.symlink((image_dir / name).resolve(), target)
+        else:
+            shutil.copy2(image_dir / name, target)
+
+
+def _remap_contiguous(out: Path, splits: List[str]) -> Dict[int, int]:
+    """Rewrites category ids to 1..K in every split's annotations; returns old id -> new id."""
+    ids = sorted({c["id"] for s in splits
+                  for c in json.loads((out / s / "annotations.json").read_text())["categories"]})
+    mapping = {old: new for new, old in enumerate(ids, start=1)}
+    for s in splits:
+        path = out / s / "annotations.json"
+        coco = json.loads(path.read_text())
+        for cat in coco["categories"]:
+            cat["id"] = mapping[cat["id"]]
+        for ann in coco.get("annotations", []):
+            ann["category_id"] = mapping[ann["category_id"]]
+        atomic_write_text(path, json.dumps(coco))
+    return mapping
+
+
+def _split_stats(out: Path, split: str, image_dir: Path) -> tuple[dict, list]:
+    """Validates a split with `load_coco` and counts images, boxes and boxes per class."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = load_coco(out / split / "annotations.json", image_dir)
+    for w in caught:
+        print(f"prepare: {split}: {w.message}", file=sys.stderr)
+    names = {c["id"]: c["name"] for c in source.categories}
+    counts = np.bincount(source.category_ids, minlength=max(names, default=0) + 1)
+    per_image = np.diff(source.ann_offsets)
+    stats = {"images": len(source), "boxes": int(len(source.category_ids)),
+             "empty_images": int((per_image == 0).sum()), "crowd": int(source.iscrowd.sum()),
+             "boxes_per_class": {names[c]: int(counts[c]) for c in sorted(names)}}
+    return stats, sorted(source.categories, key=lambda c: c["id"])
+
+
+def run(params: dict, out_dir: str | Path) -> dict:
+    """Builds `out_dir` from the `prepare` params section (see the module docstring).
+
+    Returns:
+        The stats written to `out_dir/stats.json`.
+
+    Raises:
+        PrepareError: bad params or inconsistent categories across splits.
+        CocoFormatError, FileNotFoundError: from `codetr.data.coco.load_coco` on a user's data.
+    """
+    out_dir = Path(out_dir)
+    kind = params.get("source", "synthetic")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        image_dirs: Dict[str, Path] = {}
+        if kind == "synthetic":
+            syn = dict(params.get("synthetic") or {})
+            if "classes" in syn:
+                syn["classes"] = tuple(syn["classes"])
+            try:
+                generate(tmp, **syn)
+            except TypeError as err:
+                raise PrepareError(f"prepare.synthetic: {err}") from None
+            splits = [s for s in SPLITS if json.loads((tmp / s / "annotations.json").read_text())["images"]]
+            image_dirs = {s: tmp / s / "images" for s in SPLITS}
+        elif kind == "coco":
+            coco = params.get("coco") or {}
+            images = coco.get("images", "symlink")
+            if images not in IMAGE_MODES:
+                raise PrepareError(f"prepare.coco.images must be one of {IMAGE_MODES}, got {images!r}")
+            splits = [s for s in SPLITS if coco.get(s)]
+            if "train" not in splits:
+                raise PrepareError("prepare.coco.train {json_file, image_dir} is required")
+            for s in splits:
+                _copy_coco_split(s, coco[s], tmp, images)
+                image_dirs[s] = tmp / s / "images" if images != "none" else Path(coco[s]["image_dir"])
+        else:
+            raise PrepareError(f"prepare.source must be synthetic or coco, got {kind!r}")
+        if params.get("contiguous_ids", False):
+            _remap_contiguous(tmp, splits)
+        stats: dict = {"source": kind, "splits": {}}
+        categories = None
+        for s in splits:
+            stats["splits"][s], cats = _split_stats(tmp, s, image_dirs[s])
+            if categories is not None and cats != categories:
+                raise PrepareError(f"split {s} has categories {cats}, but {splits[0]} has "
+                                   f"{categories}; all splits must share one category list")
+            categories = cats
+        stats["categories"] = categories
+        write_classmap(tmp / "classmap.txt", [c["name"] for c in categories])
+        atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2) + "\n")
+        if out_dir.is_symlink() or out_dir.is_file():
+            out_dir.unlink()
+        elif out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        # the temporary folder was private (0700): give the data folder the usual permissions
+        out_dir.chmod(0o755)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stats
+
+
+def check_spec(stats: dict, dataset: dict) -> None:
+    """Checks the spec's `dataset.num_classes` and `contiguous_labels` against the categories.
+
+    Raises:
+        SpecError: with the value to set (from `LabelMap`).
+    """
+    LabelMap.from_categories(stats["categories"], int(dataset.get("num_classes", 91)),
+                             bool(dataset.get("contiguous_labels", False)))
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file with a `prepare` section")
+    parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
+    parser.add_argument("--check-spec", action="store_true",
+                        help="check dataset.num_classes/contiguous_labels of the same params file")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    try:
+        stats = run(section(params, "prepare"), args.out)
+        if args.check_spec:
+            check_spec(stats, section(params, "dataset"))
+    except (ValueError, FileNotFoundError) as err:  # PrepareError, CocoFormatError, SpecError
+        print(f"prepare: error: {err}", file=sys.stderr)
+        return 1
+    for split, s in stats["splits"].items():
+        print(f"prepare: {split}: {s['images']} images, {s['boxes']} boxes, "
+              f"{s['empty_images']} without objects")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

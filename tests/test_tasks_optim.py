@@ -1,0 +1,108 @@
+"""Parameter groups, freezing, the LR schedule and runtime resolution."""
+import pytest
+import torch
+from torch import nn
+
+from codetr.spec.schema import OptimConfig
+from codetr.tasks.optim import (build_optimizer, build_param_groups, build_scheduler,
+                                freeze_parameters, lr_factor, vit_layer_scale)
+from codetr.tasks.runtime import resolve_runtime
+
+
+class Named(nn.Module):
+    """Parameter names like a Co-DETR with a 3-block ViT backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.patch_embed = nn.Linear(3, 4)
+        self.backbone.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.backbone.norm = nn.LayerNorm(4)
+        self.transformer = nn.Module()
+        self.transformer.encoder = nn.Module()
+        self.transformer.encoder.sampling_offsets = nn.Linear(4, 8)
+        self.transformer.encoder.value_proj = nn.Linear(4, 4)
+        self.transformer.decoder = nn.Linear(4, 4)
+        self.class_embed = nn.Linear(4, 2)
+
+
+def groups_by_param(groups):
+    return {id(p): g for g in groups for p in g["params"]}
+
+
+def test_param_groups_learning_rates():
+    model = Named()
+    cfg = OptimConfig(lr=1e-3, lr_backbone=1e-4, lr_linear_proj_mult=0.1, layer_decay_rate=0.5)
+    by = groups_by_param(build_param_groups(model, cfg))
+    assert by[id(model.class_embed.weight)]["lr"] == pytest.approx(1e-3)
+    assert by[id(model.transformer.encoder.sampling_offsets.weight)]["lr"] == pytest.approx(1e-4)
+    assert by[id(model.backbone.blocks[0].weight)]["lr"] == pytest.approx(1e-4)  # no decay: not ViT
+    by = groups_by_param(build_param_groups(model, cfg, vit_layer_decay=True))
+    # depth 3: patch_embed layer 0 -> 0.5^4, blocks.i -> 0.5^(3 - i), norm -> 1.
+    assert by[id(model.backbone.patch_embed.weight)]["lr"] == pytest.approx(1e-4 * 0.5 ** 4)
+    assert [by[id(b.weight)]["lr"] for b in model.backbone.blocks] == pytest.approx(
+        [1e-4 * 0.5 ** 3, 1e-4 * 0.5 ** 2, 1e-4 * 0.5])
+    assert by[id(model.backbone.norm.weight)]["lr"] == pytest.approx(1e-4)
+    assert vit_layer_scale("backbone.blocks.11.attn.qkv.weight", 12, 0.65) == pytest.approx(0.65)
+
+
+def test_freeze_prefixes():
+    model = Named()
+    counts = freeze_parameters(model, ["backbone", "transformer.encoder"])
+    assert counts == {"backbone": 2 + 6 + 2, "transformer.encoder": 4}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(n.startswith(("backbone.", "transformer.encoder.")) for n in frozen)
+    assert model.transformer.decoder.weight.requires_grad
+    groups = build_param_groups(model, OptimConfig())
+    assert {g["name"] for g in groups} == {"base"}
+    with pytest.raises(ValueError, match="matches no parameter"):
+        freeze_parameters(model, ["transformer.enc"])  # a name prefix, not a module prefix
+
+
+def test_optimizers():
+    model = Named()
+    groups = build_param_groups(model, OptimConfig())
+    sgd = build_optimizer(groups, OptimConfig(optimizer="SGD", momentum=0.8, weight_decay=0.01))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.8
+    adamw = build_optimizer(build_param_groups(model, OptimConfig()), OptimConfig(weight_decay=0.05))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_schedule_multistep_steplr_warmup():
+    f = dict(steps_per_epoch=10, lr_step_size=2, lr_decay=0.1)
+    assert lr_factor(0, scheduler="MultiStep", lr_steps=[2, 3], warmup_steps=0, **f) == 1.0
+    assert lr_factor(19, scheduler="MultiStep", lr_steps=[2, 3], warmup_steps=0, **f) == 1.0
+    assert lr_factor(20, scheduler="MultiStep", lr_steps=[2, 3], warmup_steps=0, **f) == pytest.approx(0.1)
+    assert lr_factor(35, scheduler="MultiStep", lr_steps=[2, 3], warmup_steps=0, **f) == pytest.approx(0.01)
+    assert lr_factor(45, scheduler="StepLR", lr_steps=[], warmup_steps=0, **f) == pytest.approx(0.01)
+    assert lr_factor(4, scheduler="StepLR", lr_steps=[], warmup_steps=10, **f) == pytest.approx(0.5)
+    # Through the real LambdaLR: the first step runs at lr / warmup_steps.
+    model = Named()
+    cfg = OptimConfig(lr=1.0, lr_backbone=0.5, warmup_steps=4, lr_steps=[1])
+    opt = build_optimizer(build_param_groups(model, cfg), cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=5)
+    base = next(g for g in opt.param_groups if g["name"] == "base")
+    lrs = []
+    for _ in range(7):
+        lrs.append(base["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.1, 0.1])
+    assert set(sched.state_dict()) >= {"last_epoch", "base_lrs"}
+
+
+def test_runtime_cpu_and_gpu_resolution():
+    rt = resolve_runtime(4, [0], 2, "bf16", "ddp", cuda_count=0)
+    assert rt.accelerator == "cpu" and rt.devices == 4 and rt.world_size == 8
+    assert rt.precision == "bf16-mixed" and type(rt.strategy).__name__ == "DDPStrategy"
+    assert rt.num_nodes == 2 and any("No GPU" in n for n in rt.notices)
+    rt = resolve_runtime(1, [0], 1, "fp16", "ddp", cuda_count=0)
+    assert rt.strategy == "auto" and rt.precision == "bf16-mixed" and len(rt.notices) == 2
+    assert resolve_runtime(2, [0], 1, "fp32", "fsdp", cuda_count=0).world_size == 2
+    rt = resolve_runtime(2, [0], 1, "fp16", "fsdp", cuda_count=4)
+    assert rt.devices == [0, 1] and rt.precision == "16-mixed" and type(rt.strategy).__name__ == "FSDPStrategy"
+    assert resolve_runtime(2, [2, 3], 1, "fp32", "ddp", cuda_count=4).devices == [2, 3]
+    with pytest.raises(ValueError, match="do not exist"):
+        resolve_runtime(1, [5], 1, "fp32", "ddp", cuda_count=2)
+    with pytest.raises(ValueError, match="must list"):
+        resolve_runtime(3, [0, 1], 1, "fp32", "ddp", cuda_count=4)
