@@ -124,3 +124,11 @@ def test_label_map_from_classmap_lines_are_ids(tmp_path):
     assert label_map_from_classmap(path, 3, contiguous=True).name(0) == "person"
     with pytest.raises(SpecError, match="set dataset.num_classes=3"):
         label_map_from_classmap(path, 4, contiguous=True)
+
+
+def test_label_map_pickles_for_spawned_workers():
+    import pickle
+
+    lm = LabelMap.from_categories(random_categories(8), 60, contiguous=False)
+    back = pickle.loads(pickle.dumps(lm))
+    assert back == lm and [back.label(i) for i in lm.category_ids] == list(lm.category_ids)

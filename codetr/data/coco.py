@@ -11,7 +11,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -140,7 +140,7 @@ def _categories(data: dict, json_file: str) -> list[dict]:
     return categories
 
 
-def _images(data: dict, json_file: str, image_dir: str) -> tuple[list[int], list[str], list, list]:
+def _images(data: dict, json_file: str) -> tuple[list[int], list[str], list, list]:
     ids, names, heights, widths, index = [], [], [], [], {}
     for img in data["images"]:
         if not isinstance(img, dict) or "id" not in img:
@@ -164,8 +164,7 @@ def _check_files_exist(json_file: str, image_dir: str, names: list[str]) -> None
                                 f"are missing, e.g. {shown}")
 
 
-def _fill_sizes(json_file: str, image_dir: str, ids: list[int], names: list[str],
-                heights: list, widths: list) -> None:
+def _fill_sizes(image_dir: str, names: list[str], heights: list, widths: list) -> None:
     """Reads the header of images whose JSON entry lacks a valid width/height."""
     for i, (h, w) in enumerate(zip(heights, widths)):
         valid = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (h, w))
@@ -190,10 +189,10 @@ def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
     data = _read_json(json_file)
     categories = _categories(data, json_file)
     known_categories = {c["id"] for c in categories}
-    ids, names, heights, widths = _images(data, json_file, image_dir)
+    ids, names, heights, widths = _images(data, json_file)
     if check_files:
         _check_files_exist(json_file, image_dir, names)
-    _fill_sizes(json_file, image_dir, ids, names, heights, widths)
+    _fill_sizes(image_dir, names, heights, widths)
     image_index = {iid: i for i, iid in enumerate(ids)}
 
     rows, seen_ann = [], set()

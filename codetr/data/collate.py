@@ -91,8 +91,13 @@ class Collator:
     """`collate_fn` of a DataLoader: picklable (workers) and configured once per split."""
 
     def __init__(self, pad_size_divisor: int = 1, fixed_size: Optional[tuple[int, int]] = None) -> None:
-        """Args: pad_size_divisor: pad H, W up to a multiple of it; fixed_size: (H, W) every batch
-        is padded to (then rounded up to the divisor), None pads to the batch maximum."""
+        """Configures the padding.
+
+        Args:
+            pad_size_divisor: H and W are rounded up to a multiple of it.
+            fixed_size: (H, W) every batch is padded to (then rounded up to the divisor); None pads
+                to the batch maximum.
+        """
         if pad_size_divisor < 1:
             raise ValueError(f"pad_size_divisor must be >= 1, got {pad_size_divisor}")
         self.pad_size_divisor = pad_size_divisor

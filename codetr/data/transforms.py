@@ -69,7 +69,13 @@ class DetectionTransform:
     """
 
     def __init__(self, geometric: v2.Transform, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Args: geometric: a v2 transform of (Image, {"boxes", "labels"}); mean, std: 1 or 3 values."""
+        """Combines the geometry with the normalisation.
+
+        Args:
+            geometric: a v2 transform of (tv_tensors.Image, {"boxes": BoundingBoxes, "labels"}).
+            mean: `input_mean`, 1 or 3 values (RGB, on pixels scaled to [0, 1]).
+            std: `input_std`, 1 or 3 values.
+        """
         self.geometric = geometric
         self.mean, self.std = _three(mean, "input_mean"), _three(std, "input_std")
 

@@ -206,3 +206,33 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_detector(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """Rebuilds the trained detector from a codetr checkpoint alone.
+
+    The architecture comes from the spec stored in the checkpoint, the label map too; EMA weights
+    are used when the checkpoint has them.
+
+    Returns:
+        (model in eval mode on `device`, LabelMap, the checkpoint's ExperimentSpec, 'ema'|'model').
+
+    Raises:
+        CheckpointError: missing/foreign file, or weights that do not fit the stored architecture.
+    """
+    from codetr.data import LabelMap
+    from codetr.model.builder import build_model
+    from codetr.spec import spec_from_dict
+
+    ckpt = load_checkpoint(path)
+    meta = ckpt["codetr"]
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {meta['format_version']}; this codetr "
+                              f"reads up to {FORMAT_VERSION}: upgrade codetr")
+    spec = spec_from_dict(meta["spec"], origin=f"{path} (stored spec)")
+    label_map = LabelMap.from_dict(meta["label_map"])
+    model = build_model(spec, label_map.num_classes, load_pretrained_backbone=False)
+    state, which = model_state_dict(ckpt)
+    require_same_architecture(model, state, str(path))
+    model.load_state_dict(state)
+    return model.to(device).eval(), label_map, spec, which

@@ -130,3 +130,22 @@ def ensure_writable_dir(path: str, what: str) -> None:
     except OSError as err:
         raise PermissionError(f"the {what} {path} is not writable ({err.strerror or err}); "
                               "set results_dir to a writable folder") from None
+
+
+def eval_device(num_gpus: int, gpu_ids: Sequence[int], task: str) -> tuple[torch.device, List[str]]:
+    """The one device evaluate/inference run on: the first of `gpu_ids`, or the CPU without GPU.
+
+    Returns:
+        (device, notices).
+    """
+    notices: List[str] = []
+    if torch.cuda.device_count() == 0:
+        notices.append(f"No GPU found: {task} runs on the CPU.")
+        return torch.device("cpu"), notices
+    index = gpu_ids[0] if gpu_ids else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"{task}.gpu_ids {list(gpu_ids)}: GPU {index} does not exist "
+                         f"({torch.cuda.device_count()} GPU(s))")
+    if num_gpus > 1:
+        notices.append(f"{task} runs in one process: using GPU {index} of {task}.gpu_ids.")
+    return torch.device("cuda", index), notices

@@ -1,0 +1,178 @@
+"""`codetr inference`: KITTI labels and annotated images for `dataset.infer_data_sources`.
+
+Writes to `<results_dir>/inference` (`spec.task_results_dir("inference")`):
+
+- `labels/<relative path>.txt`: one KITTI line per detection (see `codetr.tasks.kitti`; class
+  names with spaces are written with underscores);
+- `images_annotated/<relative path>.jpg` when `save_annotated_images`.
+
+`<relative path>` is the image's path under its input folder (prefixed by the folder's index when
+several folders are given), with the extension dropped and each component reduced to
+`[A-Za-z0-9._-]`, so outputs stay inside the results folder whatever the file names; two images
+that reduce to one name get `_1`, `_2`... suffixes.
+
+Class names come from the checkpoint's label map (a given `infer_data_sources.classmap` must
+list the same names). `category_mapping` folds classes into output groups (detections of
+classes outside every group are dropped) and, with `model.soft_nms_enabled`, runs soft-NMS per
+group. `conf_threshold` applies to the final scores.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path, PurePath
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import torch
+from PIL import Image, ImageOps
+
+from codetr.data import build_collator, build_dataloader, build_infer_dataset, read_classmap
+from codetr.data.labels import LabelMap
+from codetr.fileio import atomic_write_bytes, atomic_write_text
+from codetr.postprocess.soft_nms import batched_soft_nms
+from codetr.spec import ExperimentSpec, SpecError
+from codetr.spec.schema import ModelConfig
+from codetr.tasks.checkpoint import restore_detector
+from codetr.tasks.draw import class_colors, draw_detections
+from codetr.tasks.evaluate import input_size
+from codetr.tasks.kitti import format_kitti_line, kitti_text, safe_relative_path
+from codetr.tasks.runtime import ensure_writable_dir, eval_device
+
+
+class CategoryGrouping:
+    """`inference.category_mapping`: model labels -> output group index, and the group names.
+
+    Without a mapping every class is its own group (named as the class).
+
+    Raises:
+        SpecError: a mapping names an unknown class or puts one class in two groups.
+    """
+
+    def __init__(self, label_map: LabelMap, mapping: Mapping[str, Sequence[str]]) -> None:
+        self.num_classes = label_map.num_classes
+        labels = [lab for lab in range(label_map.num_classes) if label_map.has_label(lab)]
+        by_name = {label_map.name(lab): lab for lab in labels}
+        self.group_of: Dict[int, int] = {}
+        if not mapping:
+            self.names = [label_map.name(lab) for lab in labels]
+            self.group_of = {lab: i for i, lab in enumerate(labels)}
+            return
+        self.names = list(mapping)
+        for g, (group, members) in enumerate(mapping.items()):
+            for member in members:
+                if member not in by_name:
+                    raise SpecError(f"inference.category_mapping.{group}: '{member}' is not a class "
+                                    f"of the model; classes are: {', '.join(by_name)}")
+                if by_name[member] in self.group_of:
+                    raise SpecError(f"inference.category_mapping: '{member}' is in two groups")
+                self.group_of[by_name[member]] = g
+
+    def apply(self, scores: torch.Tensor, labels: torch.Tensor,
+              boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keeps detections whose label has a group; returns (scores, group indices, boxes)."""
+        lut = torch.full((self.num_classes,), -1, dtype=torch.int64)
+        for lab, g in self.group_of.items():
+            lut[lab] = g
+        groups = lut[labels.cpu().clamp(0, self.num_classes - 1)]
+        keep = groups >= 0
+        return scores.cpu()[keep], groups[keep], boxes.cpu()[keep]
+
+
+def check_classmap(label_map: LabelMap, classmap: Optional[str]) -> None:
+    """A given classmap must list the checkpoint's class names, in the same order."""
+    if not classmap:
+        return
+    names = read_classmap(classmap)
+    if list(names) != list(label_map.names):
+        raise SpecError(f"dataset.infer_data_sources.classmap {classmap} lists {names}, but the "
+                        f"checkpoint was trained with classes {list(label_map.names)} (in category "
+                        "id order); fix the classmap or leave it null to use the checkpoint's names")
+
+
+def select(scores: torch.Tensor, groups: torch.Tensor, boxes: torch.Tensor, model: ModelConfig,
+           conf_threshold: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group soft-NMS (when `model.soft_nms_enabled`), then the confidence threshold."""
+    if model.soft_nms_enabled and len(scores):
+        keep, scores = batched_soft_nms(boxes, scores, groups, model.soft_nms_method,
+                                        model.soft_nms_iou_threshold, model.soft_nms_sigma)
+        groups, boxes = groups[keep], boxes[keep]
+    keep = scores >= conf_threshold
+    return scores[keep], groups[keep], boxes[keep]
+
+
+class OutputPaths:
+    """Unique, contained relative output paths (see the module docstring)."""
+
+    def __init__(self, roots: Sequence[str]) -> None:
+        self.prefix = {str(r): [str(i)] if len(roots) > 1 else [] for i, r in enumerate(roots)}
+        self.used: Set[PurePath] = set()
+
+    def stem_path(self, root: str, relative: str) -> PurePath:
+        """The output path without extension of the image `relative` under `root`."""
+        base = safe_relative_path(Path(root) / relative, Path(root), "", self.prefix.get(root, []))
+        path, n = base, 0
+        while path in self.used:
+            n += 1
+            path = base.with_name(f"{base.name}_{n}")
+        self.used.add(path)
+        return path
+
+
+def run(spec: ExperimentSpec) -> int:
+    """Runs inference with `inference.checkpoint`; returns the exit status (0)."""
+    from codetr.model.builder import build_postprocess
+
+    cfg = spec.inference
+    if not cfg.checkpoint:
+        raise SpecError("inference.checkpoint is required: the .pth to run, e.g. "
+                        "inference.checkpoint=<results_dir>/train/codetr_model.pth")
+    infer = spec.dataset.infer_data_sources
+    if infer is None or not infer.image_dir:
+        raise SpecError("dataset.infer_data_sources.image_dir is required (a folder or a list)")
+    out_dir = spec.task_results_dir("inference")
+    ensure_writable_dir(out_dir, "inference results directory")
+    device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "inference")
+    for notice in notices:
+        print(notice)
+    model, label_map, _, which = restore_detector(cfg.checkpoint, device)
+    check_classmap(label_map, infer.classmap)
+    grouping = CategoryGrouping(label_map, cfg.category_mapping)
+    colors = class_colors(grouping.names, cfg.color_map)
+    size = input_size(cfg.input_width, cfg.input_height)
+    dataset = build_infer_dataset(spec, size)
+    loader = build_dataloader(dataset, batch_size=spec.dataset.batch_size,
+                              workers=spec.dataset.workers, shuffle=False,
+                              collate_fn=build_collator(spec, "test", size).images)
+    postprocess = build_postprocess(spec).to(device)
+    paths = OutputPaths(list(dict.fromkeys(root for root, _ in dataset.items)))
+    count = 0
+    with torch.no_grad():
+        for batch in loader:
+            batch = batch.to(device)
+            outputs = model(batch.images, batch.masks)
+            orig_sizes = torch.stack([m["orig_size"] for m in batch.metas]).to(device)
+            for meta, det in zip(batch.metas, postprocess(outputs, orig_sizes)):
+                scores, groups, boxes = select(*grouping.apply(det["scores"], det["labels"], det["boxes"]),
+                                               spec.model, cfg.conf_threshold)
+                names = [grouping.names[g] for g in groups.tolist()]
+                stem = paths.stem_path(meta["root"], meta["relative_path"])
+                atomic_write_text(os.path.join(out_dir, "labels", f"{stem}.txt"), kitti_text(
+                    format_kitti_line(n, b.tolist(), s) for n, b, s in zip(names, boxes, scores.tolist())))
+                if cfg.save_annotated_images:
+                    _save_annotated(meta["path"], os.path.join(out_dir, "images_annotated", f"{stem}.jpg"),
+                                    boxes.tolist(), names, scores.tolist(), colors, cfg.outline_width)
+                count += 1
+    print(f"inference ({'EMA' if which == 'ema' else 'model'} weights) on {count} images: "
+          f"results written to {out_dir}")
+    return 0
+
+
+def _save_annotated(src: str, dst: str, boxes: List[List[float]], names: List[str],
+                    scores: List[float], colors, outline_width: int) -> None:
+    with Image.open(src) as image:
+        # Boxes are in the displayed (EXIF-rotated) frame, as the data loader decodes it.
+        drawn = draw_detections(ImageOps.exif_transpose(image), boxes, names, scores, colors,
+                                outline_width)
+    buf = io.BytesIO()
+    drawn.save(buf, format="JPEG", quality=90)
+    atomic_write_bytes(dst, buf.getvalue())

@@ -1,0 +1,164 @@
+"""Train -> evaluate -> inference with a tiny Co-DETR on tiny generated images (in-process)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from codetr.data.synthetic import generate
+from codetr.spec import SpecError, spec_from_dict
+from codetr.tasks import evaluate, inference, train
+from codetr.tasks.checkpoint import CheckpointError, restore_detector
+from codetr.tasks.coco_eval import STAT_NAMES
+from codetr.tasks.kitti import parse_kitti_line
+
+CATEGORY_IDS = {3, 7, 11, 20}  # the synthetic shapes' (non-contiguous) ids
+
+
+def tiny_spec_dict(data: Path, results: Path, **train_options) -> dict:
+    """A ~0.8M-parameter Co-DETR (efficientvit_b0, hidden 32, 1+1 layers, 10 queries), 64 px."""
+    def src(split):
+        return {"image_dir": str(data / split / "images"), "json_file": str(data / split / "annotations.json")}
+    return {
+        "results_dir": str(results),
+        "model": {"backbone": "efficientvit_b0", "num_feature_levels": 2, "return_interm_indices": [2, 3],
+                  "hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 1, "num_queries": 10,
+                  "dim_feedforward": 64, "dec_n_points": 2, "enc_n_points": 2, "num_select": 20,
+                  "dn_number": 4, "num_co_heads": 1, "co_head_num_convs": 1},
+        "dataset": {"train_data_sources": [src("train")], "val_data_sources": [src("val")],
+                    "test_data_sources": src("test"),
+                    "infer_data_sources": {"image_dir": str(data / "test" / "images")},
+                    "num_classes": 21, "contiguous_labels": False, "batch_size": 2, "workers": 0,
+                    "augmentation": {"scales": [64], "train_random_resize": [64], "train_random_crop_min": 48,
+                                     "train_random_crop_max": 64, "random_resize_max_size": 64,
+                                     "test_random_resize": 64, "fixed_padding": False}},
+        "train": {"num_epochs": 2, "activation_checkpoint": False,
+                  "optim": {"lr": 1e-3, "lr_backbone": 1e-4, "lr_steps": [1], "warmup_steps": 1},
+                  **train_options},
+        "evaluate": {"checkpoint": str(results / "train" / "codetr_model.pth")},
+        "inference": {"checkpoint": str(results / "train" / "codetr_model.pth"), "conf_threshold": 0.0,
+                      "input_width": 64, "input_height": 64},
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    generate(root, num_train=4, num_val=2, num_test=2, image_size=64, seed=0, max_objects=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """One 2-epoch EMA training run shared by the tests of this file (cwd outside any git repo,
+    where DVCLive logs without initialising a DVC repository)."""
+    results = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(results)
+        spec = spec_from_dict(tiny_spec_dict(data, results, enable_ema=True, ema={"decay": 0.5}))
+        assert train.run(spec) == 0
+    return spec, results
+
+
+def test_training_outputs(trained):
+    spec, results = trained
+    out = results / "train"
+    names = {p.name for p in out.iterdir()}
+    assert {"model_epoch_000.pth", "model_epoch_001.pth", "last.pth", "codetr_model.pth",
+            "experiment_spec.yaml", "dvclive"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    for path in out.glob("*.pth"):
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["codetr"]["label_map"]["category_ids"] == sorted(CATEGORY_IDS)
+        assert ckpt["codetr"]["spec"]["model"]["hidden_dim"] == 32 and "ema" in ckpt and "rng" in ckpt
+    final = torch.load(out / "codetr_model.pth", weights_only=True)
+    assert final["epoch"] == 1 and final["global_step"] == 4
+    metrics = json.loads((out / "dvclive" / "metrics.json").read_text())
+    assert set(STAT_NAMES) <= set(metrics["val"]) and metrics["epoch"] == 1
+    assert (out / "dvclive" / "plots" / "metrics" / "val" / "AP.tsv").read_text().count("\n") == 3
+
+
+def test_ema_weights_differ_and_are_evaluated(trained):
+    _, results = trained
+    path = results / "train" / "codetr_model.pth"
+    ckpt = torch.load(path, weights_only=True)
+    raw = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    ema = ckpt["ema"]["state_dict"]
+    assert ckpt["ema"]["updates"] == 4 and set(ema) == set(raw)
+    differ = [k for k, v in raw.items() if v.is_floating_point() and not torch.equal(v, ema[k])]
+    assert len(differ) > len(raw) // 2
+    model, label_map, stored_spec, which = restore_detector(path)
+    assert which == "ema" and stored_spec.model.hidden_dim == 32
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    assert label_map.name(label_map.label(7)) == "square"
+
+
+def test_evaluate_writes_metrics(trained, data):
+    spec, results = trained
+    assert evaluate.run(spec) == 0
+    out = results / "evaluate"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(-1.0 <= metrics[k] <= 1.0 for k in STAT_NAMES)
+    assert {c["name"] for c in metrics["per_class"]} <= {"circle", "square", "triangle", "cross"}
+    dets = json.loads((out / "detections.json").read_text())
+    assert dets and {d["category_id"] for d in dets} <= CATEGORY_IDS
+    gt_ids = {im["id"] for im in json.loads((data / "test" / "annotations.json").read_text())["images"]}
+    assert {d["image_id"] for d in dets} == gt_ids
+    assert all(len(d["bbox"]) == 4 and d["bbox"][2] >= 0 for d in dets)
+    pr = (out / "pr_curve.csv").read_text().splitlines()
+    assert pr[0] == "recall,precision" and len(pr) == 102
+    assert (out / "per_class_ap.csv").read_text().startswith("name,AP,AP50\n")
+
+
+def test_inference_writes_kitti_and_images(trained, data, tmp_path):
+    spec, results = trained
+    images = tmp_path / "in"
+    (images / "sub dir").mkdir(parents=True)
+    src = sorted((data / "test" / "images").glob("*.jpg"))
+    Image.open(src[0]).save(images / "sub dir" / "..odd name (1).jpg")
+    Image.open(src[1]).save(images / "a b.png")
+    Image.open(src[1]).save(images / "a_b.jpg")  # reduces to the same stem as 'a b.png'
+    d = tiny_spec_dict(data, results)
+    d["dataset"]["infer_data_sources"] = {"image_dir": [str(images)]}
+    d["inference"].update(color_map={"square": "#00ff00"}, outline_width=2, results_dir=str(tmp_path / "inf"))
+    assert inference.run(spec_from_dict(d)) == 0
+    labels = sorted(p.relative_to(tmp_path / "inf" / "labels").as_posix()
+                    for p in (tmp_path / "inf" / "labels").rglob("*.txt"))
+    assert labels == ["a_b.txt", "a_b_1.txt", "sub_dir/..odd_name__1_.txt"]
+    lines = [ln for p in (tmp_path / "inf" / "labels").rglob("*.txt") for ln in p.read_text().splitlines()]
+    assert lines
+    for line in lines:
+        obj = parse_kitti_line(line)
+        assert obj.name in {"circle", "square", "triangle", "cross"} and 0 <= obj.score <= 1
+        assert 0 <= obj.box_xyxy[0] <= obj.box_xyxy[2] <= 64
+    annotated = list((tmp_path / "inf" / "images_annotated").rglob("*.jpg"))
+    assert len(annotated) == 3 and all(Image.open(p).size == (64, 64) for p in annotated)
+    # category_mapping: fold into one group, drop the rest.
+    d["inference"].update(category_mapping={"shape": ["square", "circle"]}, color_map={},
+                          save_annotated_images=False, results_dir=str(tmp_path / "grouped"))
+    d["model"]["soft_nms_enabled"] = True
+    assert inference.run(spec_from_dict(d)) == 0
+    grouped = [ln for p in (tmp_path / "grouped" / "labels").rglob("*.txt") for ln in p.read_text().splitlines()]
+    assert {parse_kitti_line(ln).name for ln in grouped} <= {"shape"}
+    assert not (tmp_path / "grouped" / "images_annotated").exists()
+
+
+def test_task_errors(trained, data, tmp_path):
+    spec, results = trained
+    d = tiny_spec_dict(data, results)
+    d["evaluate"]["checkpoint"] = None
+    with pytest.raises(SpecError, match="evaluate.checkpoint is required"):
+        evaluate.run(spec_from_dict(d))
+    d["evaluate"]["checkpoint"] = str(tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        evaluate.run(spec_from_dict(d))
+    (tmp_path / "classmap.txt").write_text("square\ncircle\ntriangle\ncross\n")
+    d["dataset"]["infer_data_sources"]["classmap"] = str(tmp_path / "classmap.txt")
+    with pytest.raises(SpecError, match="classmap"):
+        inference.run(spec_from_dict(d))
+    (tmp_path / "file").write_text("x")
+    d["results_dir"] = str(tmp_path / "file" / "sub")
+    with pytest.raises(PermissionError, match="not writable"):
+        train.run(spec_from_dict(d))
