@@ -9,6 +9,7 @@ about 2 pixels of each level, as after the offsets' bias init; attention is soft
 Prints milliseconds per iteration for forward and forward+backward of every path that runs
 on the device (reference ``pytorch``, gather ``cpu``, ``triton`` on CUDA only), the ratio
 against the reference measured in the same run, and each path's max abs difference from it.
+On CPU with one thread the clock is the process's CPU time (robust to other jobs).
 
     python bench/msda.py [--quick] [--threads 1] [--device cpu|cuda]
 """
@@ -49,23 +50,23 @@ def make_inputs(image_size: int, num_heads: int, head_dim: int, num_points: int,
     return value, shapes, starts, loc, attn.view(1, num_keys, num_heads, num_levels, num_points)
 
 
-def time_ms(step: Callable[[], None], iters: int, device: str) -> float:
-    """Median wall milliseconds of ``step`` over ``iters`` runs after one warm-up."""
+def time_ms(step: Callable[[], None], iters: int, device: str, clock: Callable[[], float]) -> float:
+    """Median milliseconds of ``step`` on ``clock`` over ``iters`` runs after one warm-up."""
     step()
     times = []
     for _ in range(iters):
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((clock() - start) * 1e3)
     return statistics.median(times)
 
 
 def bench_path(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: Tensor, iters: int,
-               device: str) -> tuple[float, float, Tensor]:
+               device: str, clock: Callable[[], float]) -> tuple[float, float, Tensor]:
     """(forward ms, forward+backward ms, output) of one path."""
     value, shapes, starts, loc, attn = inputs
     leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
@@ -81,7 +82,7 @@ def bench_path(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: 
         out.backward(grad_out)
 
     out = fn(value, shapes, starts, loc, attn)
-    return time_ms(forward, iters, device), time_ms(forward_backward, iters, device), out
+    return time_ms(forward, iters, device, clock), time_ms(forward_backward, iters, device, clock), out
 
 
 def main() -> None:
@@ -92,6 +93,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # One CPU thread: process CPU time is the latency without the time other jobs on a
+    # shared machine take the core away; otherwise wall clock.
+    single_cpu = args.device == "cpu" and args.threads == 1
+    clock, clock_name = (time.process_time, "process CPU time") if single_cpu else (time.perf_counter, "wall clock")
     image_size = 256 if args.quick else 512
     inputs = make_inputs(image_size, num_heads=8, head_dim=32, num_points=4, device=args.device)
     num_queries = inputs[0].shape[1]
@@ -103,11 +108,12 @@ def main() -> None:
     if args.device == "cuda" and triton_available():
         paths["triton"] = multi_scale_deformable_attention_triton
     print(f"msda bench: image {image_size}^2, strides {STRIDES}, Nq = Nk = {num_queries}, H 8, D 32, L 5, P 4, "
-          f"batch 1, device {args.device}, threads {args.threads}, torch {torch.__version__}")
+          f"batch 1, device {args.device}, threads {args.threads}, torch {torch.__version__}, "
+          f"median of {args.iters} on {clock_name}")
     print(f"{'path':<8} {'fwd ms':>9} {'fwd x':>7} {'fwd+bwd ms':>11} {'fwd+bwd x':>10} {'max|diff|':>10}")
     results: dict[str, tuple[float, float, Tensor]] = {}
     for name, fn in paths.items():
-        results[name] = bench_path(fn, inputs, grad_out, args.iters, args.device)
+        results[name] = bench_path(fn, inputs, grad_out, args.iters, args.device, clock)
         fwd, fwd_bwd, out = results[name]
         ref_fwd, ref_fwd_bwd, ref_out = results["pytorch"]
         diff = (out.float() - ref_out.float()).abs().max().item()

@@ -93,7 +93,8 @@ def test_queries_from_the_head_sit_on_positive_locations():
         centre = torch.rand(3, 2) * 0.6 + 0.2
         wh = torch.rand(3, 2) * 0.3 + 0.1
         targets.append({"boxes": torch.cat([centre, wh], dim=1),
-                        "labels": torch.randint(0, NUM_CLASSES, (3,)), "size": torch.tensor([h, w])})
+                        "labels": torch.randint(0, NUM_CLASSES, (3,)),
+                        "size": torch.tensor([h, w])})
     _, positives = head.loss_and_positives(feats, strides, targets)
     boxes, query_targets = build_positive_queries(positives, sizes, NUM_CLASSES)
     for i, (h, w) in enumerate(sizes.tolist()):

@@ -53,7 +53,7 @@ def test_soft_nms_matches_python_loop(method, iou_threshold, sigma):
     assert keep.tolist() == ref_keep
     torch.testing.assert_close(new_scores, torch.tensor(ref_scores, dtype=torch.float64))
     assert (new_scores[1:] <= new_scores[:-1]).all()
-    assert len(keep) < 40  # the crowded boxes do decay below the threshold
+    assert (new_scores < scores[keep] - 1e-9).any()  # the crowded boxes do decay
 
 
 @pytest.mark.parametrize("method", ["linear", "gaussian"])

@@ -72,8 +72,8 @@ def test_training_outputs(trained):
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["codetr"]["label_map"]["category_ids"] == sorted(CATEGORY_IDS)
         assert ckpt["codetr"]["spec"]["model"]["hidden_dim"] == 32 and "ema" in ckpt and "rng" in ckpt
-    final = torch.load(out / "codetr_model.pth", weights_only=True)
-    assert final["epoch"] == 1 and final["global_step"] == 4
+    assert torch.load(out / "model_epoch_001.pth", weights_only=True)["epoch"] == 1
+    assert torch.load(out / "codetr_model.pth", weights_only=True)["global_step"] == 4  # 2 x 2 steps
     metrics = json.loads((out / "dvclive" / "metrics.json").read_text())
     assert set(STAT_NAMES) <= set(metrics["val"]) and metrics["epoch"] == 1
     assert (out / "dvclive" / "plots" / "metrics" / "val" / "AP.tsv").read_text().count("\n") == 3
@@ -117,7 +117,7 @@ def test_inference_writes_kitti_and_images(trained, data, tmp_path):
     images = tmp_path / "in"
     (images / "sub dir").mkdir(parents=True)
     src = sorted((data / "test" / "images").glob("*.jpg"))
-    Image.open(src[0]).save(images / "sub dir" / "..odd name (1).jpg")
+    Image.open(src[0]).save(images / "sub dir" / "ü odd name (1).jpg")
     Image.open(src[1]).save(images / "a b.png")
     Image.open(src[1]).save(images / "a_b.jpg")  # reduces to the same stem as 'a b.png'
     d = tiny_spec_dict(data, results)
@@ -126,7 +126,7 @@ def test_inference_writes_kitti_and_images(trained, data, tmp_path):
     assert inference.run(spec_from_dict(d)) == 0
     labels = sorted(p.relative_to(tmp_path / "inf" / "labels").as_posix()
                     for p in (tmp_path / "inf" / "labels").rglob("*.txt"))
-    assert labels == ["a_b.txt", "a_b_1.txt", "sub_dir/..odd_name__1_.txt"]
+    assert labels == ["a_b.txt", "a_b_1.txt", "sub_dir/_odd_name_1_.txt"]
     lines = [ln for p in (tmp_path / "inf" / "labels").rglob("*.txt") for ln in p.read_text().splitlines()]
     assert lines
     for line in lines:
@@ -162,3 +162,81 @@ def test_task_errors(trained, data, tmp_path):
     d["results_dir"] = str(tmp_path / "file" / "sub")
     with pytest.raises(PermissionError, match="not writable"):
         train.run(spec_from_dict(d))
+
+
+def _params_only(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_explicit_resume_and_architecture_mismatch(trained, data, tmp_path, monkeypatch):
+    _, results = trained
+    monkeypatch.chdir(tmp_path)
+    first = results / "train" / "model_epoch_000.pth"
+    d = tiny_spec_dict(data, tmp_path / "r", resume_training_checkpoint_path=str(first),
+                       enable_ema=True, ema={"decay": 0.5})
+    assert train.run(spec_from_dict(d)) == 0
+    out = tmp_path / "r" / "train"
+    assert not (out / "model_epoch_000.pth").exists()  # epoch 0 came from the checkpoint
+    last = torch.load(out / "model_epoch_001.pth", weights_only=True)
+    assert last["global_step"] == 4 and last["ema"]["updates"] == 4
+    d["model"]["hidden_dim"] = 64
+    with pytest.raises(CheckpointError, match="another architecture"):
+        train.run(spec_from_dict(d))
+
+
+def test_pretrained_other_num_classes_freeze_bf16(trained, data, tmp_path, monkeypatch, capsys):
+    _, results = trained
+    monkeypatch.chdir(tmp_path)
+    pretrained = results / "train" / "codetr_model.pth"
+    d = tiny_spec_dict(data, tmp_path / "p", pretrained_model_path=str(pretrained),
+                       freeze=["backbone"], precision="bf16", num_epochs=1)
+    d["dataset"].update(num_classes=4, contiguous_labels=True)
+    assert train.run(spec_from_dict(d)) == 0
+    printed = capsys.readouterr().out
+    assert "shape mismatch, skipped" in printed and "frozen: backbone" in printed
+    source = torch.load(pretrained, weights_only=True)["ema"]["state_dict"]  # EMA weights are used
+    final = torch.load(tmp_path / "p" / "train" / "codetr_model.pth", weights_only=True)["state_dict"]
+    final = {k[len("model."):]: v for k, v in final.items() if k.startswith("model.")}
+    backbone = [k for k in _params_only(final) if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(final[k], source[k]) for k in backbone)  # frozen
+    heads = [k for k, v in final.items() if source[k].shape != v.shape]
+    assert heads and all(final[k].shape[0] == 4 for k in heads if final[k].dim() >= 1)
+    trained_keys = [k for k in _params_only(final) if not k.startswith("backbone.") and k not in heads]
+    assert any(not torch.equal(final[k], source[k]) for k in trained_keys)  # the rest trained
+
+
+class NaNCriterion(torch.nn.Module):
+    """The real criterion with one term turned into NaN."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, outputs, targets):
+        terms = self.inner(outputs, targets)
+        terms["loss_bbox"] = terms["loss_bbox"] * float("nan")
+        return terms
+
+
+def test_nan_loss_stops_with_the_terms(data, tmp_path, monkeypatch):
+    from codetr.data import build_label_map
+    from codetr.model.builder import build_criterion, build_model, build_postprocess
+    from codetr.tasks.datamodule import CoDETRDataModule
+    from codetr.tasks.module import NonFiniteLossError
+    from codetr.tasks.runtime import resolve_runtime
+
+    monkeypatch.chdir(tmp_path)
+    spec = spec_from_dict(tiny_spec_dict(data, tmp_path))
+    label_map = build_label_map(spec)
+    runtime = resolve_runtime(1, [0], 1, "fp32", "ddp")
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 0 .*loss_bbox=nan"):
+        train.fit(spec, build_model(spec, 21), NaNCriterion(build_criterion(spec, 21)),
+                  build_postprocess(spec), CoDETRDataModule(spec, label_map), label_map, runtime,
+                  str(tmp_path / "train"))
+    assert not list((tmp_path / "train").glob("*.pth")) and not list((tmp_path / "train").glob(".*tmp"))
+
+
+def test_dry_run_writes_nothing(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train.run(spec_from_dict(tiny_spec_dict(data, tmp_path / "dry", is_dry_run=True))) == 0
+    assert not (tmp_path / "dry").exists() and "dry run" in capsys.readouterr().out

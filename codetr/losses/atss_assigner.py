@@ -82,11 +82,12 @@ def atss_assign(anchors_xyxy: Tensor, num_anchors_per_level: Sequence[int],
     # fewer than k valid anchors, which `k` below excludes.
     distances = distances.masked_fill(~valid[:, None], float("inf"))
 
+    # One host sync for all levels' valid counts.
+    valid_counts = torch.stack([v.sum() for v in valid.split(list(num_anchors_per_level))])
     candidates = []
     start = 0
-    for level_count, level_valid in zip(num_anchors_per_level,
-                                        valid.split(list(num_anchors_per_level))):
-        k = min(topk, int(level_valid.sum()))
+    for level_count, level_valid_count in zip(num_anchors_per_level, valid_counts.tolist()):
+        k = min(topk, level_valid_count)
         if k > 0:
             level_dist = distances[start:start + level_count]
             candidates.append(level_dist.topk(k, dim=0, largest=False).indices + start)

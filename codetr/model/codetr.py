@@ -25,6 +25,9 @@ from codetr.model.position_encoding import PositionEmbeddingSine
 from codetr.model.positive_queries import build_positive_queries
 from codetr.model.query_head import QueryHead
 
+# Relative weights of the ATSS terms (mmdet's ATSS config: GIoU x2), times co_head_loss_weight.
+ATSS_TERM_WEIGHTS = {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_centerness": 1.0}
+
 
 class CoDETR(nn.Module):
     """Co-DETR with a DINO query head and `len(bbox_head)` collaborative ATSS heads.
@@ -85,7 +88,7 @@ class CoDETR(nn.Module):
         for k, head in enumerate(self.bbox_head):
             losses, positives = head.loss_and_positives(maps, strides, targets, focal_alpha=self.focal_alpha)
             for name, value in losses.items():
-                co_losses[f"{name}_co{k}"] = value * self.co_head_loss_weight
+                co_losses[f"{name}_co{k}"] = value * ATSS_TERM_WEIGHTS[name] * self.co_head_loss_weight
             pos_boxes, pos_targets = build_positive_queries(positives, sizes, self.query_head.num_classes)
             layers = self.query_head.forward_positive(memory, pos_boxes, k)
             pos_outputs.append({"layers": layers, "targets": pos_targets})

@@ -84,9 +84,9 @@ class CoDETRModule(L.LightningModule):
         if self.trainer.world_size > 1:  # every rank must stop, or the others wait forever
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise NonFiniteLossError(
-                f"the training loss is {float(loss):.4g} at step {self.global_step} (epoch "
+                f"the training loss is {float(loss.detach()):.4g} at step {self.global_step} (epoch "
                 f"{self.current_epoch}); loss terms: {shown}. Try a lower train.optim.lr, "
                 "train.optim.warmup_steps, train.clip_grad_norm > 0 or precision fp32.")
 

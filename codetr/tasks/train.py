@@ -115,7 +115,8 @@ def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postproces
     if dry:
         _info("dry run: the spec, data, model and 2 train/val batches work; nothing was written")
         return 0
-    trainer.save_checkpoint(os.path.join(train_dir, FINAL))
+    # weights_only=False: the full state (optimizer, loops), so the final file can resume too.
+    trainer.save_checkpoint(os.path.join(train_dir, FINAL), weights_only=False)
     if module.last_val_metrics:
         _info("last validation: " + ", ".join(f"{k} {v:.4f}" for k, v in module.last_val_metrics.items()))
     return 0

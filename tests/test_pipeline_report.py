@@ -1,0 +1,115 @@
+"""Stage `report`: self-contained HTML, markdown summary, robustness to missing inputs."""
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import report
+from pipeline.prepare import run as prepare_run
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    """Stage outputs shaped like the real ones, with random values."""
+    rng = np.random.default_rng(7)
+    prepare_run({"source": "synthetic", "synthetic": {"num_train": 6, "num_val": 3, "num_test": 5,
+                                                      "image_size": 64, "seed": 2}}, tmp_path / "data")
+    names = ["circle", "square", "triangle", "cross"]
+    ev = tmp_path / "results" / "evaluate"
+    ev.mkdir(parents=True)
+    metrics = {k: float(rng.uniform(0.1, 0.9)) for k in report.METRIC_KEYS}
+    metrics["APl"] = -1.0  # COCO's "undefined"
+    metrics["per_class"] = [{"category_id": i, "name": n, "AP": float(rng.uniform()),
+                             "AP50": float(rng.uniform())} for i, n in zip((3, 7, 11, 20), names)]
+    (ev / "metrics.json").write_text(json.dumps(metrics))
+    recall = np.linspace(0, 1, 101)
+    precision = np.sort(rng.uniform(0, 1, 101))[::-1]
+    (ev / "pr_curve.csv").write_text("recall,precision\n" + "".join(
+        f"{r:.2f},{p:.6f}\n" for r, p in zip(recall, precision)))
+    (ev / "per_class_ap.csv").write_text("name,AP,AP50\n" + "".join(
+        f"{c['name']},{c['AP']:.6f},{c['AP50']:.6f}\n" for c in metrics["per_class"]))
+    live = tmp_path / "results" / "train" / "dvclive" / "plots" / "metrics"
+    (live / "train").mkdir(parents=True)
+    (live / "val").mkdir()
+    steps = np.arange(1, 41)
+    (live / "train" / "loss.tsv").write_text("timestamp\tstep\tloss\n" + "".join(
+        f"0\t{s}\t{v:.4f}\n" for s, v in zip(steps, 30 * np.exp(-steps / 20) + rng.uniform(0, 1, 40))))
+    (live / "epoch.tsv").write_text("step\tepoch\n" + "".join(
+        f"{s}\t{(s - 1) // 10}\n" for s in steps))
+    (live / "val" / "AP.tsv").write_text("step\tAP\n" + "".join(
+        f"{s}\t{v:.4f}\n" for s, v in zip(steps[::10], np.linspace(0.1, 0.6, 4))))
+    ann = tmp_path / "results" / "inference" / "images_annotated"
+    ann.mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(ann / f"im{i}.jpg")
+    params = tmp_path / "params.yaml"
+    params.write_text("report:\n  title: Test <run>\n  max_images: 3\n  columns: 2\n"
+                      "backbone:\n  source: https://example.com/w.pth\n")
+    return tmp_path, metrics
+
+
+def _run(root):
+    return report.run(root / "params.yaml", root / "data", root / "results" / "train",
+                      root / "results" / "evaluate", root / "results" / "inference",
+                      root / "results" / "report")
+
+
+def test_html_is_self_contained_with_every_section(outputs):
+    root, metrics = outputs
+    _run(root)
+    page = (root / "results" / "report" / "report.html").read_text()
+    assert not re.search(r"<script|<link|src=['\"]https?:", page)  # nothing loaded from outside
+    assert "Test &lt;run&gt;" in page and "https://example.com/w.pth" in page  # escaped params
+    images = re.findall(r"src='data:(image/\w+);base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == 5  # per-class AP, PR curve, loss, mAP, predictions grid
+    for mime, data in images:
+        img = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert img.format == {"image/png": "PNG", "image/jpeg": "JPEG"}[mime] and min(img.size) > 100
+    assert f"{metrics['AP']:.3f}" in page and "n/a" in page  # APl = -1 shown as n/a
+    assert "not available" not in page
+    assert "3 of 5 annotated images" in page
+
+
+def test_markdown_summary_and_figure_files(outputs):
+    root, metrics = outputs
+    written = _run(root)
+    out = root / "results" / "report"
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "loss.png", "map.png", "per_class_ap.png", "pr_curve.png", "predictions.jpg"]
+    assert set(written) == set((out / "figures").iterdir()) | {out / "report.html", out / "report.md"}
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Test <run>")
+    assert f"| {metrics['AP']:.3f} |" in md
+    for c in metrics["per_class"]:
+        assert f"| {c['name']} | {c['AP']:.3f} | {c['AP50']:.3f} |" in md
+    for fig in ("per_class_ap.png", "pr_curve.png", "loss.png", "map.png", "predictions.jpg"):
+        assert f"(figures/{fig})" in md
+    with Image.open(out / "figures" / "predictions.jpg") as grid:
+        assert grid.size == (2 * 256, 2 * 256)  # 3 images in 2 columns
+
+
+def test_missing_inputs_give_notes_not_failures(tmp_path):
+    (tmp_path / "params.yaml").write_text("report: {}\n")
+    report.run(tmp_path / "params.yaml", tmp_path / "no-data", tmp_path / "no-train",
+               tmp_path / "no-eval", tmp_path / "no-inf", tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("not available") == len(report.SECTIONS)
+    assert "codetr report" in page
+
+
+def test_dvclive_reader(outputs):
+    root, _ = outputs
+    live = report.read_dvclive(root / "results" / "train")
+    assert set(live) == {"", "train", "val"}
+    steps, values = live["val"]["AP"]
+    assert steps == [1.0, 11.0, 21.0, 31.0] and values[-1] == pytest.approx(0.6)
+    assert len(live["train"]["loss"][0]) == 40
+
+
+def test_validation_steps_map_to_completed_epochs():
+    epochs = ([1.0, 5.0, 10.0, 11.0, 20.0], [0.0, 0.0, 0.0, 1.0, 1.0])
+    assert report.steps_to_epochs(([10.0, 20.0], [0.3, 0.5]), epochs) == ([1.0, 2.0], [0.3, 0.5])
