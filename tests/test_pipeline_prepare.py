@@ -22,7 +22,8 @@ def _coco(path: Path) -> dict:
 def test_synthetic_layout_and_stats(tmp_path):
     stats = run({"source": "synthetic", "synthetic": SYN}, tmp_path / "data")
     out = tmp_path / "data"
-    assert sorted(p.name for p in out.iterdir()) == ["classmap.txt", "stats.json", "test", "train", "val"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classmap.txt", "stats.json", "test", "train", "val"]
     assert json.loads((out / "stats.json").read_text()) == stats
     assert (out / "classmap.txt").read_text().split() == ["circle", "square", "triangle"]
     for split, n in (("train", 20), ("val", 6), ("test", 4)):
@@ -32,7 +33,8 @@ def test_synthetic_layout_and_stats(tmp_path):
         assert s["boxes"] == len(coco["annotations"])
         names = {c["id"]: c["name"] for c in coco["categories"]}
         assert list(s["boxes_per_class"]) == ["circle", "square", "triangle"]
-        assert Counter(s["boxes_per_class"]) == Counter(names[a["category_id"]] for a in coco["annotations"])
+        counted = Counter(names[a["category_id"]] for a in coco["annotations"])
+        assert Counter(s["boxes_per_class"]) == counted
         assert s["empty_images"] == n - len({a["image_id"] for a in coco["annotations"]})
     assert [c["id"] for c in stats["categories"]] == [3, 7, 11]
     assert not list(tmp_path.glob(".data.tmp-*"))

@@ -218,22 +218,36 @@ class NaNCriterion(torch.nn.Module):
         return terms
 
 
-def test_nan_loss_stops_with_the_terms(data, tmp_path, monkeypatch):
+class OOMCriterion(torch.nn.Module):
+    """Fails like a GPU that ran out of memory."""
+
+    def forward(self, outputs, targets):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _fit_with(criterion_factory, data, tmp_path):
     from codetr.data import build_label_map
     from codetr.model.builder import build_criterion, build_model, build_postprocess
     from codetr.tasks.datamodule import CoDETRDataModule
-    from codetr.tasks.module import NonFiniteLossError
     from codetr.tasks.runtime import resolve_runtime
 
-    monkeypatch.chdir(tmp_path)
     spec = spec_from_dict(tiny_spec_dict(data, tmp_path))
     label_map = build_label_map(spec)
     runtime = resolve_runtime(1, [0], 1, "fp32", "ddp")
+    train.fit(spec, build_model(spec, 21), criterion_factory(build_criterion(spec, 21)),
+              build_postprocess(spec), CoDETRDataModule(spec, label_map), label_map, runtime,
+              str(tmp_path / "train"))
+
+
+def test_nan_loss_and_oom_stop_with_a_message(data, tmp_path, monkeypatch):
+    from codetr.tasks.module import NonFiniteLossError
+
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"nan at step 0 .*loss_bbox=nan"):
-        train.fit(spec, build_model(spec, 21), NaNCriterion(build_criterion(spec, 21)),
-                  build_postprocess(spec), CoDETRDataModule(spec, label_map), label_map, runtime,
-                  str(tmp_path / "train"))
+        _fit_with(NaNCriterion, data, tmp_path)
     assert not list((tmp_path / "train").glob("*.pth")) and not list((tmp_path / "train").glob(".*tmp"))
+    with pytest.raises(RuntimeError, match="out of memory.*batch_size.*activation_checkpoint"):
+        _fit_with(lambda _: OOMCriterion(), data, tmp_path)
 
 
 def test_dry_run_writes_nothing(data, tmp_path, monkeypatch, capsys):

@@ -129,9 +129,10 @@ def _clutter(rng: np.random.Generator, img: Image.Image, scale: float) -> None:
         draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
 
 
-def render_image(rng: np.random.Generator, image_size: int, classes: Sequence[str], max_objects: int,
-                 empty_prob: float, min_size: float, min_visible: float) -> Tuple[Image.Image, List[dict]]:
-    """Draws one image.
+def render_image(rng: np.random.Generator, image_size: int, classes: Sequence[str],
+                 max_objects: int, empty_prob: float, min_size: float,
+                 min_visible: float) -> Tuple[Image.Image, List[dict]]:
+    """Draws one image (arguments as in `generate`; `rng` is the image's own generator).
 
     Returns:
         The RGB image (image_size x image_size) and its objects as dicts with `name` and
