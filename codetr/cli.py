@@ -50,8 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging() -> None:
+    """codetr's own messages to stderr, once; Lightning keeps its own handler (no duplicates)."""
+    log = logging.getLogger("codetr")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _setup_logging()
     try:
         args = build_parser().parse_args(argv)
         if args.task is None:

@@ -15,9 +15,11 @@ class Named(nn.Module):
     def __init__(self):
         super().__init__()
         self.backbone = nn.Module()
-        self.backbone.patch_embed = nn.Linear(3, 4)
-        self.backbone.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
-        self.backbone.norm = nn.LayerNorm(4)
+        self.backbone.body = nn.Module()  # the pretrained trunk
+        self.backbone.body.patch_embed = nn.Linear(3, 4)
+        self.backbone.body.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.backbone.body.norm = nn.LayerNorm(4)
+        self.backbone.pyramid = nn.Linear(4, 4)  # new layers: the base lr
         self.transformer = nn.Module()
         self.transformer.encoder = nn.Module()
         self.transformer.encoder.sampling_offsets = nn.Linear(4, 8)
@@ -36,13 +38,14 @@ def test_param_groups_learning_rates():
     by = groups_by_param(build_param_groups(model, cfg))
     assert by[id(model.class_embed.weight)]["lr"] == pytest.approx(1e-3)
     assert by[id(model.transformer.encoder.sampling_offsets.weight)]["lr"] == pytest.approx(1e-4)
-    assert by[id(model.backbone.blocks[0].weight)]["lr"] == pytest.approx(1e-4)  # no decay: not ViT
+    assert by[id(model.backbone.body.blocks[0].weight)]["lr"] == pytest.approx(1e-4)  # no decay: not ViT
+    assert by[id(model.backbone.pyramid.weight)]["lr"] == pytest.approx(1e-3)
     by = groups_by_param(build_param_groups(model, cfg, vit_layer_decay=True))
     # depth 3: patch_embed layer 0 -> 0.5^4, blocks.i -> 0.5^(3 - i), norm -> 1.
-    assert by[id(model.backbone.patch_embed.weight)]["lr"] == pytest.approx(1e-4 * 0.5 ** 4)
-    assert [by[id(b.weight)]["lr"] for b in model.backbone.blocks] == pytest.approx(
+    assert by[id(model.backbone.body.patch_embed.weight)]["lr"] == pytest.approx(1e-4 * 0.5 ** 4)
+    assert [by[id(b.weight)]["lr"] for b in model.backbone.body.blocks] == pytest.approx(
         [1e-4 * 0.5 ** 3, 1e-4 * 0.5 ** 2, 1e-4 * 0.5])
-    assert by[id(model.backbone.norm.weight)]["lr"] == pytest.approx(1e-4)
+    assert by[id(model.backbone.body.norm.weight)]["lr"] == pytest.approx(1e-4)
     assert vit_layer_scale("backbone.blocks.11.attn.qkv.weight", 12, 0.65) == pytest.approx(0.65)
 
 

@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_dataset
 from codetr.fileio import atomic_write_text
 from codetr.spec import ExperimentSpec, SpecError
@@ -48,6 +49,7 @@ def run(spec: ExperimentSpec) -> int:
         raise SpecError("dataset.test_data_sources (image_dir and json_file) is required")
     out_dir = spec.task_results_dir("evaluate")
     ensure_writable_dir(out_dir, "evaluate results directory")
+    save_spec(spec, out_dir)
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "evaluate")
     for notice in notices:
         print(notice)

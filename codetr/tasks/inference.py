@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 import torch
 from PIL import Image, ImageOps
 
+from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_infer_dataset, read_classmap
 from codetr.data.labels import LabelMap
 from codetr.fileio import atomic_write_bytes, atomic_write_text
@@ -131,6 +132,7 @@ def run(spec: ExperimentSpec) -> int:
         raise SpecError("dataset.infer_data_sources.image_dir is required (a folder or a list)")
     out_dir = spec.task_results_dir("inference")
     ensure_writable_dir(out_dir, "inference results directory")
+    save_spec(spec, out_dir)
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "inference")
     for notice in notices:
         print(notice)

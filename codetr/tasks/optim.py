@@ -1,7 +1,7 @@
 """Optimisation: frozen parameters, parameter groups, optimizer and the learning-rate schedule.
 
-Learning rates follow DINO/TAO: `lr` for the transformer and heads, `lr_backbone` for parameters
-named `backbone.*`, `lr * lr_linear_proj_mult` for the deformable-attention `sampling_offsets` and
+Learning rates follow DINO/TAO: `lr` for the transformer and heads, `lr_backbone` for the backbone
+trunk `backbone.body.*`, `lr * lr_linear_proj_mult` for the deformable-attention `sampling_offsets` and
 `reference_points` projections, and, for ViT backbones, a layer-wise decay of the backbone rate
 (`layer_decay_rate ** (depth + 1 - layer)`, BEiT/ViTDet's rule). The schedule is stepped every
 optimizer step: a linear warm-up over `warmup_steps`, then a decay by `lr_decay` at the epochs
@@ -95,7 +95,7 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig,
         depth = max(blocks) + 1 if blocks else 0
     groups: Dict[str, ParamGroup] = {}
     for name, p in named:
-        if name.startswith("backbone."):
+        if name.startswith("backbone.body."):  # the pretrained trunk; a ViT pyramid is new
             lr, key = cfg.lr_backbone, "backbone"
             if vit_layer_decay and depth:
                 scale = vit_layer_scale(name, depth, cfg.layer_decay_rate)
