@@ -52,7 +52,7 @@ def test_param_groups_learning_rates():
 def test_freeze_prefixes():
     model = Named()
     counts = freeze_parameters(model, ["backbone", "transformer.encoder"])
-    assert counts == {"backbone": 2 + 6 + 2, "transformer.encoder": 4}
+    assert counts == {"backbone": 2 + 6 + 2 + 2, "transformer.encoder": 4}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert all(n.startswith(("backbone.", "transformer.encoder.")) for n in frozen)
     assert model.transformer.decoder.weight.requires_grad
