@@ -14,13 +14,14 @@ from test_pipeline_dag import copy_repo, run_tool, tool_env
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 TINY = {
-    # 10 steps of batch 1: the train task logs the loss every 10 steps, so train/loss is a metric
-    "prepare": {"synthetic": {"num_train": 10, "num_val": 4, "num_test": 4, "image_size": 64}},
+    # 10 steps of batch 2 (batch 1 breaks BatchNorm on 1x1 maps): the train task logs the loss
+    # every 10 steps, so train/loss is then a metric
+    "prepare": {"synthetic": {"num_train": 20, "num_val": 4, "num_test": 4, "image_size": 64}},
     "backbone": {"source": "none"},
     "model": {"pretrained_backbone_path": None, "backbone": "resnet_18", "hidden_dim": 32,
               "nheads": 2, "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 64,
               "num_queries": 10, "num_select": 10, "dn_number": 4},
-    "dataset": {"batch_size": 1, "workers": 0,
+    "dataset": {"batch_size": 2, "workers": 0,
                 "augmentation": {"scales": [64], "train_random_resize": [64],
                                  "train_random_crop_min": 48, "train_random_crop_max": 64,
                                  "random_resize_max_size": 64, "test_random_resize": 64}},
@@ -59,7 +60,7 @@ def _tiny_repo(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def _check_outputs(repo: Path) -> None:
-    assert json.loads((repo / "data" / "stats.json").read_text())["splits"]["train"]["images"] == 10
+    assert json.loads((repo / "data" / "stats.json").read_text())["splits"]["train"]["images"] == 20
     assert (repo / "models" / "backbone" / "source.json").is_file()
     assert (repo / "results" / "train" / "codetr_model.pth").is_file()
     metrics = json.loads((repo / "results" / "evaluate" / "metrics.json").read_text())

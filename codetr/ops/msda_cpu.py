@@ -37,7 +37,9 @@ class WeightedRowSum(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, None, Tensor | None]:
         table, index, weights = ctx.saved_tensors
         num_bags, bag_size = index.shape
         dim = table.shape[1]

@@ -71,7 +71,7 @@ def _msda_fwd_kernel(
     value_row0 = batch * num_keys * NUM_HEADS + head
     qh = q.to(tl.int64) * NUM_HEADS + head  # row of [B*Nq*H]
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for level in tl.static_range(NUM_LEVELS):
+    for level in range(NUM_LEVELS):  # a runtime loop: unrolling L x P bloats compile time
         height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
         width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
         level_start = tl.load(start_ptr + level).to(tl.int32)
@@ -112,7 +112,7 @@ def _msda_bwd_kernel(
     value_row0 = batch * num_keys * NUM_HEADS + head
     qh = q.to(tl.int64) * NUM_HEADS + head
     g = tl.load(grad_out_ptr + qh[:, None] * HEAD_DIM + d[None, :], mask=mask_qd, other=0.0).to(tl.float32)
-    for level in tl.static_range(NUM_LEVELS):
+    for level in range(NUM_LEVELS):  # a runtime loop: unrolling L x P bloats compile time
         height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
         width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
         level_start = tl.load(start_ptr + level).to(tl.int32)
