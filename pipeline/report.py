@@ -102,8 +102,9 @@ def make_figures(found: dict, columns: int) -> Dict[str, bytes]:
         figs["pr_curve.png"] = report_figures.pr_curve([float(r["recall"]) for r in found["pr"]],
                                                        [float(r["precision"]) for r in found["pr"]])
     live = found["live"]
+    # the total loss only: the ~15 weighted terms (per decoder layer, dn, co-head) would bury it
     losses = {f"{g}/{n}": s for g, series in live.items() for n, s in series.items()
-              if n.rsplit("/", 1)[-1].startswith("loss")}
+              if n.rsplit("/", 1)[-1] == "loss"}
     if losses:
         figs["loss.png"] = report_figures.curves(losses, "step", "loss", log_y=True)
     maps = {f"{g}/{n}": s for g, series in live.items() for n, s in series.items()
@@ -168,10 +169,10 @@ SECTIONS = (  # (title, table key, figure file)
     ("Data", "data", None),
 )
 
-CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.25em .6em;
-text-align:right}th{background:#f0f3f7}td:first-child{text-align:left}img{max-width:100%}
-pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:12px}.na{color:#999}"""
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 1.5em;max-width:1100px}
+body{color:#222}table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;
+padding:.25em .6em;text-align:right}th{background:#f0f3f7}td:first-child{text-align:left}
+img{max-width:100%}pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:12px}.na{color:#999}"""
 
 
 def render_html(title: str, found: dict, figs: Dict[str, bytes], tabs: dict, params_text: str) -> str:

@@ -40,6 +40,7 @@ def outputs(tmp_path):
         f"0\t{s}\t{v:.4f}\n" for s, v in zip(steps, 30 * np.exp(-steps / 20) + rng.uniform(0, 1, 40))))
     (live / "epoch.tsv").write_text("step\tepoch\n" + "".join(
         f"{s}\t{(s - 1) // 10}\n" for s in steps))
+    (live / "train" / "loss_giou_dn.tsv").write_text("step\tloss_giou_dn\n1\t0.5\n")
     (live / "val" / "AP.tsv").write_text("step\tAP\n" + "".join(
         f"{s}\t{v:.4f}\n" for s, v in zip(steps[::10], np.linspace(0.1, 0.6, 4))))
     ann = tmp_path / "results" / "inference" / "images_annotated"
@@ -107,7 +108,7 @@ def test_dvclive_reader(outputs):
     assert set(live) == {"", "train", "val"}
     steps, values = live["val"]["AP"]
     assert steps == [1.0, 11.0, 21.0, 31.0] and values[-1] == pytest.approx(0.6)
-    assert len(live["train"]["loss"][0]) == 40
+    assert len(live["train"]["loss"][0]) == 40 and "loss_giou_dn" in live["train"]
 
 
 def test_validation_steps_map_to_completed_epochs():
