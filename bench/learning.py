@@ -96,9 +96,12 @@ def build_detector(model: str, spec: ExperimentSpec, num_classes: int
                    ) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """`(detector, criterion, info)`: both speak our model/criterion contract (docs/DESIGN.md)."""
     if model == "peer":
-        from peer_hf import PeerCriterion, build_peer
+        from peer_hf import PeerCriterion, build_peer, check_wiring
 
         detector, info = build_peer(spec, num_classes)
+        info["wiring"] = check_wiring(detector, spec)
+        if max(info["wiring"].values()) > 1e-4:
+            raise RuntimeError(f"peer wiring broken: max |diff| {info['wiring']}")
         return detector, PeerCriterion(build_criterion(spec, num_classes)), info
     detector = build_model(spec, num_classes)
     report = detector.backbone.load_report

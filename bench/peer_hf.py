@@ -107,12 +107,14 @@ def unfreeze_batch_norm(body: nn.Module, timm_name: str, out_indices: list[int])
 def prior_init(detr: nn.Module) -> int:
     """Fix (b): class biases at the 1% prior, last box-MLP layer zero; returns the heads touched.
 
-    The top-level `class_embed`/`bbox_embed` lists and the decoder's copies share modules (the
-    encoder head is `decoder.class_embed[-1]`); each module is initialised once.
+    The decoder's `class_embed`/`bbox_embed` lists are distinct modules whose parameters HF ties
+    to the top-level ones (the encoder head is `decoder.class_embed[-1]`); heads are counted by
+    their first parameter, so each is initialised once.
     """
     bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
-    heads = {id(h): h for lst in (detr.class_embed, detr.bbox_embed, detr.model.decoder.class_embed,
-                                  detr.model.decoder.bbox_embed) for h in lst}
+    heads = {id(next(h.parameters())): h
+             for lst in (detr.class_embed, detr.bbox_embed, detr.model.decoder.class_embed,
+                         detr.model.decoder.bbox_embed) for h in lst}
     with torch.no_grad():
         for head in heads.values():
             if isinstance(head, nn.Linear):
@@ -201,6 +203,37 @@ class PeerCriterion(nn.Module):
                     continue
                 losses[name + "_interm"] = value * self.criterion.interm_loss_coef
         return losses
+
+
+@torch.no_grad()
+def check_wiring(peer: PeerDetector, spec: ExperimentSpec) -> dict[str, float]:
+    """Max |difference| of two identities the bench relies on (both 0 when wired right).
+
+    `trunk`: the peer's trunk against our `Backbone` of the same spec holding the same weights
+    (fix (c) restored the very network). `last_layer`: `PeerDetector`'s mapped last decoder
+    layer against HF's own `logits`/`pred_boxes`. Random inputs with padding, eval mode, from a
+    private generator (the global RNG is left alone).
+    """
+    from codetr.model.backbone import Backbone
+
+    m = spec.model
+    ours = Backbone(m.backbone, list(m.return_interm_indices))
+    ours.body.load_state_dict(peer.backbone.body.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 96, generator=gen)
+    masks = torch.zeros(2, 64, 96, dtype=torch.bool)
+    masks[1, 40:, :] = True
+    masks[1, :, 64:] = True
+    was_training = peer.training
+    peer.eval()
+    ours.eval()
+    trunk = max(float((a - b).abs().max()) for a, b in zip(ours(images), peer.backbone.body(images)))
+    mapped = peer(images, masks)
+    hf = peer.detr(pixel_values=images, pixel_mask=(~masks).long())
+    peer.train(was_training)
+    last = max(float((mapped["pred_logits"] - hf.logits).abs().max()),
+               float((mapped["pred_boxes"] - hf.pred_boxes).abs().max()))
+    return {"trunk": trunk, "last_layer": last}
 
 
 def build_peer(spec: ExperimentSpec, num_classes: int) -> tuple[PeerDetector, dict]:
