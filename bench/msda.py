@@ -33,21 +33,22 @@ from codetr.ops.msda import (
 STRIDES = (4, 8, 16, 32, 64)
 
 
-def make_inputs(image_size: int, num_heads: int, head_dim: int, num_points: int, device: str) -> tuple[Tensor, ...]:
-    """Encoder-like inputs: value [1, Nk, H, D], shapes [5, 2], starts [5], locations, weights."""
-    shapes = torch.tensor([[image_size // s, image_size // s] for s in STRIDES], device=device)
+def make_inputs(image_size: int, num_heads: int, head_dim: int, num_points: int, device: str,
+                strides: tuple[int, ...] = STRIDES, batch: int = 1) -> tuple[Tensor, ...]:
+    """Encoder-like inputs: value [B, Nk, H, D], shapes [L, 2], starts [L], locations, weights."""
+    shapes = torch.tensor([[image_size // s, image_size // s] for s in strides], device=device)
     sizes = shapes.prod(1)
     starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     num_keys = int(sizes.sum())
-    num_levels = len(STRIDES)
-    value = torch.randn(1, num_keys, num_heads, head_dim, device=device)
-    ref = torch.rand(1, num_keys, 1, 1, 1, 2, device=device)
+    num_levels = len(strides)
+    value = torch.randn(batch, num_keys, num_heads, head_dim, device=device)
+    ref = torch.rand(batch, num_keys, 1, 1, 1, 2, device=device)
     # ~2 px offsets on every level: wh of level l as (w, h) for (x, y).
     pixel = 1.0 / shapes.flip(1).float().view(1, 1, 1, num_levels, 1, 2)
-    offsets = 2.0 * torch.randn(1, num_keys, num_heads, num_levels, num_points, 2, device=device) * pixel
+    offsets = 2.0 * torch.randn(batch, num_keys, num_heads, num_levels, num_points, 2, device=device) * pixel
     loc = ref + offsets
-    attn = torch.randn(1, num_keys, num_heads, num_levels * num_points, device=device).softmax(-1)
-    return value, shapes, starts, loc, attn.view(1, num_keys, num_heads, num_levels, num_points)
+    attn = torch.randn(batch, num_keys, num_heads, num_levels * num_points, device=device).softmax(-1)
+    return value, shapes, starts, loc, attn.view(batch, num_keys, num_heads, num_levels, num_points)
 
 
 def time_ms(step: Callable[[], None], iters: int, device: str, clock: Callable[[], float]) -> float:
@@ -91,6 +92,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--default-model", action="store_true",
+                        help="the encoder of params.yaml's CPU model: 128x128, strides 8/16/32, "
+                             "hidden 128 (D = 16), batch 8")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # One CPU thread: process CPU time is the latency without the time other jobs on a
@@ -98,17 +102,21 @@ def main() -> None:
     single_cpu = args.device == "cpu" and args.threads == 1
     clock, clock_name = (time.process_time, "process CPU time") if single_cpu else (time.perf_counter, "wall clock")
     image_size = 256 if args.quick else 512
-    inputs = make_inputs(image_size, num_heads=8, head_dim=32, num_points=4, device=args.device)
+    strides, head_dim, batch = STRIDES, 32, 1
+    if args.default_model:
+        image_size, strides, head_dim, batch = 128, (8, 16, 32), 16, 8
+    inputs = make_inputs(image_size, num_heads=8, head_dim=head_dim, num_points=4, device=args.device,
+                         strides=strides, batch=batch)
     num_queries = inputs[0].shape[1]
-    grad_out = torch.randn(1, num_queries, 256, device=args.device)
+    grad_out = torch.randn(batch, num_queries, 8 * head_dim, device=args.device)
     paths: dict[str, Callable[..., Tensor]] = {
         "pytorch": multi_scale_deformable_attention_pytorch,
         "cpu": multi_scale_deformable_attention_cpu,
     }
     if args.device == "cuda" and triton_available():
         paths["triton"] = multi_scale_deformable_attention_triton
-    print(f"msda bench: image {image_size}^2, strides {STRIDES}, Nq = Nk = {num_queries}, H 8, D 32, L 5, P 4, "
-          f"batch 1, device {args.device}, threads {args.threads}, torch {torch.__version__}, "
+    print(f"msda bench: image {image_size}^2, strides {strides}, Nq = Nk = {num_queries}, H 8, D {head_dim}, "
+          f"L {len(strides)}, P 4, batch {batch}, device {args.device}, threads {args.threads}, torch {torch.__version__}, "
           f"median of {args.iters} on {clock_name}")
     print(f"{'path':<8} {'fwd ms':>9} {'fwd x':>7} {'fwd+bwd ms':>11} {'fwd+bwd x':>10} {'max|diff|':>10}")
     results: dict[str, tuple[float, float, Tensor]] = {}
