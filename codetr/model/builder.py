@@ -47,12 +47,24 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
     )
     co_heads = [
         CoATSSHead(num_classes=num_classes, in_channels=m.hidden_dim, num_levels=m.num_feature_levels + 1,
-                   stacked_convs=m.co_head_num_convs)
+                   stacked_convs=m.co_head_num_convs, octave_base_scale=atss_anchor_scale(spec))
         for _ in range(m.num_co_heads)
     ]
     position = PositionEmbeddingSine(m.hidden_dim // 2, m.pe_temperatureH, m.pe_temperatureW)
     return CoDETR(backbone, neck, position, query_head, co_heads, strides,
                   co_head_loss_weight=m.co_head_loss_weight, focal_alpha=m.focal_alpha)
+
+
+def atss_anchor_scale(spec: ExperimentSpec) -> int:
+    """ATSS anchor side in strides: 8 at COCO resolution (Co-DINO), scaled with the training size.
+
+    Anchors of 8 strides suit 800-1024 px images. At 128 px they would cover the whole image, and
+    the positive queries, whose reference boxes are these anchors, would start saturated
+    (sigmoid(inverse_sigmoid(~1)) has no gradient): they never learned in the memorisation test.
+    """
+    aug = spec.dataset.augmentation
+    size = aug.fixed_random_crop or max(aug.scales)
+    return int(min(8, max(1, round(8 * size / 800))))
 
 
 def build_criterion(spec: ExperimentSpec, num_classes: int) -> SetCriterion:
