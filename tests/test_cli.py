@@ -56,3 +56,18 @@ def test_usage_and_spec_errors_exit_2_without_traceback(argv, fragment):
     assert out.returncode == 2, out.stderr
     assert fragment in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_runtime_failure_exits_1(tmp_path):
+    bad = tmp_path / "model.pth"
+    bad.write_bytes(b"not a checkpoint")
+    from codetr.data.synthetic import generate
+    generate(tmp_path / "data", num_train=0, num_val=0, num_test=2, image_size=64, seed=1)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"results_dir: {tmp_path}/results\ndataset:\n  test_data_sources:\n"
+                    f"    image_dir: {tmp_path}/data/test/images\n"
+                    f"    json_file: {tmp_path}/data/test/annotations.json\n")
+    out = subprocess.run(CODETR + ["evaluate", "-e", str(spec), f"evaluate.checkpoint={bad}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr
+    assert "model.pth" in out.stderr
