@@ -1,12 +1,12 @@
 """LightningDataModule over `codetr.data`: the train, val and test splits of a spec."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
 
-from codetr.data import LabelMap, build_collator, build_dataloader, build_dataset
+from codetr.data import CocoSource, LabelMap, build_collator, build_dataloader, build_dataset
 from codetr.spec.schema import ExperimentSpec
 from codetr.tasks.coco_eval import load_ground_truth
 
@@ -22,11 +22,15 @@ class CoDETRDataModule(L.LightningDataModule):
         label_map: category ids <-> label indices of the model.
         eval_input_size: (height, width) to resize val/test images to exactly (None: the
             augmentation's test resize).
+        train_sources: the train split's already loaded sources (`load_split_sources`), so the
+            train annotations are parsed once (None: loaded in `setup`).
     """
 
     def __init__(self, spec: ExperimentSpec, label_map: LabelMap,
-                 eval_input_size: Optional[Tuple[int, int]] = None) -> None:
+                 eval_input_size: Optional[Tuple[int, int]] = None,
+                 train_sources: Optional[Sequence[CocoSource]] = None) -> None:
         super().__init__()
+        self.train_sources = train_sources
         self.spec = spec
         self.label_map = label_map
         self.eval_input_size = eval_input_size
@@ -39,7 +43,9 @@ class CoDETRDataModule(L.LightningDataModule):
         for split in splits:
             if split not in self.datasets:
                 size = None if split == "train" else self.eval_input_size
-                self.datasets[split] = build_dataset(self.spec, split, self.label_map, size)
+                sources = self.train_sources if split == "train" else None
+                self.datasets[split] = build_dataset(self.spec, split, self.label_map, size,
+                                                     sources=sources)
 
     def has_val(self) -> bool:
         """Whether the spec names validation data."""

@@ -54,7 +54,7 @@ def run(spec: ExperimentSpec) -> int:
     if spec.train.freeze:
         frozen = freeze_parameters(model, spec.train.freeze)
         _info("frozen: " + ", ".join(f"{p} ({n} tensors)" for p, n in frozen.items()))
-    datamodule = CoDETRDataModule(spec, label_map)
+    datamodule = CoDETRDataModule(spec, label_map, train_sources=sources)
     return fit(spec, model, build_criterion(spec, label_map.num_classes), build_postprocess(spec),
                datamodule, label_map, runtime, train_dir)
 
