@@ -45,6 +45,7 @@ from codetr.spec import load_spec  # noqa: E402
 from codetr.spec.schema import ExperimentSpec  # noqa: E402
 from codetr.spec.yaml_io import load_yaml  # noqa: E402
 from codetr.tasks.coco_eval import evaluate_coco, load_ground_truth, to_coco_results  # noqa: E402
+from codetr.tasks.ema import ModelEMA  # noqa: E402
 from codetr.tasks.optim import build_optimizer, build_param_groups, build_scheduler  # noqa: E402
 
 MODELS = ("ours", "ours_no_co", "peer")
@@ -114,6 +115,7 @@ def build_detector(model: str, spec: ExperimentSpec, num_classes: int
 def evaluate(detector: torch.nn.Module, postprocess: torch.nn.Module, loader, gt: dict,
              lut) -> dict[str, float]:
     """COCO AP and AP50 of `detector` on `loader` (original category ids, pixel boxes)."""
+    was_training = detector.training
     detector.eval()
     results = []
     for batch in loader:
@@ -122,7 +124,7 @@ def evaluate(detector: torch.nn.Module, postprocess: torch.nn.Module, loader, gt
         for target, det in zip(batch.targets, postprocess(outputs, orig)):
             results += to_coco_results(int(target["image_id"]), det["scores"], det["labels"],
                                        det["boxes"], lut)
-    detector.train()
+    detector.train(was_training)
     stats = evaluate_coco(gt, results).stats
     return {"AP": stats["AP"], "AP50": stats["AP50"]}
 
@@ -153,6 +155,9 @@ def run_model(model: str, spec: ExperimentSpec, budget: float, eval_every: float
     optimizer = build_optimizer(build_param_groups(detector, optim), optim)
     scheduler = build_scheduler(optimizer, optim, len(train_loader)) if schedule else None
     clip = spec.train.clip_grad_norm
+    # As the trainer: with train.enable_ema the average is updated every step and evaluated.
+    ema = (ModelEMA(detector, spec.train.ema.decay, spec.train.ema.warmup_steps)
+           if spec.train.enable_ema else None)
     detector.train()
 
     marks, steps, eval_s, recent = [], 0, 0.0, []
@@ -165,7 +170,8 @@ def run_model(model: str, spec: ExperimentSpec, budget: float, eval_every: float
     def mark(nominal: float) -> None:
         nonlocal eval_s
         t_train, t0 = train_time(), time.perf_counter()
-        metrics = evaluate(detector, postprocess, val_loader, gt, lut)
+        metrics = evaluate(detector if ema is None else ema.module, postprocess, val_loader, gt,
+                           lut)
         eval_s += time.perf_counter() - t0
         loss = sum(recent) / max(1, len(recent))
         recent.clear()
@@ -185,6 +191,8 @@ def run_model(model: str, spec: ExperimentSpec, budget: float, eval_every: float
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if ema is not None:
+                ema.update(detector)
             steps += 1
             recent.append(float(loss.detach()))
             # A mark is taken at the first step that ends past it (marks skipped by one slow

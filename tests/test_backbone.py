@@ -91,6 +91,35 @@ def test_names_and_slot_validation():
         Backbone("resnet_18", [4])
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet_18"])
+def test_cnn_trunk_runs_channels_last_with_the_same_values_and_gradients(name):
+    """Channels_last is a memory layout only: outputs and gradients equal the NCHW trunk's."""
+    torch.manual_seed(0)
+    fast = Backbone(name, [1, 2, 3]).train()
+    assert fast.memory_format == torch.channels_last
+    conv = next(m for m in fast.body.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    slow = Backbone(name, [1, 2, 3]).train()
+    slow.load_state_dict(fast.state_dict())
+    slow.body.to(memory_format=torch.contiguous_format)
+    slow.memory_format = torch.contiguous_format
+    images = torch.randn(2, 3, H, W)
+    outs_fast, outs_slow = fast(images), slow(images)
+    for a, b in zip(outs_fast, outs_slow):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # summation order
+    weights = [torch.randn_like(o) for o in outs_fast]
+    sum((o * w).sum() for o, w in zip(outs_fast, weights)).backward()
+    sum((o * w).sum() for o, w in zip(outs_slow, weights)).backward()
+    conv_slow = next(m for m in slow.body.modules() if isinstance(m, nn.Conv2d))
+    # first-layer gradients sum over the whole net: compare the tensor's relative error
+    error = (conv.weight.grad - conv_slow.weight.grad).norm() / conv_slow.weight.grad.norm()
+    assert error < 1e-3, error
+
+
+def test_swin_trunk_stays_contiguous():
+    assert Backbone("swin_tiny_224_1k", [1, 2, 3]).memory_format == torch.contiguous_format
+
+
 def test_frozen_backbone_keeps_bn_statistics():
     torch.manual_seed(0)
     backbone = Backbone("resnet_18", [1, 2, 3], train_backbone=False).train()

@@ -91,6 +91,8 @@ class Backbone(nn.Module):
         strides: stride per returned level.
         num_extra_levels: requested slots the neck must add with stride-2 convs.
         load_report: the :class:`LoadReport` of ``pretrained_path`` or None.
+        memory_format: ``channels_last`` for the CNN trunks (weights and inputs), else
+            ``contiguous_format``.
     """
 
     def __init__(self, name: str, return_interm_indices: list[int], train_backbone: bool = True,
@@ -104,6 +106,7 @@ class Backbone(nn.Module):
         self.name = name
         self.pyramid: SimpleFeaturePyramid | None = None
         self.channels_last_output = False
+        self.memory_format = torch.contiguous_format
         if name.startswith("vit_"):
             self.body = create_vit(model_name)
             self.pyramid = SimpleFeaturePyramid(self.body.embed_dim, pyramid_channels, slots)
@@ -120,11 +123,17 @@ class Backbone(nn.Module):
             # timm's Swin returns NHWC; everything downstream expects NCHW.
             output_fmt = str(getattr(self.body, "output_fmt", "NCHW"))
             self.channels_last_output = output_fmt.endswith("NHWC")
+            # CNN trunks run channels_last: oneDNN then takes every conv (on CPU the NCHW 1x1
+            # convs fall back to a slow path; EfficientNet-Lite0 fwd+bwd 0.43 -> 0.31 s at
+            # 8x128^2 on one thread, bench/BENCHMARKS.md) and GPUs use their NHWC kernels.
+            if not name.startswith("swin_"):
+                self.memory_format = torch.channels_last
         self.num_extra_levels = len(slots) - len(self.slots)
         self.train_backbone = train_backbone
         self.load_report: LoadReport | None = None
         if pretrained_path is not None:
             self.load_report = load_backbone_weights(self.body, pretrained_path)
+        self.body.to(memory_format=self.memory_format)
         if not train_backbone:
             self.body.requires_grad_(False)
             self.body.eval()
@@ -167,7 +176,8 @@ class Backbone(nn.Module):
 
         Returns:
             ``len(slots)`` tensors ``[B, out_channels[i], H_i, W_i]`` (NCHW), finest first, with
-            ``H_i = ceil(H / strides[i])`` for the ViT and for the timm CNNs/Swin here.
+            ``H_i = ceil(H / strides[i])`` for the ViT and for the timm CNNs/Swin here. CNN levels
+            come channels_last in memory (same shape and values).
         """
         if self.pyramid is not None:
             outs = self.pyramid(vit_feature_map(self.body, images))
@@ -176,7 +186,7 @@ class Backbone(nn.Module):
             height, width = images.shape[-2:]
             return [o[..., : math.ceil(height / s), : math.ceil(width / s)]
                     for o, s in zip(outs, self.strides)]
-        features = self.body(images)
+        features = self.body(images.contiguous(memory_format=self.memory_format))
         if self.channels_last_output:
             features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
         return list(features)
