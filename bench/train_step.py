@@ -9,17 +9,18 @@ Two measurements, each compared in the same run (the shared machine is noisy, ra
   default `params.yaml` model for each batch size of `--batches`, in seconds per step and in
   seconds per image.
 
-The clock is the process CPU time divided by the thread count (robust to other jobs when one
-thread is used); real data from `bench/learning.py`'s generated copy of the default data set.
+Medians after a warm-up (`bench/msda.py`'s `time_ms`); the clock is the process CPU time with one
+thread (robust to other jobs), else the wall clock. Real images: `bench/learning.py`'s generated
+copy of the default data set.
 
     .venv/bin/python bench/train_step.py [--threads 1] [--steps 8] [--batches 4,8]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,41 +33,37 @@ from codetr.data.build import (build_collator, build_dataloader, build_dataset, 
                                build_label_map)
 from codetr.model.backbone import Backbone  # noqa: E402
 from codetr.model.builder import build_criterion, build_model  # noqa: E402
+from codetr.spec import load_spec  # noqa: E402
 from learning import bench_spec, prepare_data  # noqa: E402
+from msda import time_ms  # noqa: E402
+
+PARAMS = REPO / "params.yaml"
 
 
-def cpu_seconds(fn, repeats: int, threads: int) -> float:
-    """Median process CPU seconds / threads of `fn()` over `repeats` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append((time.process_time() - start) / threads)
-    return statistics.median(times)
+def seconds(step: Callable[[], None], repeats: int, clock: Callable[[], float]) -> float:
+    """Median seconds of `step` over `repeats` runs after one warm-up (CPU)."""
+    return time_ms(step, repeats, "cpu", clock) / 1e3
 
 
-def backbone_formats(name: str, batch: int, size: int, repeats: int, threads: int) -> dict:
+def backbone_formats(name: str, batch: int, size: int, repeats: int,
+                     clock: Callable[[], float]) -> dict:
     """Forward+backward seconds of the trunk in NCHW and in channels_last."""
     images = torch.randn(batch, 3, size, size)
     out = {}
-    for label, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        backbone = Backbone(name, [1, 2, 3])
-        backbone.body.to(memory_format=fmt)
-        backbone.memory_format = fmt
+    for label, channels_last in (("nchw", False), ("channels_last", True)):
+        backbone = Backbone(name, [1, 2, 3], channels_last=channels_last)
 
         def step() -> None:
             sum(f.sum() for f in backbone(images)).backward()
 
-        out[label] = cpu_seconds(step, repeats, threads)
+        out[label] = seconds(step, repeats, clock)
     out["ratio"] = out["nchw"] / out["channels_last"]
     return out
 
 
-def train_steps(batch: int, steps: int, threads: int) -> dict:
+def train_steps(data_root: Path, batch: int, steps: int, clock: Callable[[], float]) -> dict:
     """Seconds per training step of the default model at `batch` images per step."""
-    root = prepare_data(REPO / "params.yaml", REPO / "bench" / "out", 1000, 100)
-    spec = bench_spec(REPO / "params.yaml", root, None, "ours",
+    spec = bench_spec(PARAMS, data_root, None, "ours",
                       [f"dataset.batch_size={batch}", "model.pretrained_backbone_path=null"])
     torch.manual_seed(0)
     labels = build_label_map(spec)
@@ -84,8 +81,8 @@ def train_steps(batch: int, steps: int, threads: int) -> dict:
         loss.backward()
         optimizer.step()
 
-    seconds = cpu_seconds(step, steps, threads)
-    return {"batch": batch, "s_per_step": seconds, "s_per_image": seconds / batch}
+    per_step = seconds(step, steps, clock)
+    return {"batch": batch, "s_per_step": per_step, "s_per_image": per_step / batch}
 
 
 def main() -> None:
@@ -95,16 +92,18 @@ def main() -> None:
     parser.add_argument("--batches", default="4,8")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = bench_spec(REPO / "params.yaml", Path("."), None, "ours", [])
+    clock, clock_name = ((time.process_time, "process CPU time") if args.threads == 1
+                         else (time.perf_counter, "wall clock"))
+    spec = load_spec(PARAMS)
     size = max(spec.dataset.augmentation.scales)
-    bb = backbone_formats(spec.model.backbone, spec.dataset.batch_size, size, args.steps,
-                          args.threads)
+    bb = backbone_formats(spec.model.backbone, spec.dataset.batch_size, size, args.steps, clock)
     print(f"backbone {spec.model.backbone} fwd+bwd, {spec.dataset.batch_size}x{size}^2, "
-          f"{args.threads} thread(s): NCHW {bb['nchw']:.3f} s, channels_last "
+          f"{args.threads} thread(s), {clock_name}: NCHW {bb['nchw']:.3f} s, channels_last "
           f"{bb['channels_last']:.3f} s, ratio {bb['ratio']:.2f}x")
+    data_root = prepare_data(PARAMS, REPO / "bench" / "out", 1000, 100)
     print(f"{'batch':>5} {'s/step':>7} {'s/image':>8}")
     for batch in (int(b) for b in args.batches.split(",")):
-        res = train_steps(batch, args.steps, args.threads)
+        res = train_steps(data_root, batch, args.steps, clock)
         print(f"{res['batch']:>5} {res['s_per_step']:>7.3f} {res['s_per_image']:>8.4f}")
 
 

@@ -82,6 +82,9 @@ class Backbone(nn.Module):
         pyramid_channels: output channels of the ViT simple feature pyramid (ignored otherwise).
         timm_name: build this timm model instead of the one ``name`` maps to (same family); lets
             tests build a family's tiny member, e.g. ``vit_small_patch14_dinov2``.
+        channels_last: keep a CNN trunk's weights and inputs in channels_last memory (same
+            values; oneDNN then takes every conv: on CPU the NCHW 1x1 convs fall back to a slow
+            path, see BENCHMARKS.md "Training step cost"). Ignored for Swin and the ViT.
 
     Attributes:
         body: the timm trunk (features_only model or VisionTransformer); load weights into it.
@@ -97,7 +100,8 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, return_interm_indices: list[int], train_backbone: bool = True,
                  dilation: bool = False, pretrained_path: str | None = None,
-                 pyramid_channels: int = 256, timm_name: str | None = None) -> None:
+                 pyramid_channels: int = 256, timm_name: str | None = None,
+                 channels_last: bool = True) -> None:
         super().__init__()
         slots = _check_slots(return_interm_indices)
         model_name = timm_name if timm_name is not None else timm_model_name(name)
@@ -123,10 +127,7 @@ class Backbone(nn.Module):
             # timm's Swin returns NHWC; everything downstream expects NCHW.
             output_fmt = str(getattr(self.body, "output_fmt", "NCHW"))
             self.channels_last_output = output_fmt.endswith("NHWC")
-            # CNN trunks run channels_last: oneDNN then takes every conv (on CPU the NCHW 1x1
-            # convs fall back to a slow path; EfficientNet-Lite0 fwd+bwd 0.43 -> 0.31 s at
-            # 8x128^2 on one thread, bench/BENCHMARKS.md) and GPUs use their NHWC kernels.
-            if not name.startswith("swin_"):
+            if channels_last and not self.channels_last_output:  # CNN trunks, not Swin
                 self.memory_format = torch.channels_last
         self.num_extra_levels = len(slots) - len(self.slots)
         self.train_backbone = train_backbone
