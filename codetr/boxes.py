@@ -82,6 +82,23 @@ def generalized_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     return iou - (enclosing - union) / enclosing.clamp(min=_AREA_EPS)
 
 
+def elementwise_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU of matching pairs: `diag(box_iou(a, b))` without the N x N cost.
+
+    Args:
+        boxes_a: `[N, 4]` xyxy.
+        boxes_b: `[N, 4]` xyxy.
+
+    Returns:
+        `[N]` IoU in [0, 1] and `[N]` union areas.
+    """
+    wh = (torch.min(boxes_a[:, 2:], boxes_b[:, 2:]) - torch.max(boxes_a[:, :2], boxes_b[:, :2]))
+    wh = wh.clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = box_area(boxes_a) + box_area(boxes_b) - inter
+    return inter / union.clamp(min=_AREA_EPS), union
+
+
 def elementwise_generalized_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     """Generalized IoU of matching pairs: `diag(generalized_box_iou(a, b))` without the N x N cost.
 
@@ -92,13 +109,7 @@ def elementwise_generalized_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     Returns:
         `[N]` GIoU in [-1, 1].
     """
-    area_a = box_area(boxes_a)
-    area_b = box_area(boxes_b)
-    wh = (torch.min(boxes_a[:, 2:], boxes_b[:, 2:]) - torch.max(boxes_a[:, :2], boxes_b[:, :2]))
-    wh = wh.clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    union = area_a + area_b - inter
-    iou = inter / union.clamp(min=_AREA_EPS)
+    iou, union = elementwise_box_iou(boxes_a, boxes_b)
     wh_c = (torch.max(boxes_a[:, 2:], boxes_b[:, 2:]) - torch.min(boxes_a[:, :2], boxes_b[:, :2]))
     wh_c = wh_c.clamp(min=0)
     enclosing = wh_c[:, 0] * wh_c[:, 1]

@@ -6,6 +6,7 @@ from codetr.boxes import (
     box_cxcywh_to_xyxy,
     box_iou,
     box_xyxy_to_cxcywh,
+    elementwise_box_iou,
     elementwise_generalized_box_iou,
     generalized_box_iou,
     inverse_sigmoid,
@@ -54,10 +55,18 @@ def test_elementwise_giou_is_the_diagonal():
                                1 - ops.generalized_box_iou_loss(a, b, reduction="none"))
 
 
+def test_elementwise_iou_is_the_diagonal():
+    a, b = _random_xyxy(15), _random_xyxy(15)
+    iou, union = elementwise_box_iou(a, b)
+    torch.testing.assert_close(iou, ops.box_iou(a, b).diagonal())
+    torch.testing.assert_close(union, box_iou(a, b)[1].diagonal())
+
+
 def test_degenerate_boxes_stay_finite():
     point = torch.tensor([[0.3, 0.3, 0.3, 0.3]])
     assert torch.isfinite(generalized_box_iou(point, point)).all()
     assert torch.isfinite(elementwise_generalized_box_iou(point, point)).all()
+    assert torch.isfinite(elementwise_box_iou(point, point)[0]).all()
     assert torch.isfinite(box_iou(point, _random_xyxy(3).float())[0]).all()
 
 

@@ -1,9 +1,11 @@
-"""SetCriterion: hand-checked cases against torchvision's focal loss and GIoU, dn/pos layouts."""
+"""SetCriterion: hand-checked cases against torchvision's focal loss, IoU and GIoU, dn/pos layouts."""
 import pytest
 import torch
 from torchvision import ops
 
-from codetr.losses import HungarianMatcher, SetCriterion, sigmoid_focal_loss
+import torch.nn.functional as F
+
+from codetr.losses import HungarianMatcher, SetCriterion, quality_focal_loss, sigmoid_focal_loss
 
 C = 4  # classes
 
@@ -39,6 +41,56 @@ def test_focal_loss_matches_torchvision():
                                    ops.sigmoid_focal_loss(logits, onehot, alpha, 2.0))
     torch.testing.assert_close(sigmoid_focal_loss(logits, onehot, 0.25, 1.5),
                                ops.sigmoid_focal_loss(logits, onehot, 0.25, 1.5))
+
+
+def _mmdet_style_qfl(logits, labels, scores, beta):
+    """Quality focal loss written as mmdet's two branches: every entry is a negative
+    (`BCE(x, 0) * p ** beta`), then each positive row's gt-class entry is overwritten with
+    `BCE(x, score) * |score - p| ** beta`. labels: [N] (C = background), scores: [N]."""
+    prob = logits.sigmoid()
+    loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits),
+                                              reduction="none") * prob.pow(beta)
+    for row in range(len(labels)):
+        c = int(labels[row])
+        if c < logits.shape[1]:
+            x, t = logits[row, c], scores[row]
+            loss[row, c] = (F.binary_cross_entropy_with_logits(x, t)
+                            * (t - prob[row, c]).abs().pow(beta))
+    return loss
+
+
+def test_quality_focal_loss_matches_the_two_branch_form():
+    logits = torch.randn(40, C, dtype=torch.float64) * 3
+    labels = torch.randint(0, C + 1, (40,))  # C = background
+    scores = torch.rand(40, dtype=torch.float64)
+    targets = torch.zeros_like(logits)
+    positive = labels < C
+    targets[positive.nonzero()[:, 0], labels[positive]] = scores[positive]
+    for beta in (2.0, 1.5):
+        torch.testing.assert_close(quality_focal_loss(logits, targets, beta),
+                                   _mmdet_style_qfl(logits, labels, scores, beta))
+    half = quality_focal_loss(logits.bfloat16(), targets)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+
+
+def test_quality_focal_criterion_targets_the_detached_iou():
+    targets = _targets([3, 2])
+    outputs = _group(2, 6, requires_grad=True)
+    criterion = _criterion(cls_loss_type="quality_focal")
+    losses = criterion(outputs, targets)
+    indices = criterion.matcher(outputs["pred_logits"], outputs["pred_boxes"], targets)
+    soft = torch.zeros(2, 6, C)
+    for i, ((src, tgt), t) in enumerate(zip(indices, targets)):
+        pred = ops.box_convert(outputs["pred_boxes"][i, src].detach(), "cxcywh", "xyxy")
+        gt = ops.box_convert(t["boxes"][tgt], "cxcywh", "xyxy")
+        soft[i, src, t["labels"][tgt]] = ops.box_iou(pred, gt).diagonal()
+    assert soft.sum() > 0  # some matched pairs overlap, so the targets are not one-hot
+    expected = quality_focal_loss(outputs["pred_logits"].detach(), soft).sum() / 5
+    torch.testing.assert_close(losses["loss_ce"].detach(), 2.0 * expected)
+    # the IoU target is detached: the class loss alone moves no box
+    labels_only = _criterion(cls_loss_type="quality_focal", loss_types=["labels"])
+    labels_only(outputs, targets)["loss_ce"].backward()
+    assert outputs["pred_boxes"].grad is None and outputs["pred_logits"].grad.abs().sum() > 0
 
 
 def _perfect_case(sizes, q=6):
@@ -235,6 +287,8 @@ def test_bf16_inputs_give_float32_losses():
 def test_rejects_wrong_class_count_and_loss_type():
     with pytest.raises(ValueError, match="loss_types"):
         _criterion(loss_types=["labels", "masks"])
+    with pytest.raises(ValueError, match="quality_focal"):
+        _criterion(cls_loss_type="varifocal")
     with pytest.raises(ValueError, match="classes"):
         _criterion()({"pred_logits": torch.randn(1, 3, C + 1), "pred_boxes": _boxes(1, 3)},
                      _targets([1]))

@@ -16,6 +16,7 @@ def test_defaults_match_tao_tables():
     assert (m.pe_temperatureH, m.pe_temperatureW, m.dropout_ratio, m.dilation, m.pre_norm) == (20, 20, 0.0, False, False)
     assert (m.use_dn, m.dn_number, m.dn_box_noise_scale, m.dn_label_noise_ratio) == (True, 100, 1.0, 0.5)
     assert (m.cls_loss_coef, m.bbox_loss_coef, m.giou_loss_coef, m.focal_alpha) == (2.0, 5.0, 2.0, 0.25)
+    assert m.cls_loss_type == "focal"  # our extension; TAO's loss is the sigmoid focal loss
     assert (m.aux_loss, m.interm_loss_coef, m.no_interm_box_loss, m.loss_types) == (True, 1.0, False, ["labels", "boxes"])
     assert (m.num_co_heads, m.co_head_loss_weight, m.co_head_num_convs) == (1, 1.0, 4)
     assert (m.soft_nms_enabled, m.soft_nms_method, m.soft_nms_iou_threshold, m.soft_nms_sigma) == (False, "linear", 0.8, 0.5)
@@ -77,6 +78,7 @@ def test_round_trip_through_yaml(tmp_path):
     ("model.num_co_heads=4", "model.num_co_heads=4 is out of range"),
     ("model.soft_nms_method=gausian", "Allowed values: linear, gaussian"),
     ("model.two_stage_type=other", "Allowed values: standard, no"),
+    ("model.cls_loss_type=varifocal", "Allowed values: focal, quality_focal"),
     ("model.backbone=resnet_99", "model.backbone='resnet_99' is not supported"),
     ("train.optim.lr=fast", "train.optim.lr: expected a number"),
     ("train.num_epochs=1.5", "train.num_epochs: expected an integer"),

@@ -16,11 +16,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codetr.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from codetr.losses.focal import sigmoid_focal_loss
+from codetr.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
+from codetr.losses.focal import quality_focal_loss, sigmoid_focal_loss
 from codetr.losses.matcher import HungarianMatcher
 
 LOSS_TYPES = ("labels", "boxes")
+# focal: DINO / TAO (one-hot targets, alpha); quality_focal: Co-DINO (IoU targets, beta 2).
+CLS_LOSS_TYPES = ("focal", "quality_focal")
 
 # (batch_idx [K], query_idx [K], tgt_labels [K], tgt_boxes [K, 4] cxcywh): query
 # (batch_idx[k], query_idx[k]) is supervised by class tgt_labels[k] and box tgt_boxes[k].
@@ -53,13 +55,13 @@ class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher, cls_loss_coef: float,
                  bbox_loss_coef: float, giou_loss_coef: float, focal_alpha: float,
                  loss_types: list[str], aux_loss: bool, interm_loss_coef: float,
-                 no_interm_box_loss: bool) -> None:
+                 no_interm_box_loss: bool, cls_loss_type: str = "focal") -> None:
         """Builds the criterion.
 
         Args:
             num_classes: number of class logits C.
             matcher: assigns matching queries to gt boxes.
-            cls_loss_coef: weight of the focal class loss.
+            cls_loss_coef: weight of the class loss.
             bbox_loss_coef: weight of the L1 loss on cxcywh boxes.
             giou_loss_coef: weight of the GIoU loss.
             focal_alpha: alpha of the focal loss (gamma 2).
@@ -68,11 +70,18 @@ class SetCriterion(nn.Module):
                 positive queries); otherwise only the last layer.
             interm_loss_coef: extra factor on the encoder-proposal (`interm_outputs`) losses.
             no_interm_box_loss: only the class loss for the encoder proposals.
+            cls_loss_type: `focal` (sigmoid focal loss on one-hot targets, `focal_alpha`, gamma
+                2) or `quality_focal` (IoU of the detached predicted box with its gt as the target
+                of the positive entry, beta 2; Co-DINO). The matcher's class cost is focal in
+                both cases.
         """
         super().__init__()
         unknown = set(loss_types) - set(LOSS_TYPES)
         if unknown:
             raise ValueError(f"unknown loss_types {sorted(unknown)}; supported: {LOSS_TYPES}")
+        if cls_loss_type not in CLS_LOSS_TYPES:
+            raise ValueError(f"unknown cls_loss_type {cls_loss_type!r}; supported: {CLS_LOSS_TYPES}")
+        self.cls_loss_type = cls_loss_type
         self.num_classes = num_classes
         self.matcher = matcher
         self.cls_loss_coef = cls_loss_coef
@@ -139,26 +148,32 @@ class SetCriterion(nn.Module):
             with_boxes: compute `loss_bbox` and `loss_giou` (if "boxes" is in loss_types).
 
         Returns:
-            `loss_ce` (focal loss summed over queries and classes), `loss_bbox` (L1 summed over
-            coordinates) and `loss_giou` (sum of 1 - GIoU), each divided by `normalizer`.
+            `loss_ce` (focal or quality focal loss summed over queries and classes), `loss_bbox`
+            (L1 summed over coordinates) and `loss_giou` (sum of 1 - GIoU), each divided by
+            `normalizer`.
         """
         if pred_logits.shape[-1] != self.num_classes:
             raise ValueError(f"pred_logits has {pred_logits.shape[-1]} classes, the criterion "
                              f"was built for {self.num_classes}")
         batch_idx, query_idx, tgt_labels, tgt_boxes = assignment
+        src = pred_boxes[batch_idx, query_idx].float()  # [K, 4] cxcywh
+        tgt = tgt_boxes.float().detach()  # [K, 4] cxcywh
+        src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)
         terms = {}
         if "labels" in self.loss_types:
             logits = pred_logits.float()
-            onehot = torch.zeros_like(logits)
-            onehot[batch_idx, query_idx, tgt_labels] = 1.0
-            focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, gamma=2.0)
-            terms["loss_ce"] = focal.sum() / normalizer
+            targets = torch.zeros_like(logits)  # [B, Q, C]
+            if self.cls_loss_type == "quality_focal":
+                iou = elementwise_box_iou(src_xyxy.detach(), tgt_xyxy)[0]
+                targets[batch_idx, query_idx, tgt_labels] = iou.to(targets.dtype)
+                loss = quality_focal_loss(logits, targets, beta=2.0)
+            else:
+                targets[batch_idx, query_idx, tgt_labels] = 1.0
+                loss = sigmoid_focal_loss(logits, targets, self.focal_alpha, gamma=2.0)
+            terms["loss_ce"] = loss.sum() / normalizer
         if "boxes" in self.loss_types and with_boxes:
-            src = pred_boxes[batch_idx, query_idx].float()  # [K, 4] cxcywh
-            tgt = tgt_boxes.float().detach()
             terms["loss_bbox"] = F.l1_loss(src, tgt, reduction="none").sum() / normalizer
-            giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src),
-                                                   box_cxcywh_to_xyxy(tgt))
+            giou = elementwise_generalized_box_iou(src_xyxy, tgt_xyxy)
             terms["loss_giou"] = (1 - giou).sum() / normalizer
         return terms
 

@@ -75,7 +75,8 @@ def build_criterion(spec: ExperimentSpec, num_classes: int) -> SetCriterion:
     return SetCriterion(num_classes=num_classes, matcher=matcher, cls_loss_coef=m.cls_loss_coef,
                         bbox_loss_coef=m.bbox_loss_coef, giou_loss_coef=m.giou_loss_coef,
                         focal_alpha=m.focal_alpha, loss_types=list(m.loss_types), aux_loss=m.aux_loss,
-                        interm_loss_coef=m.interm_loss_coef, no_interm_box_loss=m.no_interm_box_loss)
+                        interm_loss_coef=m.interm_loss_coef, no_interm_box_loss=m.no_interm_box_loss,
+                        cls_loss_type=m.cls_loss_type)
 
 
 def build_postprocess(spec: ExperimentSpec) -> PostProcess:

@@ -64,6 +64,7 @@ class ModelConfig:
     bbox_loss_coef: float = _f(5.0, min=0.0)
     giou_loss_coef: float = _f(2.0, min=0.0)
     focal_alpha: float = _f(0.25, gt=0.0)
+    cls_loss_type: str = _f("focal", choices=("focal", "quality_focal"))
     aux_loss: bool = _f(True)
     interm_loss_coef: float = _f(1.0, min=0.0)
     no_interm_box_loss: bool = _f(False)
