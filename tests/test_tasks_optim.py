@@ -69,6 +69,27 @@ def test_optimizers():
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.8
     adamw = build_optimizer(build_param_groups(model, OptimConfig()), OptimConfig(weight_decay=0.05))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
+    assert adamw.defaults["fused"]
+
+
+def test_fused_adamw_matches_the_foreach_update():
+    torch.manual_seed(0)
+    fused_model, ref_model = Named(), Named()
+    ref_model.load_state_dict(fused_model.state_dict())
+    start = [p.detach().clone() for p in fused_model.parameters()]
+    cfg = OptimConfig(lr=1e-2, lr_backbone=3e-3, weight_decay=0.05)
+    fused = build_optimizer(build_param_groups(fused_model, cfg), cfg)
+    groups = build_param_groups(ref_model, cfg)
+    ref = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in fused_model.parameters()]
+        for model, opt in ((fused_model, fused), (ref_model, ref)):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all((a - s).abs().max() > 1e-3 for a, s in zip(fused_model.parameters(), start))
 
 
 def test_schedule_multistep_steplr_warmup():

@@ -110,10 +110,26 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig,
     return [{"params": g.params, "lr": g.lr, "name": g.name} for g in groups.values()]
 
 
+def _fusable(groups: List[dict]) -> bool:
+    """Whether torch's fused AdamW kernel takes every parameter: dense floating tensors on CPU
+    or CUDA, all on one device."""
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+            and all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point()
+                    for p in params))
+
+
 def build_optimizer(groups: List[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD (with `momentum`) over `groups`, with `weight_decay` on every group."""
+    """AdamW or SGD (with `momentum`) over `groups`, with `weight_decay` on every group.
+
+    AdamW uses torch's fused kernel when the parameters allow it (one update kernel per
+    parameter instead of a chain of element-wise ops): the optimizer step of the default CPU
+    model is ~3.5x faster (BENCHMARKS.md), with the same update up to float rounding.
+    """
     if cfg.optimizer == "AdamW":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=_fusable(groups) or None)
     if cfg.optimizer == "SGD":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
