@@ -1,8 +1,9 @@
 """Does our Co-DETR learn faster than the HF transformers peer? AP against wall-clock training time.
 
-Three detectors train one after the other, each in a fresh process (so each one's peak RSS is its
-own), on the repo's default synthetic shapes data, with the same image size, backbone and
-pretrained trunk, width, batch, optimizer groups, learning rates, clipping and wall-clock budget:
+Three detectors train, each in a fresh process (so each one's peak RSS is its own), one after the
+other or side by side with `--parallel` (each then gets the same share of the machine), on the
+repo's default synthetic shapes data, with the same image size, backbone and pretrained trunk,
+width, batch, optimizer groups, learning rates, clipping and wall-clock budget:
 
 - `ours`: the default Co-DETR of `params.yaml` (model, dataset and optim sections), data paths
   pointed at the bench's generated data;
@@ -15,6 +16,7 @@ Every `--eval-every` seconds of training the model is evaluated on the val split
 default: on the shared 2-core machine two threads become ~10x slower under any other load.
 
     .venv/bin/python bench/learning.py --budget 600 --eval-every 60
+    .venv/bin/python bench/learning.py --budget 600 --eval-every 120 --parallel
     .venv/bin/python bench/learning.py --budget 20 --eval-every 10 --num-train 32 --num-val 16
 """
 from __future__ import annotations
@@ -235,6 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train the models side by side (one process each) instead of in turn")
     parser.add_argument("--workers", type=int, default=0, help="train dataloader workers")
     parser.add_argument("--schedule", action=argparse.BooleanOptionalAction, default=True,
                         help="the trainer's per-step lr schedule (warm-up, MultiStep by epoch)")
@@ -263,17 +267,22 @@ def main(argv: list[str] | None = None) -> dict:
     backbone = prepare_backbone(params, work)
     report = {"config": {k: v for k, v in vars(args).items()}, "data": str(data_root),
               "backbone": backbone, "torch": torch.__version__, "results": {}}
-    for model in args.models:
-        spec = bench_spec(params, data_root, backbone, model, args.override)
-        print(f"== {model}: {args.budget:.0f}s budget, eval every {args.eval_every:.0f}s, "
-              f"{args.threads} thread(s)", flush=True)
-        # A fresh process per model: ru_maxrss is a per-process high-water mark.
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            result = pool.submit(run_model, model, spec, args.budget, args.eval_every,
-                                 args.threads, args.workers, args.schedule).result()
-        report["results"][model] = result
-        atomic_write_text(out, json.dumps(report, indent=1))
+    specs = {model: bench_spec(params, data_root, backbone, model, args.override)
+             for model in args.models}
+    # A fresh process per model: ru_maxrss is a per-process high-water mark. --parallel runs the
+    # models side by side, so each gets the same share of a machine whose load drifts.
+    ctx = multiprocessing.get_context("spawn")
+    workers = len(args.models) if args.parallel else 1
+    print(f"== {', '.join(args.models)}: {args.budget:.0f}s budget each, eval every "
+          f"{args.eval_every:.0f}s, {args.threads} thread(s) each, "
+          f"{'side by side' if args.parallel else 'one after the other'}", flush=True)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {model: pool.submit(run_model, model, spec, args.budget, args.eval_every,
+                                      args.threads, args.workers, args.schedule)
+                   for model, spec in specs.items()}
+        for model, future in futures.items():
+            report["results"][model] = future.result()
+            atomic_write_text(out, json.dumps(report, indent=1))
     print()
     print(format_tables(report["results"]))
     print(f"\nsaved {out}")

@@ -1,10 +1,12 @@
-"""Cost of one training step of the default model, and of its backbone, on this machine.
+"""Cost of one training step of the default model, and of its parts, on this machine.
 
-Two measurements, each compared in the same run (the shared machine is noisy, ratios are not):
+Three measurements, each compared in the same run (the shared machine is noisy, ratios are not):
 
 - backbone: forward + backward of the default trunk (`params.yaml` `model.backbone`) on a batch
   of `--batch` images of the default size, with the weights and inputs in NCHW (contiguous) and in
   channels_last memory format (what `codetr.model.backbone.Backbone` uses for CNN trunks);
+- optimizer: one AdamW step over the default model's parameters (random gradients) with torch's
+  multi-tensor (`foreach`) implementation and with the fused kernel `build_optimizer` picks;
 - step: the full training step (model forward with targets, every loss, backward, AdamW) of the
   default `params.yaml` model for each batch size of `--batches`, in seconds per step and in
   seconds per image.
@@ -34,6 +36,7 @@ from codetr.data.build import (build_collator, build_dataloader, build_dataset, 
 from codetr.model.backbone import Backbone  # noqa: E402
 from codetr.model.builder import build_criterion, build_model  # noqa: E402
 from codetr.spec import load_spec  # noqa: E402
+from codetr.tasks.optim import build_optimizer, build_param_groups  # noqa: E402
 from learning import bench_spec, prepare_data  # noqa: E402
 from msda import time_ms  # noqa: E402
 
@@ -61,6 +64,22 @@ def backbone_formats(name: str, batch: int, size: int, repeats: int,
     return out
 
 
+def optimizer_kinds(data_root: Path, repeats: int, clock: Callable[[], float]) -> dict:
+    """Seconds of one AdamW step, foreach vs fused, over the default model's parameters."""
+    spec = bench_spec(PARAMS, data_root, None, "ours", ["model.pretrained_backbone_path=null"])
+    model = build_model(spec, spec.dataset.num_classes)
+    groups = build_param_groups(model, spec.train.optim)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    cfg = spec.train.optim
+    foreach = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    fused = build_optimizer(groups, cfg)
+    out = {"foreach": seconds(foreach.step, repeats, clock),
+           "fused": seconds(fused.step, repeats, clock)}
+    out["ratio"] = out["foreach"] / out["fused"]
+    return out
+
+
 def train_steps(data_root: Path, batch: int, steps: int, clock: Callable[[], float]) -> dict:
     """Seconds per training step of the default model at `batch` images per step."""
     spec = bench_spec(PARAMS, data_root, None, "ours",
@@ -71,7 +90,7 @@ def train_steps(data_root: Path, batch: int, steps: int, clock: Callable[[], flo
                               build_collator(spec, "train"), drop_last=True, seed=0)
     model = build_model(spec, labels.num_classes)
     criterion = build_criterion(spec, labels.num_classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = build_optimizer(build_param_groups(model, spec.train.optim), spec.train.optim)
     batches = iter(loader)
 
     def step() -> None:
@@ -101,6 +120,9 @@ def main() -> None:
           f"{args.threads} thread(s), {clock_name}: NCHW {bb['nchw']:.3f} s, channels_last "
           f"{bb['channels_last']:.3f} s, ratio {bb['ratio']:.2f}x")
     data_root = prepare_data(PARAMS, REPO / "bench" / "out", 1000, 100)
+    opt = optimizer_kinds(data_root, args.steps, clock)
+    print(f"AdamW step: foreach {opt['foreach'] * 1e3:.1f} ms, fused {opt['fused'] * 1e3:.1f} ms, "
+          f"ratio {opt['ratio']:.2f}x")
     print(f"{'batch':>5} {'s/step':>7} {'s/image':>8}")
     for batch in (int(b) for b in args.batches.split(",")):
         res = train_steps(data_root, batch, args.steps, clock)

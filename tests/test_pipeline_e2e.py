@@ -85,6 +85,8 @@ def test_dvc_repro_then_an_experiment_changes_params_and_metrics(tmp_path):
     assert load_params(repo / "params.yaml")["train"]["optim"]["lr"] == pytest.approx(1.0e-4)
     after = json.loads((repo / "results" / "train" / "dvclive" / "metrics.json").read_text())
     assert after["train"]["loss"] != before["train"]["loss"]
+    # the loss terms are logged on the logger's steps only: they must still reach it
+    assert {"loss_ce", "loss_bbox_dn", "loss_giou_interm", "loss_cls_co0"} <= set(after["train"])
     exps = json.loads(run_tool(["dvc", "exp", "show", "--json"], repo, env))
     assert re.search(r'"lr": 0\.0001', json.dumps(exps))
 

@@ -46,12 +46,18 @@ class ModelEMA:
         """Moves the average towards `model`'s current weights (same architecture)."""
         d = self.current_decay()
         current = model.state_dict()
+        averages, targets = [], []
         for name, avg in self.module.state_dict().items():
             new = current[name].detach().to(device=avg.device)
             if avg.dtype.is_floating_point:
-                avg.mul_(d).add_(new.to(avg.dtype), alpha=1.0 - d)
+                averages.append(avg)
+                targets.append(new.to(avg.dtype))
             else:
                 avg.copy_(new)
+        if averages:
+            # avg += (1 - d) * (new - avg) in one multi-tensor kernel: a per-tensor loop of small
+            # ops cost ~25 ms per step for the default 4.5M-parameter CPU model.
+            torch._foreach_lerp_(averages, targets, 1.0 - d)
         self.updates += 1
 
     def to(self, device: torch.device | str) -> "ModelEMA":

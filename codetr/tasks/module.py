@@ -75,9 +75,17 @@ class CoDETRModule(L.LightningModule):
         self._check_finite(loss, terms)
         n = len(batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value.detach(), batch_size=n)
+        if self._logger_writes_this_step():
+            for name, value in terms.items():
+                self.log(f"train/{name}", value.detach(), batch_size=n)
         return loss
+
+    def _logger_writes_this_step(self) -> bool:
+        """Whether Lightning hands this step's values to the logger (every `log_every_n_steps`
+        optimizer steps; the values logged on other steps are dropped). The ~35 loss terms are
+        logged only then: each `self.log` call costs ~0.6 ms, ~4% of a default CPU step."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def _check_finite(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
         bad = not bool(torch.isfinite(loss.detach()))
