@@ -70,6 +70,9 @@ def test_optimizers():
     adamw = build_optimizer(build_param_groups(model, OptimConfig()), OptimConfig(weight_decay=0.05))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
     assert adamw.defaults["fused"]
+    unfused = build_optimizer(build_param_groups(model, OptimConfig()), OptimConfig(),
+                              allow_fused=False)
+    assert not unfused.defaults["fused"]
 
 
 def test_fused_adamw_matches_the_foreach_update():

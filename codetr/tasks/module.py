@@ -124,7 +124,10 @@ class CoDETRModule(L.LightningModule):
         groups = build_param_groups(self.model, self.optim_cfg, self.vit_layer_decay)
         if self.verbose:
             print("parameter groups:\n" + describe_groups(groups))
-        optimizer = build_optimizer(groups, self.optim_cfg)
+        # Fused AdamW under fp32 only: Lightning's mixed-precision plugins refuse to clip the
+        # gradients of an optimizer that unscales them itself.
+        full_precision = str(self.trainer.precision) in ("32-true", "32")
+        optimizer = build_optimizer(groups, self.optim_cfg, allow_fused=full_precision)
         epochs = max(1, self.trainer.max_epochs or 1)
         steps_per_epoch = optional_steps(self.trainer.estimated_stepping_batches) // epochs
         scheduler = build_scheduler(optimizer, self.optim_cfg, max(1, steps_per_epoch))

@@ -120,16 +120,19 @@ def _fusable(groups: List[dict]) -> bool:
                     for p in params))
 
 
-def build_optimizer(groups: List[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(groups: List[dict], cfg: OptimConfig, allow_fused: bool = True
+                    ) -> torch.optim.Optimizer:
     """AdamW or SGD (with `momentum`) over `groups`, with `weight_decay` on every group.
 
-    AdamW uses torch's fused kernel when the parameters allow it (one update kernel per
-    parameter instead of a chain of element-wise ops): the optimizer step of the default CPU
-    model is ~3.5x faster (BENCHMARKS.md), with the same update up to float rounding.
+    With `allow_fused`, AdamW uses torch's fused kernel when the parameters allow it (one update
+    kernel per parameter instead of a chain of element-wise ops): the optimizer step of the
+    default CPU model is ~3.5x faster (BENCHMARKS.md), with the same update up to float
+    rounding. The trainer disallows it under mixed precision, where Lightning refuses to clip
+    the gradients of an optimizer that unscales them itself.
     """
     if cfg.optimizer == "AdamW":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=_fusable(groups) or None)
+                                 fused=(allow_fused and _fusable(groups)) or None)
     if cfg.optimizer == "SGD":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
