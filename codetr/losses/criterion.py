@@ -80,7 +80,8 @@ class SetCriterion(nn.Module):
         if unknown:
             raise ValueError(f"unknown loss_types {sorted(unknown)}; supported: {LOSS_TYPES}")
         if cls_loss_type not in CLS_LOSS_TYPES:
-            raise ValueError(f"unknown cls_loss_type {cls_loss_type!r}; supported: {CLS_LOSS_TYPES}")
+            raise ValueError(f"unknown cls_loss_type {cls_loss_type!r}; "
+                             f"supported: {CLS_LOSS_TYPES}")
         self.cls_loss_type = cls_loss_type
         self.num_classes = num_classes
         self.matcher = matcher
