@@ -125,9 +125,9 @@ def build_optimizer(groups: List[dict], cfg: OptimConfig, allow_fused: bool = Tr
     """AdamW or SGD (with `momentum`) over `groups`, with `weight_decay` on every group.
 
     With `allow_fused`, AdamW uses torch's fused kernel when the parameters allow it (one update
-    kernel per parameter instead of a chain of element-wise ops): the optimizer step of the
-    default CPU model is ~3.5x faster (BENCHMARKS.md), with the same update up to float
-    rounding. The trainer disallows it under mixed precision, where Lightning refuses to clip
+    kernel per parameter instead of a chain of element-wise ops), with the same update up to
+    float rounding; on the CPU it is never slower than the multi-tensor path and up to 3x faster
+    (BENCHMARKS.md, "Training step cost"). The trainer disallows it under mixed precision, where Lightning refuses to clip
     the gradients of an optimizer that unscales them itself.
     """
     if cfg.optimizer == "AdamW":
