@@ -272,11 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
     # A fresh process per model: ru_maxrss is a per-process high-water mark. --parallel runs the
     # models side by side, so each gets the same share of a machine whose load drifts.
     ctx = multiprocessing.get_context("spawn")
-    workers = len(args.models) if args.parallel else 1
+    processes = len(args.models) if args.parallel else 1
     print(f"== {', '.join(args.models)}: {args.budget:.0f}s budget each, eval every "
           f"{args.eval_every:.0f}s, {args.threads} thread(s) each, "
           f"{'side by side' if args.parallel else 'one after the other'}", flush=True)
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
         futures = {model: pool.submit(run_model, model, spec, args.budget, args.eval_every,
                                       args.threads, args.workers, args.schedule)
                    for model, spec in specs.items()}
