@@ -10,7 +10,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from codetr.spec import SpecError, load_spec, spec_to_yaml
+from codetr.errors import UserError
+from codetr.spec import load_spec, spec_to_yaml
 
 TASKS = {
     "train": "Train a Co-DETR model; checkpoints go to <results_dir>/train.",
@@ -67,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if args.task is None:
             raise UsageError("codetr: choose a task: train, evaluate, inference or spec (see --help)")
-        bad = [o for o in args.overrides if "=" not in o.lstrip("~")]
+        # `~key` (Hydra's delete) resets a key to its default; everything else is key=value.
+        bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
         if bad:
             raise UsageError(f"codetr {args.task}: expected key=value overrides, got: {' '.join(bad)}")
         spec = load_spec(args.experiment_spec_file, args.overrides)
@@ -76,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         task = importlib.import_module(f"codetr.tasks.{args.task}")
         return int(task.run(spec) or 0)
-    except (UsageError, SpecError) as err:
+    except (UsageError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

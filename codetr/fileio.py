@@ -1,18 +1,26 @@
 """Atomic file writes: a crash never leaves a half-written output or "latest" file behind."""
 from __future__ import annotations
 
+import errno
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from codetr.errors import DiskFullError, UnwritableOutputError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes `data` to a temporary file next to `path`, fsyncs it, then renames it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_free_space(path, len(data))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except PermissionError as err:
+        raise UnwritableOutputError(f"cannot write {path}: {err.strerror}") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
         with os.fdopen(fd, "wb") as f:
@@ -20,9 +28,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(f"no space left on the device while writing {path} "
+                                f"({len(data) / 2**20:.1f} MiB); free some space there or point "
+                                "results_dir elsewhere") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _check_free_space(path: Path, size: int) -> None:
+    """Refuses up front a write that cannot fit (statvfs is cheap; the bytes are in memory)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < size:
+        raise DiskFullError(f"not enough space to write {path}: it needs {size / 2**20:.1f} MiB, "
+                            f"{free / 2**20:.1f} MiB are free; free some space or point "
+                            "results_dir elsewhere")
 
 
 def _umask() -> int:

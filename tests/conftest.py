@@ -1,9 +1,12 @@
 """Test-wide settings: offline hub, few threads (2-core machines), shared fixtures."""
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# The image-check cache of the test run (and of the subprocesses it starts) stays out of ~/.cache.
+os.environ.setdefault("CODETR_CACHE_DIR", tempfile.mkdtemp(prefix="codetr_test_cache_"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -58,7 +58,16 @@ def test_usage_and_spec_errors_exit_2_without_traceback(argv, fragment):
     assert "Traceback" not in out.stderr
 
 
-def test_runtime_failure_exits_1(tmp_path):
+def test_runtime_failure_exits_1(tmp_path, monkeypatch):
+    """Our own bug (here a forced one) keeps its traceback and exits 1."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("codetr.cli.load_spec", broken)
+    assert main(["train", "-e", str(tmp_path / "s.yaml")]) == 1
+
+
+def test_unreadable_checkpoint_is_a_user_error(tmp_path):
     bad = tmp_path / "model.pth"
     bad.write_bytes(b"not a checkpoint")
     from codetr.data.synthetic import generate
@@ -69,5 +78,6 @@ def test_runtime_failure_exits_1(tmp_path):
                     f"    json_file: {tmp_path}/data/test/annotations.json\n")
     out = subprocess.run(CODETR + ["evaluate", "-e", str(spec), f"evaluate.checkpoint={bad}"],
                          capture_output=True, text=True)
-    assert out.returncode == 1, out.stderr
-    assert "model.pth" in out.stderr
+    assert out.returncode == 2, out.stderr
+    assert "model.pth is not a PyTorch checkpoint" in out.stderr
+    assert "Traceback" not in out.stderr and "weights_only" not in out.stderr

@@ -93,10 +93,10 @@ def test_unknown_category_for_label_map_names_annotation(tmp_path):
         CocoDetectionDataset([load_coco(json_file, image_dir)], label_map(True), None)
 
 
-def test_corrupt_image_error_names_file(tmp_path):
+def test_image_corrupted_after_loading_error_names_file(tmp_path):
     json_file, image_dir = make_coco(tmp_path, n_images=2, seed=27)
-    (image_dir / "img_27_1.png").write_bytes(b"\x89PNG not really")
     ds = CocoDetectionDataset([load_coco(json_file, image_dir)], label_map(True), None)
+    (image_dir / "img_27_1.png").write_bytes(b"\x89PNG not really")  # broken after the check
     ds[0]
     with pytest.raises(ImageDecodeError, match="img_27_1.png"):
         ds[1]

@@ -36,7 +36,8 @@ def split_sources(spec: ExperimentSpec, split: str) -> list[DataSource]:
 
 def load_split_sources(spec: ExperimentSpec, split: str) -> list[CocoSource]:
     """Loads and validates every source of a split (see `codetr.data.coco.load_coco`)."""
-    return [load_coco(s.json_file, s.image_dir) for s in split_sources(spec, split)]
+    skip = spec.dataset.skip_bad_images
+    return [load_coco(s.json_file, s.image_dir, skip_bad_images=skip) for s in split_sources(spec, split)]
 
 
 def merge_categories(sources: Sequence[CocoSource]) -> list[dict]:

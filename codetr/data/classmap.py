@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Sequence
 
 from codetr.data.labels import LabelMap
+from codetr.errors import InputValueError
 from codetr.fileio import atomic_write_text
 
 
-class ClassmapError(ValueError):
+class ClassmapError(InputValueError):
     """A classmap file is missing, malformed or does not fit the label map; the message names it."""
 
 

@@ -15,15 +15,10 @@ from pathlib import PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from codetr.data.errors import CocoFormatError, DataWarning
+from codetr.errors import MissingInputError
+from codetr.data.image_check import verify_images
 from codetr.data.images import displayed_size
-
-
-class CocoFormatError(ValueError):
-    """The annotation file breaks the COCO format or our rules; the message names file and entry."""
-
-
-class DataWarning(UserWarning):
-    """Annotations were repaired or dropped while loading (the message gives counts)."""
 
 
 @dataclass
@@ -46,6 +41,7 @@ class ImageRecord:
     category_ids: np.ndarray
     iscrowd: np.ndarray
     ann_ids: np.ndarray
+    exif: bool = True
 
 
 @dataclass
@@ -59,7 +55,9 @@ class CocoSource:
         ann_offsets: int64 `[I + 1]`.
         boxes: float32 `[A, 4]` xyxy pixels, clipped; category_ids, ann_ids: int64 `[A]`;
         iscrowd: bool `[A]`.
-        stats: counts of images, annotations, crowd, clipped and dropped boxes.
+        exif: bool `[I]`: decode image i with its EXIF orientation applied (False where the JSON
+            size is the stored, unrotated one: the boxes are in that frame).
+        stats: counts of images, annotations, crowd, clipped and dropped boxes, skipped images.
     """
     json_file: str
     image_dir: str
@@ -73,6 +71,7 @@ class CocoSource:
     category_ids: np.ndarray
     iscrowd: np.ndarray
     ann_ids: np.ndarray
+    exif: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     stats: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -85,7 +84,7 @@ class CocoSource:
                            os.path.join(self.image_dir, self.file_names[index]),
                            self.file_names[index], int(self.heights[index]), int(self.widths[index]),
                            self.boxes[a:b], self.category_ids[a:b], self.iscrowd[a:b],
-                           self.ann_ids[a:b])
+                           self.ann_ids[a:b], bool(self.exif[index]) if len(self.exif) else True)
 
 
 def _read_json(json_file: str) -> dict:
@@ -93,7 +92,7 @@ def _read_json(json_file: str) -> dict:
         with open(json_file, "r", encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file {json_file} does not exist") from None
+        raise MissingInputError(f"annotation file {json_file} does not exist") from None
     except json.JSONDecodeError as err:
         raise CocoFormatError(f"{json_file}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
     except UnicodeDecodeError as err:
@@ -104,7 +103,10 @@ def _read_json(json_file: str) -> dict:
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
             raise CocoFormatError(f"{json_file}: '{key}' must be a list")
-    if not isinstance(data.get("annotations", []), list):
+    if "annotations" not in data:
+        warnings.warn(f"{json_file} has no 'annotations' key: all {len(data['images'])} images are "
+                      "read as images without objects (negatives)", DataWarning, stacklevel=3)
+    elif not isinstance(data["annotations"], list):
         raise CocoFormatError(f"{json_file}: 'annotations' must be a list")
     return data
 
@@ -160,7 +162,7 @@ def _check_files_exist(json_file: str, image_dir: str, names: list[str]) -> None
     missing = [n for n in names if not os.path.isfile(os.path.join(image_dir, n))]
     if missing:
         shown = ", ".join(os.path.join(image_dir, n) for n in missing[:3])
-        raise FileNotFoundError(f"{len(missing)} of {len(names)} image files listed in {json_file} "
+        raise MissingInputError(f"{len(missing)} of {len(names)} image files listed in {json_file} "
                                 f"are missing, e.g. {shown}")
 
 
@@ -173,17 +175,22 @@ def _fill_sizes(image_dir: str, names: list[str], heights: list, widths: list) -
 
 
 def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
-              check_files: bool = True) -> CocoSource:
+              check_files: bool = True, skip_bad_images: bool = False) -> CocoSource:
     """Loads and validates one COCO source.
 
     Args:
         json_file: the COCO annotation file (images, annotations, categories).
         image_dir: the folder the images' `file_name`s are relative to.
-        check_files: check now that every image file exists (stat only, no decoding).
+        check_files: decode every image now (`codetr.data.image_check`, cached) and compare its
+            size with the JSON's; False reads only the headers of images without a JSON size.
+        skip_bad_images: drop images that are missing, cannot be decoded or whose size
+            contradicts the JSON (with their annotations and a counted warning) instead of failing.
 
     Raises:
         FileNotFoundError: the JSON file or image files are missing (names them).
-        CocoFormatError: the content is invalid (names the file and the offending entry).
+        ImageDecodeError: images cannot be decoded (names every one).
+        CocoFormatError: the content is invalid (names the file and the offending entry), or a
+            JSON size contradicts its image file.
     """
     json_file, image_dir = str(json_file), str(image_dir)
     data = _read_json(json_file)
@@ -191,8 +198,17 @@ def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
     known_categories = {c["id"] for c in categories}
     ids, names, heights, widths = _images(data, json_file)
     if check_files:
-        _check_files_exist(json_file, image_dir, names)
-    _fill_sizes(image_dir, names, heights, widths)
+        if not skip_bad_images:
+            _check_files_exist(json_file, image_dir, names)
+        keep_image, exif = verify_images(json_file, image_dir, names, heights, widths, skip_bad_images)
+    else:
+        _fill_sizes(image_dir, names, heights, widths)
+        keep_image, exif = [True] * len(ids), [True] * len(ids)
+    skipped = {iid for iid, k in zip(ids, keep_image) if not k}
+    if skipped:
+        kept = [i for i, k in enumerate(keep_image) if k]
+        ids, names = [ids[i] for i in kept], [names[i] for i in kept]
+        heights, widths, exif = [heights[i] for i in kept], [widths[i] for i in kept], [exif[i] for i in kept]
     image_index = {iid: i for i, iid in enumerate(ids)}
 
     rows, seen_ann = [], set()
@@ -206,6 +222,8 @@ def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
         if aid in seen_ann:
             raise CocoFormatError(f"{json_file}: duplicate annotation id {aid}")
         seen_ann.add(aid)
+        if ann.get("image_id") in skipped:
+            continue
         img = image_index.get(ann.get("image_id"))
         if img is None:
             raise CocoFormatError(f"{json_file}: annotation id {aid} refers to image id "
@@ -245,10 +263,10 @@ def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
         heights=np.asarray(heights, dtype=np.int64), widths=np.asarray(widths, dtype=np.int64),
         ann_offsets=offsets, boxes=boxes[order].astype(np.float32),
         category_ids=table[order, 2].astype(np.int64), iscrowd=iscrowd,
-        ann_ids=table[order, 1].astype(np.int64),
+        ann_ids=table[order, 1].astype(np.int64), exif=np.asarray(exif, dtype=bool),
         stats={"images": len(ids), "annotations": int(len(table)), "crowd": int(iscrowd.sum()),
                "clipped": int(n_clipped), "dropped": n_dropped,
-               "negative_images": int((counts == 0).sum())})
+               "negative_images": int((counts == 0).sum()), "skipped_images": len(skipped)})
 
 
 def clip_boxes(xywh: np.ndarray, heights: np.ndarray, widths: np.ndarray

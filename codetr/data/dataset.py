@@ -43,7 +43,7 @@ class DefaultStore:
                 rec = src.record(i, k)
                 self.images.append({
                     "id": rec.image_id, "source": k, "file_name": rec.file_name,
-                    "height": rec.height, "width": rec.width,
+                    "height": rec.height, "width": rec.width, "exif": rec.exif,
                     "annotations": [{"id": int(a), "bbox": [float(v) for v in box],
                                      "category_id": int(c), "iscrowd": bool(z)}
                                     for a, box, c, z in zip(rec.ann_ids, rec.boxes,
@@ -62,7 +62,7 @@ class DefaultStore:
             np.asarray([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4),
             np.asarray([a["category_id"] for a in anns], dtype=np.int64),
             np.asarray([a["iscrowd"] for a in anns], dtype=bool),
-            np.asarray([a["id"] for a in anns], dtype=np.int64))
+            np.asarray([a["id"] for a in anns], dtype=np.int64), img["exif"])
 
 
 def build_store(sources: Sequence[CocoSource], dataset_type: str) -> AnnotationStore:
@@ -125,7 +125,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         rec = self.store.get(index)
-        image = load_rgb(rec.path)
+        image = load_rgb(rec.path, apply_exif=rec.exif)
         height, width = image.shape[-2:]
         keep = ~rec.iscrowd
         boxes = torch.from_numpy(np.array(rec.boxes[keep], dtype=np.float32)).reshape(-1, 4)

@@ -9,10 +9,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from codetr.errors import MissingInputError, UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class ImageDecodeError(OSError):
+class ImageDecodeError(UserError, OSError):
     """An image file exists but cannot be decoded; the message names the file."""
 
 
@@ -35,8 +37,11 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy needs one
 
 
-def load_rgb(path: str | os.PathLike) -> torch.Tensor:
+def load_rgb(path: str | os.PathLike, apply_exif: bool = True) -> torch.Tensor:
     """Decodes an image in its displayed orientation (EXIF applied) as uint8 `[3, H, W]` RGB.
+
+    `apply_exif=False` keeps the stored orientation (for annotations made in that frame, see
+    `codetr.data.image_check.verify_images`).
 
     Raises:
         FileNotFoundError: the file is missing.
@@ -45,11 +50,12 @@ def load_rgb(path: str | os.PathLike) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if apply_exif:
+                image = ImageOps.exif_transpose(image)
             array = _to_rgb_array(image)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise MissingInputError(f"image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode image {path}: {err}") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -61,8 +67,8 @@ def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise MissingInputError(f"image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode image {path}: {err}") from None
     # EXIF orientations 5..8 rotate by 90 degrees, which swaps the displayed width and height.
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
@@ -72,7 +78,7 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     """Image files under `root`, recursively, sorted by relative path; hidden entries skipped."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+        raise MissingInputError(f"image folder {root} does not exist or is not a directory")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -111,7 +117,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for root in dirs:
             self.items.extend((str(root), p.relative_to(root).as_posix()) for p in list_images(root))
         if not self.items:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {dirs}")
+            raise MissingInputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {dirs}")
 
     def __len__(self) -> int:
         return len(self.items)

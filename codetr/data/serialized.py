@@ -44,6 +44,8 @@ class SerializedStore:
         self.category_ids = np.concatenate([s.category_ids for s in sources] or [np.zeros(0, np.int64)])
         self.iscrowd = np.concatenate([s.iscrowd for s in sources] or [np.zeros(0, bool)])
         self.ann_ids = np.concatenate([s.ann_ids for s in sources] or [np.zeros(0, np.int64)])
+        self.exif = np.concatenate([s.exif if len(s.exif) == len(s) else np.ones(len(s), bool)
+                                    for s in sources] or [np.zeros(0, bool)])
         self.name_offsets = _offsets([len(n) for n in names])
         self.name_bytes = np.frombuffer(b"".join(names), dtype=np.uint8).copy()
 
@@ -54,7 +56,7 @@ class SerializedStore:
         """Total size of the arrays in bytes."""
         return sum(a.nbytes for a in (self.image_ids, self.heights, self.widths, self.sources,
                                       self.ann_offsets, self.boxes, self.category_ids, self.iscrowd,
-                                      self.ann_ids, self.name_offsets, self.name_bytes))
+                                      self.ann_ids, self.name_offsets, self.name_bytes, self.exif))
 
     def get(self, index: int) -> ImageRecord:
         """The record of image `index` (array slices are views: nothing shared is written)."""
@@ -65,4 +67,5 @@ class SerializedStore:
         return ImageRecord(int(self.image_ids[index]), source,
                            os.path.join(self.image_dirs[source], file_name), file_name,
                            int(self.heights[index]), int(self.widths[index]), self.boxes[a:b],
-                           self.category_ids[a:b], self.iscrowd[a:b], self.ann_ids[a:b])
+                           self.category_ids[a:b], self.iscrowd[a:b], self.ann_ids[a:b],
+                           bool(self.exif[index]))

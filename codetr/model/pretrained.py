@@ -14,6 +14,9 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from codetr.errors import InputValueError, MissingInputError
+from codetr.safe_torch_load import UnsafeCheckpointError, safe_torch_load
+
 logger = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("state_dict", "model", "module")
@@ -64,26 +67,28 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained backbone weights not found: {path}")
+        raise MissingInputError(f"pretrained backbone weights not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, ...)
-        raise ValueError(f"{path} is not a PyTorch/safetensors checkpoint loadable with "
-                         f"weights_only=True: {err}") from err
+            obj = safe_torch_load(path, "pretrained backbone weights")
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # safetensors raises its own types for a corrupt file
+        raise InputValueError(f"pretrained backbone weights {path} are not a safetensors file: "
+                              f"{err}") from None
     while isinstance(obj, dict):
         wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if wrapper is None:
             break
         obj = obj[wrapper]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise InputValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not tensors:
-        raise ValueError(f"{path} holds no tensors (top-level keys: {list(obj)[:_SHOWN]})")
+        raise InputValueError(f"{path} holds no tensors (top-level keys: {list(obj)[:_SHOWN]})")
     return tensors
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import typing
 from typing import Any, Dict, List, Optional, Union
@@ -94,14 +95,20 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return int(value)
         raise SpecError(f"{key}: expected an integer, got {_show(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # '1e-4' read as a string by a YAML 1.1 loader
+                number = float(value)  # '1e-4' read as a string by a YAML 1.1 loader
             except ValueError:
                 pass
-        raise SpecError(f"{key}: expected a number, got {_show(value)}")
+        if number is None:
+            raise SpecError(f"{key}: expected a number, got {_show(value)}")
+        if not math.isfinite(number):
+            # NaN compares False with every bound, so range checks alone would let it through.
+            raise SpecError(f"{key}={value!r}: expected a finite number (not NaN or infinity)")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -36,7 +36,10 @@ def parse_override(text: str) -> tuple[str, Any, str]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise SpecError(f"override '{text}': empty key")
-    value = load_yaml_text(raw, f"override {key}") if raw.strip() else ""
+    try:
+        value = load_yaml_text(raw, f"override {key}") if raw.strip() else ""
+    except ValueError as err:
+        raise SpecError(str(err)) from None
     return key, value, op
 
 
@@ -142,6 +145,9 @@ def check_spec(spec: ExperimentSpec) -> None:
     if a.fixed_random_crop is not None and a.fixed_random_crop % 32:
         raise SpecError(f"dataset.augmentation.fixed_random_crop={a.fixed_random_crop} must be "
                         "divisible by 32")
+    if not spec.results_dir.strip():
+        raise SpecError("results_dir is empty: set it to the folder the tasks write to "
+                        "(e.g. results_dir=/tmp/codetr_run)")
     if spec.encryption_key:
         raise SpecError("encryption_key is not supported: codetr writes plain PyTorch .pth files "
                         "(load them with torch.load(weights_only=True)); set encryption_key: null")

@@ -59,7 +59,7 @@ class ModelConfig:
     use_dn: bool = _f(True)
     dn_number: int = _f(100, gt=0)
     dn_box_noise_scale: float = _f(1.0, min=0.0)
-    dn_label_noise_ratio: float = _f(0.5, min=0.0)
+    dn_label_noise_ratio: float = _f(0.5, min=0.0, max=1.0)
     cls_loss_coef: float = _f(2.0, min=0.0)
     bbox_loss_coef: float = _f(5.0, min=0.0)
     giou_loss_coef: float = _f(2.0, min=0.0)
@@ -122,6 +122,7 @@ class DatasetConfig:
     workers: int = _f(8, min=0)
     train_sampler: str = _f("default_sampler", choices=("default_sampler",))
     dataset_type: str = _f("serialized", choices=("serialized", "default"))
+    skip_bad_images: bool = _f(False)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 
@@ -181,7 +182,7 @@ class EvaluateConfig:
     results_dir: Optional[str] = _f(None)
     num_gpus: int = _f(1, gt=0)
     gpu_ids: List[int] = _f([0], each={"min": 0})
-    conf_threshold: float = _f(0.0, min=0.0)
+    conf_threshold: float = _f(0.0, min=0.0, max=1.0)
     input_width: Optional[int] = _f(None, gt=0)
     input_height: Optional[int] = _f(None, gt=0)
 
@@ -193,7 +194,7 @@ class InferenceConfig:
     results_dir: Optional[str] = _f(None)
     num_gpus: int = _f(1, gt=0)
     gpu_ids: List[int] = _f([0], each={"min": 0})
-    conf_threshold: float = _f(0.5, min=0.0)
+    conf_threshold: float = _f(0.5, min=0.0, max=1.0)
     input_width: Optional[int] = _f(640, min=32)
     input_height: Optional[int] = _f(640, min=32)
     outline_width: int = _f(3, min=1)

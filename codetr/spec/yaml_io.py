@@ -34,6 +34,23 @@ SpecLoader.yaml_implicit_resolvers = {
 SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
+def _mapping_without_duplicates(loader: SpecLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: YAML's "last one wins" would silently drop a setting."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' on lines {seen[key]} and {line} "
+                "(YAML would keep only the last; delete one)", key_node.start_mark)
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_yaml_text(text: str, origin: str = "<string>") -> Any:
     """Parses YAML text; errors name `origin` and the line."""
     try:
@@ -49,6 +66,13 @@ def load_yaml(path: str | os.PathLike) -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"spec file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a spec file (give the YAML file)") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the spec "
+                         "as UTF-8") from None
+    except OSError as err:
+        raise ValueError(f"cannot read spec file {path}: {err.strerror or err}") from None
     return load_yaml_text(text, str(path))
 
 

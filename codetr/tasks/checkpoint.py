@@ -25,14 +25,16 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from torch import nn
 
+from codetr.errors import UserError
 from codetr.fileio import atomic_torch_save
+from codetr.safe_torch_load import UnsafeCheckpointError, safe_torch_load
 
 FORMAT_VERSION = 1
 # The LightningModule holds the detector as `self.model`: its keys carry this prefix.
 MODEL_PREFIX = "model."
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, not a codetr checkpoint or of another architecture."""
 
 
@@ -88,9 +90,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        ckpt = safe_torch_load(path, "checkpoint", map_location)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
     if require_codetr and "codetr" not in ckpt:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
+from codetr.errors import InputValueError
+
 # pycocotools' `stats` order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -57,7 +59,7 @@ def load_ground_truth(json_files: Sequence[str]) -> Dict[str, Any]:
     for path, data in zip(files, datasets):
         for img in data.get("images", []):
             if img["id"] in owner:
-                raise ValueError(f"image id {img['id']} is in both {owner[img['id']]} and {path}: "
+                raise InputValueError(f"image id {img['id']} is in both {owner[img['id']]} and {path}: "
                                  "evaluation over several sources needs distinct image ids")
             owner[img["id"]] = path
             images.append(img)

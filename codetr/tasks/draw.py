@@ -6,6 +6,8 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
+from codetr.spec.errors import SpecError
+
 RGB = Tuple[int, int, int]
 
 
@@ -21,7 +23,7 @@ def parse_color(value: str) -> RGB:
     try:
         return ImageColor.getrgb(text)[:3]
     except ValueError:
-        raise ValueError(f"inference.color_map: '{value}' is not a colour name or hex code "
+        raise SpecError(f"inference.color_map: '{value}' is not a colour name or hex code "
                          f"(e.g. red, '#ff8800')") from None
 
 
@@ -43,7 +45,7 @@ def class_colors(names: Sequence[str], color_map: Mapping[str, str]) -> Dict[str
     """
     unknown = sorted(set(color_map) - set(names))
     if unknown:
-        raise ValueError(f"inference.color_map names unknown classes {unknown}; "
+        raise SpecError(f"inference.color_map names unknown classes {unknown}; "
                          f"classes are: {', '.join(names)}")
     palette = default_palette(len(names))
     return {name: parse_color(color_map[name]) if name in color_map else palette[i]

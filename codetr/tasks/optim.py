@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from codetr.spec.errors import SpecError
 from codetr.spec.schema import OptimConfig
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
@@ -43,7 +44,7 @@ def freeze_parameters(model: nn.Module, prefixes: Sequence[str]) -> Dict[str, in
                 if name == prefix or name.startswith(prefix + ".")]
         if not hits:
             tops = sorted({n.split(".")[0] for n in names})
-            raise ValueError(f"train.freeze: '{prefix}' matches no parameter of the model; "
+            raise SpecError(f"train.freeze: '{prefix}' matches no parameter of the model; "
                              f"top-level modules are: {', '.join(tops)}")
         for p in hits:
             p.requires_grad_(False)
@@ -106,7 +107,7 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig,
             lr, key = cfg.lr, "base"
         groups.setdefault(key, ParamGroup(key, lr, [])).params.append(p)
     if not groups:
-        raise ValueError("no trainable parameters: train.freeze (or train_backbone) froze everything")
+        raise SpecError("no trainable parameters: train.freeze (or train_backbone) froze everything")
     return [{"params": g.params, "lr": g.lr, "name": g.name} for g in groups.values()]
 
 

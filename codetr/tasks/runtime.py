@@ -11,6 +11,9 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from codetr.errors import UnwritableOutputError
+from codetr.spec.errors import SpecError
+
 PRECISIONS = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 
 
@@ -49,10 +52,10 @@ def resolve_devices(num_gpus: int, gpu_ids: Sequence[int], cuda_count: int,
         if ids == [0]:
             ids = list(range(num_gpus))
         else:
-            raise ValueError(f"gpu_ids={list(gpu_ids)} must list num_gpus={num_gpus} device indices")
+            raise SpecError(f"gpu_ids={list(gpu_ids)} must list num_gpus={num_gpus} device indices")
     bad = [i for i in ids if i >= cuda_count]
     if bad:
-        raise ValueError(f"gpu_ids {bad} do not exist: this machine has {cuda_count} GPU(s) "
+        raise SpecError(f"gpu_ids {bad} do not exist: this machine has {cuda_count} GPU(s) "
                          f"(indices 0..{cuda_count - 1})")
     return "gpu", ids
 
@@ -65,7 +68,7 @@ def resolve_precision(precision: str, accelerator: str, notices: List[str]) -> s
         notices.append("precision fp16 is not available on the CPU: using bf16 mixed precision.")
         return PRECISIONS["bf16"]
     if precision == "bf16" and accelerator == "gpu" and not torch.cuda.is_bf16_supported():
-        raise ValueError("precision bf16 needs a GPU with bfloat16 support (Ampere or newer); "
+        raise SpecError("precision bf16 needs a GPU with bfloat16 support (Ampere or newer); "
                          "use fp16 or fp32")
     return PRECISIONS[precision]
 
@@ -128,7 +131,7 @@ def ensure_writable_dir(path: str, what: str) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
             pass
     except OSError as err:
-        raise PermissionError(f"the {what} {path} is not writable ({err.strerror or err}); "
+        raise UnwritableOutputError(f"the {what} {path} is not writable ({err.strerror or err}); "
                               "set results_dir to a writable folder") from None
 
 
@@ -144,7 +147,7 @@ def eval_device(num_gpus: int, gpu_ids: Sequence[int], task: str) -> tuple[torch
         return torch.device("cpu"), notices
     index = gpu_ids[0] if gpu_ids else 0
     if index >= torch.cuda.device_count():
-        raise ValueError(f"{task}.gpu_ids {list(gpu_ids)}: GPU {index} does not exist "
+        raise SpecError(f"{task}.gpu_ids {list(gpu_ids)}: GPU {index} does not exist "
                          f"({torch.cuda.device_count()} GPU(s))")
     if num_gpus > 1:
         notices.append(f"{task} runs in one process: using GPU {index} of {task}.gpu_ids.")

@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from torch import nn
 
 from codetr.data import LabelMap, build_label_map, load_split_sources
-from codetr.spec import ExperimentSpec, spec_to_dict
+from codetr.errors import InputValueError, MissingInputError
+from codetr.spec import ExperimentSpec, SpecError, spec_to_dict
 from codetr.spec.load import save_spec
 from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_partial,
                                      model_state_dict, require_same_architecture)
@@ -78,7 +79,7 @@ def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postproces
     for notice in runtime.notices:
         _info(notice)
     if t.enable_ema and t.distributed_strategy == "fsdp" and runtime.world_size > 1:
-        raise ValueError("train.enable_ema is not supported with distributed_strategy fsdp "
+        raise SpecError("train.enable_ema is not supported with distributed_strategy fsdp "
                          "(the average would need the full, unsharded weights); use ddp")
     resume = None if dry else find_resume_checkpoint(spec, train_dir)
     if resume:
@@ -128,7 +129,7 @@ def find_resume_checkpoint(spec: ExperimentSpec, train_dir: str) -> Optional[str
     explicit = spec.train.resume_training_checkpoint_path
     if explicit:
         if not os.path.isfile(explicit):
-            raise FileNotFoundError(f"train.resume_training_checkpoint_path {explicit} does not exist")
+            raise MissingInputError(f"train.resume_training_checkpoint_path {explicit} does not exist")
         return explicit
     last = os.path.join(train_dir, LAST)
     return last if os.path.isfile(last) else None
@@ -139,7 +140,7 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     state, which = model_state_dict(load_checkpoint(path, require_codetr=False))
     report = load_partial(model, state)
     if not report.loaded:
-        raise ValueError(f"train.pretrained_model_path {path}: no tensor matches the model by name "
+        raise InputValueError(f"train.pretrained_model_path {path}: no tensor matches the model by name "
                          f"and shape; is it a Co-DETR checkpoint?\n{report.summary()}")
     _info(f"pretrained weights ({which}) from {path}:\n{report.summary()}")
 
