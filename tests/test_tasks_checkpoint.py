@@ -40,11 +40,41 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a zip")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="garbage.pth is not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "garbage.pth")
     torch.save({"state_dict": {"a": torch.randn(1)}}, tmp_path / "foreign.pth")
     with pytest.raises(CheckpointError, match="not a codetr checkpoint"):
         load_checkpoint(tmp_path / "foreign.pth")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if it ever ran
+
+
+def test_bad_checkpoints_get_a_reason_and_never_the_weights_only_false_advice(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"a": torch.randn(2)}, "x": _Evil(str(marker))}, tmp_path / "evil.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"w": torch.randn(64, 64)}, tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    expected = {"evil.pth": "is not a safe checkpoint: loading it would run code named in the file "
+                            "(io.open)",
+                "empty.pth": "is empty (0 bytes)",
+                "random.pth": "is not a PyTorch checkpoint: its content is not a checkpoint",
+                "truncated.pth": "is not a PyTorch checkpoint: it is damaged or truncated"}
+    for name, fragment in expected.items():
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(tmp_path / name)
+        message = str(err.value)
+        assert fragment in message, message
+        assert "weights_only" not in message and "trust" not in message, message
+    assert not marker.exists()
 
 
 def test_partial_load_skips_mismatched_shapes_and_reports():
