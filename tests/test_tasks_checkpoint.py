@@ -73,7 +73,7 @@ def test_bad_checkpoints_get_a_reason_and_never_the_weights_only_false_advice(tm
             load_checkpoint(tmp_path / name)
         message = str(err.value)
         assert fragment in message, message
-        assert "weights_only" not in message and "trust" not in message, message
+        assert "weights_only" not in message and "trusted source" not in message, message
     assert not marker.exists()
 
 
