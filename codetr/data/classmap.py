@@ -50,9 +50,10 @@ def read_classmap(path: str | os.PathLike) -> list[str]:
 def write_classmap(path: str | os.PathLike, names: Sequence[str]) -> None:
     """Writes one name per line (e.g. `label_map.names`, which are in category id order)."""
     for name in names:
-        if not name.strip() or "\n" in name or "\r" in name:
+        # read_classmap strips each line: a name must read back as written.
+        if not name.strip() or "\n" in name or "\r" in name or name != name.strip():
             raise ClassmapError(f"cannot write class name {name!r} to {path}: a name must be one "
-                                "non-empty line")
+                                "non-empty line without leading or trailing white space")
     atomic_write_text(path, "".join(f"{name}\n" for name in names))
 
 

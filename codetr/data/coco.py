@@ -17,8 +17,7 @@ import numpy as np
 
 from codetr.data.errors import CocoFormatError, DataWarning
 from codetr.errors import MissingInputError
-from codetr.data.image_check import verify_images
-from codetr.data.images import displayed_size
+from codetr.data.image_check import check_files_exist, fill_missing_sizes, verify_images
 
 
 @dataclass
@@ -130,7 +129,13 @@ def check_file_name(file_name: str, json_file: str, image_id: int) -> str:
 
 
 def _categories(data: dict, json_file: str) -> list[dict]:
-    categories, seen = [], set()
+    """Categories with unique ids and unique names.
+
+    Names are stripped of surrounding white space, the rule the classmap file follows too (one
+    name per line), so a name survives the classmap round trip. Two categories with one name
+    are an error: the classmap, `color_map` and `category_mapping` key on names.
+    """
+    categories, seen, names = [], set(), {}
     for cat in data["categories"]:
         if not isinstance(cat, dict) or "id" not in cat:
             raise CocoFormatError(f"{json_file}: category {cat!r} has no id")
@@ -138,7 +143,16 @@ def _categories(data: dict, json_file: str) -> list[dict]:
         if cid in seen:
             raise CocoFormatError(f"{json_file}: duplicate category id {cid}")
         seen.add(cid)
-        categories.append({"id": cid, "name": str(cat.get("name", cid))})
+        name = str(cat.get("name", cid)).strip()
+        if not name or "\n" in name or "\r" in name:
+            raise CocoFormatError(f"{json_file}: category id {cid} has name {cat.get('name')!r}; a "
+                                  "name must be one non-empty line")
+        if name in names:
+            raise CocoFormatError(f"{json_file}: categories {names[name]} and {cid} are both named "
+                                  f"'{name}'; names must be unique (the classmap and color_map key "
+                                  "on them)")
+        names[name] = cid
+        categories.append({"id": cid, "name": name})
     return categories
 
 
@@ -156,22 +170,6 @@ def _images(data: dict, json_file: str) -> tuple[list[int], list[str], list, lis
         heights.append(img.get("height"))
         widths.append(img.get("width"))
     return ids, names, heights, widths
-
-
-def _check_files_exist(json_file: str, image_dir: str, names: list[str]) -> None:
-    missing = [n for n in names if not os.path.isfile(os.path.join(image_dir, n))]
-    if missing:
-        shown = ", ".join(os.path.join(image_dir, n) for n in missing[:3])
-        raise MissingInputError(f"{len(missing)} of {len(names)} image files listed in {json_file} "
-                                f"are missing, e.g. {shown}")
-
-
-def _fill_sizes(image_dir: str, names: list[str], heights: list, widths: list) -> None:
-    """Reads the header of images whose JSON entry lacks a valid width/height."""
-    for i, (h, w) in enumerate(zip(heights, widths)):
-        valid = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (h, w))
-        if not valid:
-            heights[i], widths[i] = displayed_size(os.path.join(image_dir, names[i]))
 
 
 def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
@@ -199,10 +197,10 @@ def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
     ids, names, heights, widths = _images(data, json_file)
     if check_files:
         if not skip_bad_images:
-            _check_files_exist(json_file, image_dir, names)
+            check_files_exist(json_file, image_dir, names)
         keep_image, exif = verify_images(json_file, image_dir, names, heights, widths, skip_bad_images)
     else:
-        _fill_sizes(image_dir, names, heights, widths)
+        fill_missing_sizes(image_dir, names, heights, widths)
         keep_image, exif = [True] * len(ids), [True] * len(ids)
     skipped = {iid for iid, k in zip(ids, keep_image) if not k}
     if skipped:

@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from codetr.data.errors import CocoFormatError, DataWarning
-from codetr.data.images import ImageDecodeError
+from codetr.data.images import ImageDecodeError, displayed_size
+from codetr.errors import MissingInputError
 from codetr.fileio import atomic_write_text
 
 CACHE_VERSION = 1
@@ -145,6 +146,22 @@ def check_images(image_dir: str, file_names: Sequence[str], workers: Optional[in
 
 def _valid_size(h, w) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (h, w))
+
+
+def check_files_exist(json_file: str, image_dir: str, names: list[str]) -> None:
+    """Raises MissingInputError naming a few of the image files that do not exist."""
+    missing = [n for n in names if not os.path.isfile(os.path.join(image_dir, n))]
+    if missing:
+        shown = ", ".join(os.path.join(image_dir, n) for n in missing[:3])
+        raise MissingInputError(f"{len(missing)} of {len(names)} image files listed in {json_file} "
+                                f"are missing, e.g. {shown}")
+
+
+def fill_missing_sizes(image_dir: str, names: list[str], heights: list, widths: list) -> None:
+    """Reads the header of images whose JSON entry lacks a valid width/height."""
+    for i, (h, w) in enumerate(zip(heights, widths)):
+        if not _valid_size(h, w):
+            heights[i], widths[i] = displayed_size(os.path.join(image_dir, names[i]))
 
 
 def _listing(problems: Sequence[str], limit: int = 10) -> str:

@@ -48,6 +48,7 @@ def run(spec: ExperimentSpec) -> int:
     runtime = resolve_runtime(spec.train.num_gpus, spec.train.gpu_ids, spec.train.num_nodes,
                               spec.train.precision, spec.train.distributed_strategy)
     sources = load_split_sources(spec, "train")
+    require_boxes(sources)
     label_map = build_label_map(spec, train_sources=sources)
     model = build_model(spec, label_map.num_classes)
     if spec.train.pretrained_model_path and not find_resume_checkpoint(spec, train_dir):
@@ -121,6 +122,16 @@ def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postproces
     if module.last_val_metrics:
         _info("last validation: " + ", ".join(f"{k} {v:.4f}" for k, v in module.last_val_metrics.items()))
     return 0
+
+
+def require_boxes(sources) -> None:
+    """A training set without a single (non-crowd) box would train to exit 0 and learn nothing."""
+    if sum(int((~s.iscrowd).sum()) for s in sources) == 0:
+        files = ", ".join(s.json_file for s in sources)
+        images = sum(len(s) for s in sources)
+        raise InputValueError(f"the training set has no boxes ({images} images, 0 non-crowd "
+                              f"annotations in {files}): a detector cannot learn from negatives "
+                              "alone; check dataset.train_data_sources")
 
 
 def find_resume_checkpoint(spec: ExperimentSpec, train_dir: str) -> Optional[str]:
