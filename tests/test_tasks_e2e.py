@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from codetr.data.synthetic import generate
+from codetr.errors import UserError
 from codetr.spec import SpecError, spec_from_dict
 from codetr.tasks import evaluate, inference, train
 from codetr.tasks.checkpoint import CheckpointError, restore_detector
@@ -126,7 +127,15 @@ def test_inference_writes_kitti_and_images(trained, data, tmp_path):
     assert inference.run(spec_from_dict(d)) == 0
     labels = sorted(p.relative_to(tmp_path / "inf" / "labels").as_posix()
                     for p in (tmp_path / "inf" / "labels").rglob("*.txt"))
-    assert labels == ["a_b.txt", "a_b_1.txt", "sub_dir/_odd_name_1_.txt"]
+    assert labels == ["a%20b.txt", "a_b.txt", "sub%20dir/%C3%BC%20odd%20name%20%281%29.txt"]
+    index = json.loads((tmp_path / "inf" / "index.json").read_text())
+    assert index["complete"] is True
+    by_image = {Path(e["image"]).name: e for e in index["images"]}
+    assert by_image["a b.png"]["labels"] == "labels/a%20b.txt"
+    assert by_image["a b.png"]["annotated"] == "images_annotated/a%20b.jpg"
+    for entry in index["images"]:
+        lines = (tmp_path / "inf" / entry["labels"]).read_text().splitlines()
+        assert entry["detections"] == len(lines) and (tmp_path / "inf" / entry["annotated"]).is_file()
     lines = [ln for p in (tmp_path / "inf" / "labels").rglob("*.txt") for ln in p.read_text().splitlines()]
     assert lines
     for line in lines:
@@ -143,6 +152,14 @@ def test_inference_writes_kitti_and_images(trained, data, tmp_path):
     grouped = [ln for p in (tmp_path / "grouped" / "labels").rglob("*.txt") for ln in p.read_text().splitlines()]
     assert {parse_kitti_line(ln).name for ln in grouped} <= {"shape"}
     assert not (tmp_path / "grouped" / "images_annotated").exists()
+    # A rerun into the same folder with one image fewer leaves no output of the removed image.
+    (images / "a_b.jpg").unlink()
+    assert inference.run(spec_from_dict(d)) == 0
+    assert sorted(p.name for p in (tmp_path / "grouped" / "labels").rglob("*.txt")) == [
+        "%C3%BC%20odd%20name%20%281%29.txt", "a%20b.txt"]
+    (tmp_path / "grouped" / "labels" / "notes.txt").write_text("someone else's file")
+    with pytest.raises(UserError, match="notes.txt"):
+        inference.run(spec_from_dict(d))
 
 
 def test_task_errors(trained, data, tmp_path):

@@ -2,14 +2,15 @@
 
 Writes to `<results_dir>/inference` (`spec.task_results_dir("inference")`):
 
-- `labels/<relative path>.txt`: one KITTI line per detection (see `codetr.tasks.kitti`; class
+- `labels/<stem>.txt`: one KITTI line per detection (see `codetr.tasks.kitti`; class
   names with spaces are written with underscores);
-- `images_annotated/<relative path>.jpg` when `save_annotated_images`.
+- `images_annotated/<stem>.jpg` when `save_annotated_images`;
+- `index.json`: every input image with its output files and detection count.
 
-`<relative path>` is the image's path under its input folder (prefixed by the folder's index when
-several folders are given), with the extension dropped and each component reduced to
-`[A-Za-z0-9._-]`, so outputs stay inside the results folder whatever the file names; two images
-that reduce to one name get `_1`, `_2`... suffixes.
+`<stem>` is the image's path under its input folder without extension, percent-encoded per
+component (`codetr.tasks.output_names`: contained and collision-free by construction). Outputs
+of an earlier run in the same folder are removed first (as its index lists them); files that no
+index lists make the run stop before writing anything.
 
 Class names come from the checkpoint's label map (a given `infer_data_sources.classmap` must
 list the same names). `category_mapping` folds classes into output groups (detections of
@@ -20,8 +21,7 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path, PurePath
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageOps
@@ -36,7 +36,9 @@ from codetr.spec.schema import ModelConfig
 from codetr.tasks.checkpoint import restore_detector
 from codetr.tasks.draw import class_colors, draw_detections
 from codetr.tasks.evaluate import input_size
-from codetr.tasks.kitti import format_kitti_line, kitti_text, safe_relative_path
+from codetr.tasks.kitti import format_kitti_line, kitti_text
+from codetr.tasks.output_names import (clear_previous_outputs, output_stems, relative_output,
+                                       write_index)
 from codetr.tasks.runtime import ensure_writable_dir, eval_device
 
 
@@ -101,24 +103,6 @@ def select(scores: torch.Tensor, groups: torch.Tensor, boxes: torch.Tensor, mode
     return scores[keep], groups[keep], boxes[keep]
 
 
-class OutputPaths:
-    """Unique, contained relative output paths (see the module docstring)."""
-
-    def __init__(self, roots: Sequence[str]) -> None:
-        self.prefix = {str(r): [str(i)] if len(roots) > 1 else [] for i, r in enumerate(roots)}
-        self.used: Set[PurePath] = set()
-
-    def stem_path(self, root: str, relative: str) -> PurePath:
-        """The output path without extension of the image `relative` under `root`."""
-        base = safe_relative_path(Path(root) / relative, Path(root), "", self.prefix.get(root, []))
-        path, n = base, 0
-        while path in self.used:
-            n += 1
-            path = base.with_name(f"{base.name}_{n}")
-        self.used.add(path)
-        return path
-
-
 def run(spec: ExperimentSpec) -> int:
     """Runs inference with `inference.checkpoint`; returns the exit status (0)."""
     from codetr.model.builder import build_postprocess
@@ -146,7 +130,15 @@ def run(spec: ExperimentSpec) -> int:
                               workers=spec.dataset.workers, shuffle=False,
                               collate_fn=build_collator(spec, "test", size).images)
     postprocess = build_postprocess(spec).to(device)
-    paths = OutputPaths(list(dict.fromkeys(root for root, _ in dataset.items)))
+    stems = output_stems(dataset.items)
+    removed = clear_previous_outputs(out_dir, ("labels", "images_annotated"))
+    if removed:
+        print(f"removed {removed} output files of the previous inference run in {out_dir}")
+    index = {key: {"image": os.path.join(*key), "labels": relative_output(stem, "labels", ".txt"),
+                   "annotated": relative_output(stem, "images_annotated", ".jpg")
+                   if cfg.save_annotated_images else None, "detections": None}
+             for key, stem in stems.items()}
+    write_index(out_dir, list(index.values()), complete=False)
     count = 0
     with torch.no_grad():
         for batch in loader:
@@ -157,13 +149,15 @@ def run(spec: ExperimentSpec) -> int:
                 scores, groups, boxes = select(*grouping.apply(det["scores"], det["labels"], det["boxes"]),
                                                spec.model, cfg.conf_threshold)
                 names = [grouping.names[g] for g in groups.tolist()]
-                stem = paths.stem_path(meta["root"], meta["relative_path"])
-                atomic_write_text(os.path.join(out_dir, "labels", f"{stem}.txt"), kitti_text(
+                entry = index[(meta["root"], meta["relative_path"])]
+                atomic_write_text(os.path.join(out_dir, entry["labels"]), kitti_text(
                     format_kitti_line(n, b.tolist(), s) for n, b, s in zip(names, boxes, scores.tolist())))
-                if cfg.save_annotated_images:
-                    _save_annotated(meta["path"], os.path.join(out_dir, "images_annotated", f"{stem}.jpg"),
+                if entry["annotated"]:
+                    _save_annotated(meta["path"], os.path.join(out_dir, entry["annotated"]),
                                     boxes.tolist(), names, scores.tolist(), colors, cfg.outline_width)
+                entry["detections"] = len(names)
                 count += 1
+    write_index(out_dir, list(index.values()), complete=True)
     print(f"inference ({'EMA' if which == 'ema' else 'model'} weights) on {count} images: "
           f"results written to {out_dir}")
     return 0

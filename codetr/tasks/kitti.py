@@ -1,4 +1,4 @@
-"""KITTI label files (TAO's inference output) and safe output paths for them.
+"""KITTI label files (TAO's inference output).
 
 One line per detection, 16 fields separated by single spaces:
 
@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePath
-from typing import Iterable, List, Sequence
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._\-]+")
-
+from typing import Iterable, Sequence
 
 def kitti_name(name: str) -> str:
     """A class name as one KITTI token: whitespace runs become underscores."""
@@ -52,36 +48,3 @@ def kitti_text(lines: Iterable[str]) -> str:
     """File content: the lines, newline-terminated (an empty file for no detection)."""
     lines = list(lines)
     return "".join(line + "\n" for line in lines)
-
-
-def safe_relative_path(image_path: Path, root: Path, suffix: str, prefix: Sequence[str] = ()) -> PurePath:
-    """The output path, relative to an output folder, of an image found under `root`.
-
-    The image's path relative to `root` keeps its folders; every component is reduced to
-    `[A-Za-z0-9._-]` and `.`/`..` components are neutralised, so no image name (`../x.jpg`,
-    absolute-looking names, spaces, unicode) can make an output escape the output folder.
-
-    Args:
-        image_path: the image file (under `root`).
-        root: the folder that was searched.
-        suffix: the output extension, e.g. '.txt'.
-        prefix: extra leading components (e.g. an index per input folder) to keep several
-            roots apart.
-    """
-    try:  # lexical: resolving symlinks could move the image "outside" its root
-        rel = PurePath(image_path).relative_to(PurePath(root))
-    except ValueError:
-        rel = PurePath(PurePath(image_path).name)
-    parts: List[str] = [_clean(p) for p in prefix]
-    parents = rel.parts[:-1]
-    parts += [_clean(p) for p in parents]
-    parts.append(_clean(PurePath(rel.name).stem if rel.name else "_") + suffix)
-    return PurePath(*parts)
-
-
-def _clean(component: str) -> str:
-    cleaned = _UNSAFE.sub("_", component)
-    # '.', '..' and names made only of dots would walk up or vanish.
-    if set(cleaned) <= {"."}:
-        cleaned = cleaned.replace(".", "_") or "_"
-    return cleaned
