@@ -27,6 +27,7 @@ from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_p
 from codetr.tasks.datamodule import CoDETRDataModule
 from codetr.tasks.module import CoDETRModule
 from codetr.tasks.optim import freeze_parameters
+from codetr.tasks.run_lock import RunLock
 from codetr.tasks.runtime import Runtime, ensure_writable_dir, resolve_runtime
 
 LAST = "last.pth"
@@ -38,12 +39,18 @@ OOM_ADVICE = ("out of memory. Reduce the memory per step: a smaller dataset.batc
 
 
 def run(spec: ExperimentSpec) -> int:
-    """Trains the model of `spec`; returns the exit status (0)."""
+    """Trains the model of `spec` (one run per results folder at a time); returns 0."""
+    train_dir = spec.task_results_dir("train")
+    if spec.train.is_dry_run:
+        return _train(spec, train_dir)
+    ensure_writable_dir(train_dir, "train results directory")
+    with RunLock(train_dir):
+        return _train(spec, train_dir)
+
+
+def _train(spec: ExperimentSpec, train_dir: str) -> int:
     from codetr.model.builder import build_criterion, build_model, build_postprocess
 
-    train_dir = spec.task_results_dir("train")
-    if not spec.train.is_dry_run:
-        ensure_writable_dir(train_dir, "train results directory")
     L.seed_everything(spec.train.seed, workers=True, verbose=False)
     runtime = resolve_runtime(spec.train.num_gpus, spec.train.gpu_ids, spec.train.num_nodes,
                               spec.train.precision, spec.train.distributed_strategy)
