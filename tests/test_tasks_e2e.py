@@ -10,7 +10,7 @@ from codetr.data.synthetic import generate
 from codetr.errors import UserError
 from codetr.spec import SpecError, spec_from_dict
 from codetr.tasks import evaluate, inference, train
-from codetr.tasks.checkpoint import CheckpointError, restore_detector
+from codetr.tasks.checkpoint import CheckpointError, model_state_dict, restore_detector
 from codetr.tasks.coco_eval import STAT_NAMES
 from codetr.tasks.kitti import parse_kitti_line
 
@@ -89,10 +89,19 @@ def test_ema_weights_differ_and_are_evaluated(trained):
     assert ckpt["ema"]["updates"] == 4 and set(ema) == set(raw)
     differ = [k for k, v in raw.items() if v.is_floating_point() and not torch.equal(v, ema[k])]
     assert len(differ) > len(raw) // 2
+    meta = ckpt["codetr"]
+    assert set(meta["validation"]) == {"ema", "raw"} and meta["validations"] == 2
+    better = "raw" if meta["validation"]["raw"]["AP"] > meta["validation"]["ema"]["AP"] else "ema"
+    assert meta["weights"] == better  # train.ema.final_weights: best
     model, label_map, stored_spec, which = restore_detector(path)
-    assert which == "ema" and stored_spec.model.hidden_dim == 32
+    assert which == better and stored_spec.model.hidden_dim == 32
     for k, v in model.state_dict().items():
-        assert torch.equal(v, ema[k]), k
+        assert torch.equal(v, (ema if better == "ema" else raw)[k]), k
+    for forced, expected in (("raw", raw), ("ema", ema)):
+        state, which = model_state_dict({**ckpt, "codetr": {**meta, "weights": forced}})
+        assert which == forced and all(torch.equal(state[k], expected[k]) for k in expected)
+    metrics = json.loads((results / "train" / "dvclive" / "metrics.json").read_text())
+    assert set(STAT_NAMES) <= set(metrics["val"]["raw"])  # val_raw/*: DVCLive nests it under val
     assert label_map.name(label_map.label(7)) == "square"
 
 

@@ -143,11 +143,21 @@ class OptimConfig:
     layer_decay_rate: float = _f(0.65, gt=0.0, max=1.0)
 
 
+FINAL_WEIGHTS = ("best", "ema", "raw")
+
+
 @dataclass
 class EMAConfig:
-    """`train.ema`: exponential moving average of the weights (RT-DETR's schema)."""
+    """`train.ema`: exponential moving average of the weights (RT-DETR's schema).
+
+    `warmup_steps`: time constant of the decay ramp; null = scaled to the run (see
+    `codetr.tasks.ema.auto_warmup_steps`), 0 = no ramp. `final_weights`: what `codetr_model.pth`
+    hands to evaluate/inference: the average (`ema`), the raw trained weights (`raw`), or `best`,
+    the better of the two on the last validation.
+    """
     decay: float = _f(0.999, gt=0.0, max=1.0)
-    warmup_steps: int = _f(0, min=0)
+    warmup_steps: Optional[int] = _f(None, min=0)
+    final_weights: str = _f("best", choices=FINAL_WEIGHTS)
 
 
 @dataclass

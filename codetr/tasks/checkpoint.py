@@ -102,25 +102,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
 
 
 def model_state_dict(ckpt: Dict[str, Any], prefer_ema: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
-    """The detector's weights in a checkpoint: (state_dict without prefix, 'ema' | 'model').
+    """The detector's weights in a checkpoint: (state_dict without prefix, 'ema' | 'raw').
 
     Accepts codetr/Lightning checkpoints (`state_dict` with `model.` keys), `{'model': sd}` and
-    bare state dicts. EMA weights win when present and `prefer_ema`.
+    bare state dicts. EMA weights win when present and `prefer_ema`, unless the checkpoint's
+    `codetr.weights` (chosen by `train.ema.final_weights`) says 'raw'.
     """
     ema = ckpt.get("ema")
-    if prefer_ema and isinstance(ema, dict) and isinstance(ema.get("state_dict"), dict):
+    chosen = (ckpt.get("codetr") or {}).get("weights") if isinstance(ckpt.get("codetr"), dict) else None
+    if prefer_ema and chosen != "raw" and isinstance(ema, dict) and isinstance(ema.get("state_dict"), dict):
         return dict(ema["state_dict"]), "ema"
     for key in ("state_dict", "model"):
         sd = ckpt.get(key)
         if isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values()):
             if all(k.startswith(MODEL_PREFIX) for k in sd):
-                return {k[len(MODEL_PREFIX):]: v for k, v in sd.items()}, "model"
+                return {k[len(MODEL_PREFIX):]: v for k, v in sd.items()}, "raw"
             if any(k.startswith(MODEL_PREFIX) for k in sd):  # Lightning: model.* + criterion.*
                 return {k[len(MODEL_PREFIX):]: v for k, v in sd.items()
-                        if k.startswith(MODEL_PREFIX)}, "model"
-            return dict(sd), "model"
+                        if k.startswith(MODEL_PREFIX)}, "raw"
+            return dict(sd), "raw"
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return dict(ckpt), "model"
+        return dict(ckpt), "raw"
     raise CheckpointError(f"no model weights found in the checkpoint (keys: {sorted(ckpt)[:10]})")
 
 
@@ -217,7 +219,7 @@ def restore_detector(path: str | os.PathLike, device: torch.device | str = "cpu"
     are used when the checkpoint has them.
 
     Returns:
-        (model in eval mode on `device`, LabelMap, the checkpoint's ExperimentSpec, 'ema'|'model').
+        (model in eval mode on `device`, LabelMap, the checkpoint's ExperimentSpec, 'ema'|'raw').
 
     Raises:
         CheckpointError: missing/foreign file, or weights that do not fit the stored architecture.

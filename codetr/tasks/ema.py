@@ -9,6 +9,20 @@ import torch
 from torch import nn
 
 
+def auto_warmup_steps(total_steps: int) -> int:
+    """The decay ramp's time constant for a run of `total_steps` optimizer steps.
+
+    With the ramp `d_t = decay * (1 - exp(-t / tau))` the average forgets the random
+    initialisation within the first steps whatever `tau` is; `tau` sets how long the average
+    spans at the end, about `1 / (1 - d_T)` steps with `1 - d_T ~ (1 - decay) + exp(-T / tau)`.
+    `tau = T / ln(T / 10)` makes that about a tenth of the run (or `1 / (1 - decay)` steps if
+    shorter): ~24 steps of a 240-step fine-tuning, the full decay over 100k steps. Without a ramp
+    such a short run would save weights that are still 0.999^240 = 79% the initialisation.
+    """
+    total_steps = max(1, int(total_steps))
+    return max(1, round(total_steps / max(1.0, math.log(total_steps / 10.0))))
+
+
 class ModelEMA:
     """Keeps `ema = d * ema + (1 - d) * weights` for every floating-point parameter and buffer.
 

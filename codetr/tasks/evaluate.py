@@ -54,7 +54,7 @@ def run(spec: ExperimentSpec) -> int:
     for notice in notices:
         print(notice)
     model, label_map, _, which = restore_detector(cfg.checkpoint, device)
-    print(f"evaluating {cfg.checkpoint} ({'EMA' if which == 'ema' else 'model'} weights) on {device}")
+    print(f"evaluating {cfg.checkpoint} ({'EMA' if which == 'ema' else 'raw'} weights) on {device}")
     size = input_size(cfg.input_width, cfg.input_height)
     dataset = build_dataset(spec, "test", label_map, size)
     loader = build_dataloader(dataset, batch_size=spec.dataset.batch_size,

@@ -158,7 +158,7 @@ def run(spec: ExperimentSpec) -> int:
                 entry["detections"] = len(names)
                 count += 1
     write_index(out_dir, list(index.values()), complete=True)
-    print(f"inference ({'EMA' if which == 'ema' else 'model'} weights) on {count} images: "
+    print(f"inference ({'EMA' if which == 'ema' else 'raw'} weights) on {count} images: "
           f"results written to {out_dir}")
     return 0
 

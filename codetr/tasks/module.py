@@ -15,7 +15,7 @@ from codetr.data import Batch, LabelMap
 from codetr.spec.schema import OptimConfig
 from codetr.tasks.checkpoint import FORMAT_VERSION, capture_rng_state, restore_rng_state
 from codetr.tasks.coco_eval import STAT_NAMES, evaluate_coco, to_coco_results
-from codetr.tasks.ema import ModelEMA
+from codetr.tasks.ema import ModelEMA, auto_warmup_steps
 from codetr.tasks.optim import (build_optimizer, build_param_groups, build_scheduler,
                                 describe_groups, optional_steps)
 
@@ -36,7 +36,10 @@ class CoDETRModule(L.LightningModule):
         spec_dict: the resolved spec as plain data, stored in every checkpoint.
         clip_grad_norm: max L2 norm of the gradients (0: no clipping).
         ema_decay: EMA decay, None to disable EMA.
-        ema_warmup_steps: EMA decay ramp (see `ModelEMA`).
+        ema_warmup_steps: EMA decay ramp (see `ModelEMA`); None: scaled to the run's length
+            (`auto_warmup_steps`).
+        ema_final_weights: 'best' | 'ema' | 'raw': the weights checkpoints hand to evaluate and
+            inference (`codetr.weights`); 'best' picks by the last validation AP.
         vit_layer_decay: apply `optim.layer_decay_rate` to the backbone blocks.
         val_ground_truth: COCO ground truth dict of the validation split (None: no validation).
         verbose: print the parameter groups.
@@ -45,7 +48,8 @@ class CoDETRModule(L.LightningModule):
     def __init__(self, model: nn.Module, criterion: nn.Module, postprocess: nn.Module,
                  optim: OptimConfig, label_map: LabelMap, spec_dict: Dict[str, Any],
                  clip_grad_norm: float = 0.0, ema_decay: Optional[float] = None,
-                 ema_warmup_steps: int = 0, vit_layer_decay: bool = False,
+                 ema_warmup_steps: Optional[int] = 0, ema_final_weights: str = "best",
+                 vit_layer_decay: bool = False,
                  val_ground_truth: Optional[Dict[str, Any]] = None, verbose: bool = False) -> None:
         super().__init__()
         self.model = model
@@ -58,10 +62,16 @@ class CoDETRModule(L.LightningModule):
         self.vit_layer_decay = vit_layer_decay
         self.val_ground_truth = val_ground_truth
         self.verbose = verbose
-        self.ema = ModelEMA(model, ema_decay, ema_warmup_steps) if ema_decay is not None else None
+        self.ema = ModelEMA(model, ema_decay, ema_warmup_steps or 0) if ema_decay is not None else None
+        self._auto_ema_warmup = ema_warmup_steps is None
+        self.ema_final_weights = ema_final_weights
         self._category_lut = label_map.category_id_lut()
-        self._val_results: Dict[int, List[dict]] = {}
+        self._val_results: Dict[str, Dict[int, List[dict]]] = {}
+        # Per validated weights ('ema', 'raw'): the last epoch's COCO stats.
+        self.val_metrics: Dict[str, Dict[str, float]] = {}
         self.last_val_metrics: Dict[str, float] = {}
+        self.best_val_ap = 0.0
+        self.validations = 0
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, Any]:
         """Eval-mode predictions: `pred_logits` `[B, Q, C]`, `pred_boxes` `[B, Q, 4]` cxcywh."""
@@ -101,6 +111,12 @@ class CoDETRModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
+            if self._auto_ema_warmup:
+                total = optional_steps(self.trainer.estimated_stepping_batches)
+                self.ema.warmup_steps = auto_warmup_steps(total)
+                if self.trainer.is_global_zero:
+                    print(f"EMA decay {self.ema.decay} with a warm-up ramp of {self.ema.warmup_steps} "
+                          f"steps (train.ema.warmup_steps: null, scaled to the run's {total} steps)")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -136,34 +152,57 @@ class CoDETRModule(L.LightningModule):
 
     # ---- validation -----------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
-        """The weights that are evaluated: the EMA when enabled."""
+        """The weights `val/*` reports: the EMA when enabled."""
         return self.ema.module if self.ema is not None else self.model
+
+    def validated_models(self) -> List[tuple]:
+        """(tag, module) of every set of weights validated: the EMA and the raw weights."""
+        if self.ema is None:
+            return [("raw", self.model)]
+        return [("ema", self.ema.module), ("raw", self.model)]
+
+    def final_weights(self) -> str:
+        """'ema' | 'raw': what checkpoints hand to evaluate/inference (`train.ema.final_weights`)."""
+        if self.ema is None:
+            return "raw"
+        if self.ema_final_weights != "best":
+            return self.ema_final_weights
+        ema, raw = self.val_metrics.get("ema"), self.val_metrics.get("raw")
+        return "raw" if ema and raw and raw["AP"] > ema["AP"] else "ema"
 
     def on_validation_epoch_start(self) -> None:
         self._val_results = {}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        outputs = self.eval_model()(batch.images, batch.masks)
         orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
-        detections = self.postprocess(outputs, orig_sizes)
-        for target, det in zip(batch.targets, detections):
-            self._val_results[int(target["image_id"])] = to_coco_results(
-                int(target["image_id"]), det["scores"], det["labels"], det["boxes"], self._category_lut)
+        for tag, model in self.validated_models():
+            detections = self.postprocess(model(batch.images, batch.masks), orig_sizes)
+            results = self._val_results.setdefault(tag, {})
+            for target, det in zip(batch.targets, detections):
+                results[int(target["image_id"])] = to_coco_results(
+                    int(target["image_id"]), det["scores"], det["labels"], det["boxes"], self._category_lut)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_ground_truth is None or self.trainer.sanity_checking:
             return
-        results = self._gather(self._val_results)
-        metrics = None
-        if self.trainer.is_global_zero:
-            m = evaluate_coco(self.val_ground_truth, [d for dets in results.values() for d in dets],
-                              image_ids=sorted(results))
-            metrics = m.stats
-        metrics = self.trainer.strategy.broadcast(metrics, src=0)
-        self.last_val_metrics = dict(metrics)
-        for name in STAT_NAMES:
-            self.log(f"val/{name}", float(metrics[name]), prog_bar=name in ("AP", "AP50"),
-                     sync_dist=True)  # equal on every rank: the mean changes nothing
+        primary = self.validated_models()[0][0]
+        for tag, _ in self.validated_models():
+            results = self._gather(self._val_results.get(tag, {}))
+            metrics = None
+            if self.trainer.is_global_zero:
+                m = evaluate_coco(self.val_ground_truth, [d for dets in results.values() for d in dets],
+                                  image_ids=sorted(results))
+                metrics = m.stats
+            metrics = self.trainer.strategy.broadcast(metrics, src=0)
+            self.val_metrics[tag] = dict(metrics)
+            self.best_val_ap = max(self.best_val_ap, float(metrics["AP"]))
+            prefix = "val" if tag == primary else f"val_{tag}"
+            for name in STAT_NAMES:
+                self.log(f"{prefix}/{name}", float(metrics[name]),
+                         prog_bar=tag == primary and name in ("AP", "AP50"),
+                         sync_dist=True)  # equal on every rank: the mean changes nothing
+        self.last_val_metrics = self.val_metrics[primary]
+        self.validations += 1
 
     def _gather(self, results: Dict[int, List[dict]]) -> Dict[int, List[dict]]:
         """All ranks' detections by image id; the distributed sampler repeats a few images to
@@ -181,13 +220,20 @@ class CoDETRModule(L.LightningModule):
     # ---- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["codetr"] = {"format_version": FORMAT_VERSION, "spec": self.spec_dict,
-                                "label_map": self.label_map.to_dict()}
+                                "label_map": self.label_map.to_dict(),
+                                "weights": self.final_weights(),
+                                "validation": {tag: dict(m) for tag, m in self.val_metrics.items()},
+                                "best_val_ap": self.best_val_ap, "validations": self.validations}
         checkpoint["rng"] = capture_rng_state()
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         checkpoint.pop("hyper_parameters", None)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        meta = checkpoint.get("codetr") or {}
+        self.val_metrics = {tag: dict(m) for tag, m in (meta.get("validation") or {}).items()}
+        self.best_val_ap = float(meta.get("best_val_ap", 0.0))
+        self.validations = int(meta.get("validations", 0))
         if self.ema is not None:
             if "ema" in checkpoint:
                 self.ema.load_state_dict(checkpoint["ema"])

@@ -99,7 +99,7 @@ def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postproces
     module = CoDETRModule(
         model, criterion, postprocess, t.optim, label_map, spec_to_dict(spec),
         clip_grad_norm=t.clip_grad_norm, ema_decay=t.ema.decay if t.enable_ema else None,
-        ema_warmup_steps=t.ema.warmup_steps, vit_layer_decay=spec.model.backbone.startswith("vit"),
+        ema_warmup_steps=t.ema.warmup_steps, ema_final_weights=t.ema.final_weights, vit_layer_decay=spec.model.backbone.startswith("vit"),
         val_ground_truth=datamodule.ground_truth("val") if has_val else None, verbose=t.verbose)
     callbacks: List[L.Callback] = []
     logger = False
@@ -126,9 +126,27 @@ def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postproces
         return 0
     # weights_only=False: the full state (optimizer, loops), so the final file can resume too.
     trainer.save_checkpoint(os.path.join(train_dir, FINAL), weights_only=False)
-    if module.last_val_metrics:
-        _info("last validation: " + ", ".join(f"{k} {v:.4f}" for k, v in module.last_val_metrics.items()))
+    report_end(module, os.path.join(train_dir, FINAL))
     return 0
+
+
+def report_end(module: CoDETRModule, final_path: str) -> None:
+    """The last lines of a run: the last validation, which weights were saved and why, and a
+    warning as the very last line when validation AP never left zero."""
+    for tag, metrics in module.val_metrics.items():
+        _info(f"last validation ({tag} weights): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if module.ema is not None:
+        chosen = module.final_weights()
+        why = (f"the better AP on the last validation (train.ema.final_weights: best)"
+               if module.ema_final_weights == "best" and len(module.val_metrics) == 2
+               else f"train.ema.final_weights: {module.ema_final_weights}")
+        _info(f"{final_path} hands the {chosen} weights to evaluate/inference ({why})")
+    if module.validations and module.best_val_ap <= 0.0:
+        _info(f"warning: validation AP stayed 0.000 in all {module.validations} validations: the "
+              "model has not learned to detect yet. Train longer (train.num_epochs), check the "
+              "learning rate and warm-up, the labels (dataset.num_classes, contiguous_labels) and "
+              "that the validation set matches the training classes")
 
 
 def require_boxes(sources) -> None:

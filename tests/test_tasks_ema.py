@@ -1,0 +1,75 @@
+"""The EMA is safe by default: a ramp scaled to the run forgets the initialisation, both weights
+are validated, the saved choice is stated, a run that never learned says so."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from codetr.tasks.ema import ModelEMA, auto_warmup_steps
+from codetr.tasks.train import report_end
+
+
+def _trained_ema(total_steps: int, warmup_steps: int, decay: float = 0.999):
+    """A weight that training moves from its init to `t` at step t; returns the EMA's value."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(-100.0)  # the "random initialisation", far from every trained value
+    ema = ModelEMA(model, decay, warmup_steps)
+    for t in range(1, total_steps + 1):
+        with torch.no_grad():
+            model.weight.fill_(float(t))
+        ema.update(model)
+    return float(ema.module.weight)
+
+
+@pytest.mark.parametrize("steps", [40, 240, 2000, 12_000])
+def test_auto_ramp_forgets_the_init_and_spans_about_a_tenth_of_the_run(steps):
+    tau = auto_warmup_steps(steps)
+    value = _trained_ema(steps, tau)
+    lag = steps - value  # for weights growing by 1 per step, the lag is the average's span
+    assert value > 0, "the average still remembers the initialisation"
+    span = min(steps / 10, 1 / (1 - 0.999))
+    assert 0.3 * span <= lag <= 2.5 * span, (tau, lag, span)
+
+
+def test_without_a_ramp_a_short_run_is_mostly_its_initialisation():
+    """The trap that gave AP 0.000: 240 steps at decay 0.999 keep 0.999^240 = 79% of the init."""
+    value = _trained_ema(240, warmup_steps=0)
+    init_weight = 0.999 ** 240
+    assert init_weight == pytest.approx(0.787, abs=1e-3)
+    assert value < 0 and value == pytest.approx(-100 * init_weight + (1 - init_weight) * 120, abs=15)
+
+
+def test_auto_warmup_values():
+    assert auto_warmup_steps(240) == round(240 / math.log(24))
+    assert auto_warmup_steps(1) == 1 and auto_warmup_steps(5) == 5
+
+
+def _module(ema: bool, val: dict, mode: str = "best", best: float = 0.0, validations: int = 1):
+    module = SimpleNamespace(ema=object() if ema else None, val_metrics=val, ema_final_weights=mode,
+                             best_val_ap=best, validations=validations)
+    from codetr.tasks.module import CoDETRModule
+    module.final_weights = lambda: CoDETRModule.final_weights(module)
+    return module
+
+
+def test_best_weights_are_chosen_by_validation_and_stated(capsys):
+    module = _module(True, {"ema": {"AP": 0.20}, "raw": {"AP": 0.31}}, best=0.31)
+    report_end(module, "x/codetr_model.pth")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == ("x/codetr_model.pth hands the raw weights to evaluate/inference (the better "
+                       "AP on the last validation (train.ema.final_weights: best))")
+    module = _module(True, {"ema": {"AP": 0.31}, "raw": {"AP": 0.31}}, best=0.31)
+    assert module.final_weights() == "ema"  # a tie keeps the average
+    assert _module(True, {"ema": {"AP": 0.1}, "raw": {"AP": 0.5}}, mode="ema").final_weights() == "ema"
+    assert _module(False, {"raw": {"AP": 0.5}}).final_weights() == "raw"
+
+
+def test_a_run_that_never_learned_says_so_in_its_last_line(capsys):
+    report_end(_module(True, {"ema": {"AP": 0.0}, "raw": {"AP": 0.0}}, validations=6), "m.pth")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("warning: validation AP stayed 0.000 in all 6 validations")
+    report_end(_module(True, {"ema": {"AP": 0.0}, "raw": {"AP": 0.01}}, best=0.01), "m.pth")
+    assert "warning" not in capsys.readouterr().out
