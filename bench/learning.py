@@ -47,7 +47,7 @@ from codetr.spec import load_spec  # noqa: E402
 from codetr.spec.schema import ExperimentSpec  # noqa: E402
 from codetr.spec.yaml_io import load_yaml  # noqa: E402
 from codetr.tasks.coco_eval import evaluate_coco, load_ground_truth, to_coco_results  # noqa: E402
-from codetr.tasks.ema import ModelEMA  # noqa: E402
+from codetr.tasks.ema import ModelEMA, auto_warmup_steps  # noqa: E402
 from codetr.tasks.optim import build_optimizer, build_param_groups, build_scheduler  # noqa: E402
 
 MODELS = ("ours", "ours_no_co", "peer")
@@ -158,7 +158,9 @@ def run_model(model: str, spec: ExperimentSpec, budget: float, eval_every: float
     scheduler = build_scheduler(optimizer, optim, len(train_loader)) if schedule else None
     clip = spec.train.clip_grad_norm
     # As the trainer: with train.enable_ema the average is updated every step and evaluated.
-    ema = (ModelEMA(detector, spec.train.ema.decay, spec.train.ema.warmup_steps)
+    # warmup_steps null is scaled to the run's steps, unknown under a time budget: ~1000 steps.
+    warmup = spec.train.ema.warmup_steps if spec.train.ema.warmup_steps is not None else auto_warmup_steps(1000)
+    ema = (ModelEMA(detector, spec.train.ema.decay, warmup)
            if spec.train.enable_ema else None)
     detector.train()
 
