@@ -183,7 +183,8 @@ class SwinTransformer(nn.Module):
         self.out_channels = [self.num_features[i] for i in out_indices]
         self.strides = [patch_size * 2 ** i for i in out_indices]
         self.patch_embed = PatchEmbed(3, embed_dims, patch_size)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)  # linear 0 -> drop_path_rate (plain Python: works on the meta device)
+        rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             start = sum(depths[:i])

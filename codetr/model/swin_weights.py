@@ -19,7 +19,9 @@ are permuted (mmdet's ``correct_unfold_reduction_order`` / ``correct_unfold_norm
 
 In every layout, a ``relative_position_bias_table`` of another window size is resized bicubically
 as mmdet does on load, and a ``relative_position_index`` of another window (a derived buffer) is
-replaced by the module's own.
+replaced by the module's own (timm checkpoints, which store none, get the module's own). The
+per-level ``norm0..3`` exist only in mmdet checkpoints: from the other layouts they stay at
+their init and are reported missing, as when mmdet's Co-DINO starts from the original release.
 """
 import math
 import re
@@ -133,4 +135,7 @@ def to_mmdet_swin_state_dict(state_dict: dict[str, Tensor],
             elif kind == "norm":
                 tensor = concat_to_unfold_norm(tensor)
         out[prefix + rest] = _fit_window(rest, tensor, target)
+    if layout == "timm":  # timm does not store the index buffers: they are constants of the window
+        out.update({k: v.detach().clone() for k, v in target.items()
+                    if k.endswith("relative_position_index")})
     return out
