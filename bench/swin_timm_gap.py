@@ -1,4 +1,4 @@
-"""How far timm's Swin is from mmdet's on the reference weights (the reason for codetr/model/swin.py).
+"""How far timm's Swin is from mmdet's on the reference weights (why codetr/model/swin.py exists).
 
 Loads ../shared/reference/mmdet-codino/swin_state_dict.pth (a small mmdet SwinTransformer with
 Swin-L's options) into (a) codetr's SwinTransformer and (b) a timm SwinTransformer of the same

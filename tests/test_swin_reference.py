@@ -162,7 +162,8 @@ def test_each_likely_mistake_breaks_the_tolerance(reference, monkeypatch, mistak
     for size in sizes:
         model = _model(state)
         if isinstance(patch, tuple):
-            target = swin_attention.ShiftWindowMSA if patch[0] == "forward" else swin_module.PatchMerging
+            target = {"forward": swin_attention.ShiftWindowMSA,
+                      "merge": swin_module.PatchMerging}[patch[0]]
             monkeypatch.setattr(target, "forward", patch[1])
         else:
             patch(model, size)

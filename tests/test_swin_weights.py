@@ -46,8 +46,9 @@ def _ours(window: int = 7) -> SwinTransformer:
 def _to_original(timm_state: dict) -> dict:
     """timm names -> the original release's: merging at the end of the previous stage, plus the
     buffers the original stores (index, shift mask)."""
-    out = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample",
-                  k): v for k, v in timm_state.items()}
+    def earlier(match):
+        return f"layers.{int(match.group(1)) - 1}.downsample"
+    out = {re.sub(r"layers\.(\d+)\.downsample", earlier, k): v for k, v in timm_state.items()}
     index = SwinTransformer(16, (2, 2, 2, 2), (1, 2, 4, 8), window=7).state_dict()[
         "stages.0.blocks.0.attn.w_msa.relative_position_index"]
     for i in range(4):

@@ -52,7 +52,9 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dims)
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """``[B, 3, H, W]`` -> (``[B, H' * W', C]`` row-major tokens, ``(H', W')``), H' = ceil(H/p)."""
+        """``[B, 3, H, W]`` -> (``[B, H' * W', C]`` row-major tokens, ``(H', W')``).
+
+        ``H' = ceil(H / patch)``: the image is zero-padded at the bottom/right first."""
         height, width = images.shape[-2:]
         images = F.pad(images, (0, (-width) % self.patch, 0, (-height) % self.patch))
         x = self.projection(images)
@@ -74,7 +76,7 @@ class PatchMerging(nn.Module):
         height, width = hw
         x = F.pad(x.view(b, height, width, c), (0, 0, 0, width % 2, 0, height % 2))
         h2, w2 = (height + 1) // 2, (width + 1) // 2
-        # [B, h2, kh, w2, kw, C] -> [B, h2, w2, C, kh, kw]: channel 4c + 2kh + kw, as nn.Unfold(2, 2).
+        # [B, h2, kh, w2, kw, C] -> [B, h2, w2, C, kh, kw]: channel 4c + 2kh + kw (nn.Unfold).
         x = x.view(b, h2, 2, w2, 2, c).permute(0, 1, 3, 5, 2, 4).reshape(b, h2 * w2, 4 * c)
         return self.reduction(self.norm(x)), (h2, w2)
 
@@ -84,8 +86,8 @@ class FFN(nn.Module):
 
     def __init__(self, dims: int, hidden: int, drop: float = 0.0, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Sequential(nn.Linear(dims, hidden), nn.GELU(), nn.Dropout(drop)),
-                                    nn.Linear(hidden, dims), nn.Dropout(drop))
+        fc1 = nn.Sequential(nn.Linear(dims, hidden), nn.GELU(), nn.Dropout(drop))
+        self.layers = nn.Sequential(fc1, nn.Linear(hidden, dims), nn.Dropout(drop))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, identity: Tensor) -> Tensor:
@@ -106,7 +108,7 @@ class SwinBlock(nn.Module):
         self.ffn = FFN(dims, int(mlp_ratio * dims), drop, drop_path)
 
     def forward(self, x: Tensor, hw: tuple[int, int], mask: Tensor | None) -> Tensor:
-        """``[B, H * W, C]`` -> same; ``mask`` is the stage's shift mask (used if this block shifts)."""
+        """``[B, H * W, C]`` -> same; ``mask`` is the stage's shift mask (used if this shifts)."""
         x = x + self.attn(self.norm1(x), hw, mask)
         return self.ffn(self.norm2(x), x)
 
@@ -126,7 +128,8 @@ class SwinStage(nn.Module):
         self.with_cp = False
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int], Tensor]:
-        """Returns (next stage's input ``[B, L', C']``, its ``(H, W)``, this stage's output ``[B, L, C]``)."""
+        """``[B, H * W, C]`` -> (next stage's input ``[B, L', C']``, its ``(H, W)``, this stage's
+        output ``[B, H * W, C]`` before the patch merging)."""
         mask = None
         if len(self.blocks) > 1:  # block 1 shifts: one mask serves every shifted block
             padded = self.blocks[1].attn.padded_size(*hw)

@@ -1,11 +1,12 @@
-"""Swin checkpoints of other layouts -> the mmdet names of :class:`codetr.model.swin.SwinTransformer`.
+"""Swin checkpoints of other layouts -> the mmdet names of ``codetr.model.swin.SwinTransformer``.
 
 Three layouts exist for the same network:
 
 - **mmdet** (``stages.i.*``, ``patch_embed.projection``; Co-DINO / mmdet checkpoints): kept.
-- **original** (microsoft/Swin-Transformer releases, e.g. ``swin_large_patch4_window12_384_22k.pth``,
-  the file Co-DINO's Swin-L config starts from): ``layers.i.*`` with the patch merging at the END
-  of stage i (``layers.0.downsample`` exists), ``attn.*``, ``mlp.fc1/fc2``, ``patch_embed.proj``.
+- **original** (microsoft/Swin-Transformer releases, e.g.
+  ``swin_large_patch4_window12_384_22k.pth``, the file Co-DINO's Swin-L config starts from):
+  ``layers.i.*`` with the patch merging at the END of stage i (``layers.0.downsample``
+  exists), ``attn.*``, ``mlp.fc1/fc2``, ``patch_embed.proj``.
   This is what mmdet's ``swin_converter`` (``convert_weights=True``) converts, and the mapping
   here is the same.
 - **timm** (timm >= 0.9, and codetr checkpoints from before this module: ``layers_i``): as
@@ -51,7 +52,8 @@ def _split_prefix(key: str) -> tuple[str, str]:
 def concat_to_unfold_reduction(weight: Tensor) -> Tensor:
     """``[C_out, 4C]`` reduction weight: concat channel order -> ``nn.Unfold`` order."""
     c_out, c4 = weight.shape
-    return weight.reshape(c_out, 4, c4 // 4)[:, _CONCAT_TO_UNFOLD].transpose(1, 2).reshape(c_out, c4)
+    blocks = weight.reshape(c_out, 4, c4 // 4)[:, _CONCAT_TO_UNFOLD]  # [C_out, offset, C]
+    return blocks.transpose(1, 2).reshape(c_out, c4)
 
 
 def concat_to_unfold_norm(vector: Tensor) -> Tensor:
