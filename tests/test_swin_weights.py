@@ -12,6 +12,7 @@ import timm
 import torch
 from torch import nn
 
+from codetr.model.backbone import Backbone
 from codetr.model.pretrained import load_backbone_weights
 from codetr.model.swin import SwinTransformer
 from codetr.model.swin_weights import (concat_to_unfold_norm, concat_to_unfold_reduction,
@@ -48,14 +49,18 @@ def _to_original(timm_state: dict) -> dict:
     buffers the original stores (index, shift mask)."""
     def earlier(match):
         return f"layers.{int(match.group(1)) - 1}.downsample"
-    out = {re.sub(r"layers\.(\d+)\.downsample", earlier, k): v for k, v in timm_state.items()}
+    out = {re.sub(r"layers\.(\d+)\.downsample", earlier, k).replace("head.fc.", "head."): v
+           for k, v in timm_state.items()}
     index = SwinTransformer(16, (2, 2, 2, 2), (1, 2, 4, 8), window=7).state_dict()[
         "stages.0.blocks.0.attn.w_msa.relative_position_index"]
-    for i in range(4):
-        for j in range(2):
-            out[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = index
-        out[f"layers.{i}.blocks.1.attn_mask"] = torch.zeros(4, 49, 49)
-    out["head.weight"], out["head.bias"] = torch.zeros(10, 128), torch.zeros(10)
+    blocks = {m.group(1) for k in timm_state for m in [re.match(r"(layers\.\d+\.blocks\.\d+)\.", k)]
+              if m}
+    for block in blocks:
+        out[f"{block}.attn.relative_position_index"] = index
+        if int(block[-1]) % 2:
+            out[f"{block}.attn_mask"] = torch.zeros(4, 49, 49)
+    if "head.weight" not in out:
+        out["head.weight"], out["head.bias"] = torch.zeros(10, 128), torch.zeros(10)
     return out
 
 
@@ -144,3 +149,21 @@ def test_layout_detection():
         == "original"
     assert swin_layout(["layers_1.downsample.norm.weight"]) == "timm"
     assert swin_layout(["conv1.weight"]) == "unknown"
+
+
+def test_backbone_loads_the_original_swin_t_release_layout(tmp_path):
+    """``model.pretrained_backbone_path`` with a Swin-T file in the microsoft release layout."""
+    with torch.no_grad():
+        source = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).state_dict()
+    torch.save({"model": _to_original(source)}, tmp_path / "swin_tiny_patch4_window7_224.pth")
+    backbone = Backbone("swin_tiny_224_1k", [1, 2, 3, 4],
+                        pretrained_path=str(tmp_path / "swin_tiny_patch4_window7_224.pth"))
+    report = backbone.load_report
+    assert report.missing == NORMS[2:] and report.mismatched == []  # 4-scale: no norm0
+    assert set(report.unexpected) == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
+    body = backbone.body.state_dict()
+    torch.testing.assert_close(body["stages.2.blocks.5.ffn.layers.0.0.weight"],
+                               source["layers.2.blocks.5.mlp.fc1.weight"], rtol=0, atol=0)
+    merging = source["layers.2.downsample.reduction.weight"]  # timm: stage 1's, at stage 2's start
+    torch.testing.assert_close(body["stages.1.downsample.reduction.weight"],
+                               concat_to_unfold_reduction(merging), rtol=0, atol=0)
