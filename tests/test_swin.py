@@ -8,8 +8,10 @@ from torch import nn
 
 from codetr.model import swin as swin_module
 from codetr.model.backbone import SWIN_NAMES, Backbone
+from codetr.model.builder import build_model
 from codetr.model.swin import SWIN_ARCHS, SwinTransformer
 from codetr.model.swin_attention import WindowMSA, shift_attention_mask
+from codetr.spec import load_spec
 
 
 def _tiny(**kwargs) -> SwinTransformer:
@@ -40,6 +42,23 @@ def test_swin_l_keys_of_the_official_config(mmdet_reference):
 # The Swin paper's sizes (Liu et al. 2021, Table 7 / the microsoft release configs).
 PAPER = {"tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
          "large": (192, (2, 2, 18, 2), (6, 12, 24, 48))}
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_codino_swin_l_spec_has_the_official_backbone_keys(mmdet_reference, checkpointing):
+    """The importer's rule, on the model the spec builds: mmdet backbone.X -> our backbone.body.X."""
+    official = json.loads((mmdet_reference / "keys_co_dino_5scale_swin_l.json").read_text())
+    spec = load_spec(None, ["model.backbone=swin_large_patch4_window12_384",
+                            "model.num_feature_levels=5", "model.return_interm_indices=[0,1,2,3,4]",
+                            f"train.activation_checkpoint={str(checkpointing).lower()}"])
+    with torch.device("meta"):
+        model = build_model(spec, num_classes=80)
+    ours = model.state_dict()
+    for key, info in official["keys"].items():
+        if key.startswith("backbone."):
+            mapped = "backbone.body." + key[len("backbone."):]
+            assert tuple(ours[mapped].shape) == tuple(info["shape"]), key
+    assert all(stage.with_cp == checkpointing for stage in model.backbone.body.stages)
 
 
 @pytest.mark.parametrize("name", list(SWIN_NAMES))
