@@ -46,7 +46,7 @@ PAPER = {"tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "base": (128, (2, 2, 18, 2)
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_codino_swin_l_spec_has_the_official_backbone_keys(mmdet_reference, checkpointing):
-    """The importer's rule, on the model the spec builds: mmdet backbone.X -> our backbone.body.X."""
+    """The importer's rule on the model the spec builds: mmdet backbone.X -> backbone.body.X."""
     official = json.loads((mmdet_reference / "keys_co_dino_5scale_swin_l.json").read_text())
     spec = load_spec(None, ["model.backbone=swin_large_patch4_window12_384",
                             "model.num_feature_levels=5", "model.return_interm_indices=[0,1,2,3,4]",
