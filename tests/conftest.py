@@ -23,3 +23,12 @@ def coco128() -> Path:
     if not (COCO128 / "annotations" / "instances.json").exists():
         pytest.skip("../shared/data/coco128 is not present")
     return COCO128
+
+
+@pytest.fixture
+def mmdet_reference() -> Path:
+    """../shared/reference/mmdet-codino (mmdet 3.3 Co-DINO numerical reference); skips when absent."""
+    path = REPO.parent / "shared" / "reference" / "mmdet-codino"
+    if not (path / "README.md").exists():
+        pytest.skip("../shared/reference/mmdet-codino is not present")
+    return path

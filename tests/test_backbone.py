@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from codetr.model.backbone import TIMM_NAMES, Backbone, timm_model_name
+from codetr.model.backbone import SWIN_NAMES, TIMM_NAMES, Backbone, timm_model_name
 from codetr.model.pretrained import (efficientnet_lite0_package_state_dict,
                                      load_backbone_weights)
 from codetr.model.vit_pyramid import SimpleFeaturePyramid, create_vit, vit_feature_map
@@ -35,7 +35,7 @@ def test_timm_family_levels(name, timm_name, slots, channels, strides, extra):
     assert backbone.out_channels == channels and backbone.strides == strides
     assert backbone.num_extra_levels == extra
     outs = backbone(torch.randn(2, 3, H, W))
-    _check_levels(outs, channels, strides)  # Swin's NHWC has been permuted to NCHW
+    _check_levels(outs, channels, strides)
 
 
 def test_resnet_dilation_keeps_stride_16():
@@ -76,8 +76,11 @@ def test_simple_feature_pyramid_subset_and_errors():
 
 
 def test_names_and_slot_validation():
-    assert set(TIMM_NAMES) | {n for n in BACKBONES if n.startswith("fan_")} == set(BACKBONES)
-    assert timm_model_name("swin_large_384_22k") == "swin_large_patch4_window12_384"
+    assert set(TIMM_NAMES) | set(SWIN_NAMES) | {n for n in BACKBONES if n.startswith("fan_")} \
+        == set(BACKBONES)
+    assert timm_model_name("resnet_50") == "resnet50"
+    with pytest.raises(ValueError, match="not timm"):
+        timm_model_name("swin_large_384_22k")
     for name in TIMM_NAMES.values():
         assert timm.is_model(name), name
     with pytest.raises(ValueError, match="FAN backbones are not available in timm; choose one of"):

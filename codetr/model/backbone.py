@@ -1,7 +1,9 @@
-"""Backbones over timm: ResNet, Swin, EfficientViT, EfficientNet-Lite and a DINOv2 ViT + SFP.
+"""Backbones: mmdet-style Swin (``swin.py``); over timm ResNet, EfficientViT, EfficientNet-Lite and
+a DINOv2 ViT + SFP.
 
 Pyramid slot k of ``return_interm_indices`` means stride 2^(k+2): 0 -> 4 (C2), 1 -> 8, 2 -> 16,
-3 -> 32 (C5), 4 -> 64. CNNs and Swin have slots 0..3 natively (read from timm ``feature_info``);
+3 -> 32 (C5), 4 -> 64. CNNs and Swin have slots 0..3 natively (read from timm ``feature_info``,
+or from the Swin module's ``out_channels`` / ``strides``);
 slot 4 is left to the neck (``num_extra_levels``). The ViT family builds all five slots with
 its simple feature pyramid. Every model is created with ``pretrained=False`` (we run offline);
 weights come from ``pretrained_path``.
@@ -13,18 +15,24 @@ import torch
 from torch import Tensor, nn
 
 from codetr.model.pretrained import LoadReport, load_backbone_weights
+from codetr.model.swin import SWIN_ARCHS, SwinTransformer
 from codetr.model.vit_pyramid import SimpleFeaturePyramid, create_vit, vit_feature_map, vit_strides
 
+# Spec Swin name -> (size in SWIN_ARCHS, window). The 224 px pretrainings use window 7, the 384 px
+# ones window 12; the _22k / _1k suffix only names the pretraining set (ImageNet-22k / -1k) of
+# the weights the user supplies: it does not change the architecture.
+SWIN_NAMES = {
+    "swin_large_224_22k": ("large", 7),
+    "swin_large_384_22k": ("large", 12),
+    "swin_large_patch4_window7_224": ("large", 7),
+    "swin_large_patch4_window12_384": ("large", 12),
+    "swin_base_224_22k": ("base", 7),
+    "swin_base_384_22k": ("base", 12),
+    "swin_tiny_224_1k": ("tiny", 7),
+}
 # Spec name -> timm model name. Tags (.ms_in22k, ...) only select pretrained weights, which we
-# never download, so the 22k/1k variants of one architecture share a timm name.
+# never download.
 TIMM_NAMES = {
-    "swin_large_224_22k": "swin_large_patch4_window7_224",
-    "swin_large_384_22k": "swin_large_patch4_window12_384",
-    "swin_large_patch4_window7_224": "swin_large_patch4_window7_224",
-    "swin_large_patch4_window12_384": "swin_large_patch4_window12_384",
-    "swin_base_224_22k": "swin_base_patch4_window7_224",
-    "swin_base_384_22k": "swin_base_patch4_window12_384",
-    "swin_tiny_224_1k": "swin_tiny_patch4_window7_224",
     "resnet_18": "resnet18",
     "resnet_34": "resnet34",
     "resnet_50": "resnet50",
@@ -51,9 +59,22 @@ def timm_model_name(name: str) -> str:
     if name in FAN_NAMES:
         raise ValueError(f"FAN backbones are not available in timm; choose one of "
                          f"{', '.join(TIMM_NAMES)}")
+    if name in SWIN_NAMES:
+        raise ValueError(f"{name} is codetr's mmdet-style Swin (codetr/model/swin.py), not timm")
     if name not in TIMM_NAMES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(TIMM_NAMES)}")
+        raise ValueError(f"unknown backbone {name!r}; choose one of "
+                         f"{', '.join([*SWIN_NAMES, *TIMM_NAMES])}")
     return TIMM_NAMES[name]
+
+
+def build_swin(name: str, slots: list[int], drop_path_rate: float = 0.3,
+               activation_checkpoint: bool = False) -> SwinTransformer:
+    """The mmdet-style Swin of a spec ``swin_*`` name, returning stages ``slots`` (0..3)."""
+    size, window = SWIN_NAMES[name]
+    arch = SWIN_ARCHS[size]
+    return SwinTransformer(arch.embed_dims, arch.depths, arch.num_heads, window,
+                           out_indices=tuple(slots), drop_path_rate=drop_path_rate,
+                           with_cp=activation_checkpoint)
 
 
 def _check_slots(slots: list[int]) -> list[int]:
@@ -81,13 +102,18 @@ class Backbone(nn.Module):
         pretrained_path: checkpoint for the trunk (``body``); see :func:`load_backbone_weights`.
         pyramid_channels: output channels of the ViT simple feature pyramid (ignored otherwise).
         timm_name: build this timm model instead of the one ``name`` maps to (same family); lets
-            tests build a family's tiny member, e.g. ``vit_small_patch14_dinov2``.
+            tests build a family's tiny member, e.g. ``vit_small_patch14_dinov2``. Not for swin_*.
         channels_last: keep a CNN trunk's weights and inputs in channels_last memory (same
             values; oneDNN then takes every conv: on CPU the NCHW 1x1 convs fall back to a slow
             path, see BENCHMARKS.md "Training step cost"). Ignored for Swin and the ViT.
+        activation_checkpoint: swin_* only: recompute each Swin block in backward
+            (``train.activation_checkpoint``; mmdet's ``with_cp``).
+        drop_path_rate: swin_* only: stochastic depth, linear over the blocks up to this value
+            (0.3 as in Co-DINO's Swin-L config; training only).
 
     Attributes:
-        body: the timm trunk (features_only model or VisionTransformer); load weights into it.
+        body: the trunk (timm features_only model, VisionTransformer, or the mmdet-named
+            :class:`SwinTransformer`); load weights into it.
         pyramid: the ViT ``SimpleFeaturePyramid`` or None.
         slots: the slots returned by ``forward`` (the requested ones the backbone has natively).
         out_channels: channels per returned level.
@@ -101,17 +127,28 @@ class Backbone(nn.Module):
     def __init__(self, name: str, return_interm_indices: list[int], train_backbone: bool = True,
                  dilation: bool = False, pretrained_path: str | None = None,
                  pyramid_channels: int = 256, timm_name: str | None = None,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, activation_checkpoint: bool = False,
+                 drop_path_rate: float = 0.3) -> None:
         super().__init__()
         slots = _check_slots(return_interm_indices)
-        model_name = timm_name if timm_name is not None else timm_model_name(name)
+        if name in SWIN_NAMES and timm_name is not None:
+            raise ValueError(f"timm_name does not apply to {name}: Swin is not built with timm")
+        model_name = None if name in SWIN_NAMES else (
+            timm_name if timm_name is not None else timm_model_name(name))
         if dilation and not name.startswith("resnet_"):
             raise ValueError(f"dilation is only supported for resnet_* backbones, not {name!r}")
         self.name = name
         self.pyramid: SimpleFeaturePyramid | None = None
         self.channels_last_output = False
         self.memory_format = torch.contiguous_format
-        if name.startswith("vit_"):
+        if name in SWIN_NAMES:
+            self.slots = [s for s in slots if s < NATIVE_CNN_SLOTS]
+            if not self.slots:
+                raise ValueError(f"{name} has slots 0..3 natively; {slots} requests none of them")
+            self.body = build_swin(name, self.slots, drop_path_rate, activation_checkpoint)
+            self.out_channels = list(self.body.out_channels)
+            self.strides = list(self.body.strides)
+        elif name.startswith("vit_"):
             self.body = create_vit(model_name)
             self.pyramid = SimpleFeaturePyramid(self.body.embed_dim, pyramid_channels, slots)
             self.slots = slots
@@ -124,10 +161,10 @@ class Backbone(nn.Module):
             self.body = self._create_features(name, model_name, self.slots, dilation)
             self.out_channels = list(self.body.feature_info.channels())
             self.strides = list(self.body.feature_info.reduction())
-            # timm's Swin returns NHWC; everything downstream expects NCHW.
+            # timm models that return NHWC (none of today's names) are permuted to NCHW.
             output_fmt = str(getattr(self.body, "output_fmt", "NCHW"))
             self.channels_last_output = output_fmt.endswith("NHWC")
-            if channels_last and not self.channels_last_output:  # CNN trunks, not Swin
+            if channels_last and not self.channels_last_output:  # the CNN trunks
                 self.memory_format = torch.channels_last
         self.num_extra_levels = len(slots) - len(self.slots)
         self.train_backbone = train_backbone
@@ -143,8 +180,6 @@ class Backbone(nn.Module):
     def _create_features(name: str, model_name: str, slots: list[int], dilation: bool) -> nn.Module:
         """A timm features_only model returning exactly ``slots`` (C2..C5 by stage order)."""
         kwargs: dict[str, object] = {}
-        if name.startswith("swin_"):
-            kwargs["strict_img_size"] = False  # any input size; masks become dynamic
         if dilation:
             kwargs["output_stride"] = 16
         # Read feature_info from a meta-device copy (no memory, milliseconds) to pick out_indices.
@@ -177,7 +212,7 @@ class Backbone(nn.Module):
 
         Returns:
             ``len(slots)`` tensors ``[B, out_channels[i], H_i, W_i]`` (NCHW), finest first, with
-            ``H_i = ceil(H / strides[i])`` for the ViT and for the timm CNNs/Swin here. CNN levels
+            ``H_i = ceil(H / strides[i])`` for the ViT, Swin and the timm CNNs here. CNN levels
             come channels_last in memory (same shape and values).
         """
         if self.pyramid is not None:

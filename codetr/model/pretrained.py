@@ -143,7 +143,9 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
     """Load the matching, shape-consistent tensors of a checkpoint into ``module``.
 
     Args:
-        module: the backbone trunk (e.g. ``Backbone.body``).
+        module: the backbone trunk (e.g. ``Backbone.body``); if it has a method
+            ``adapt_state_dict(state_dict) -> state_dict`` (the Swin trunk does), the checkpoint
+            passes through it before matching.
         path: ``.pth``/``.pt``/``.ckpt`` (read with ``weights_only=True``) or ``.safetensors``.
 
     Returns:
@@ -154,6 +156,11 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
         ValueError: the file is not a checkpoint, or none of its tensors matches the module.
     """
     state_dict = read_state_dict(path)
+    # A trunk whose checkpoints come in several layouts (Swin: original / timm / mmdet) converts
+    # them to its own names first.
+    adapt = getattr(module, "adapt_state_dict", None)
+    if callable(adapt):
+        state_dict = adapt(state_dict)
     matched, report = match_state_dict(module, state_dict, str(path))
     if not matched:
         raise ValueError(
