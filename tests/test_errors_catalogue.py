@@ -171,3 +171,43 @@ def test_category_names_round_trip_through_the_classmap(tmp_path):
     assert read_classmap(tmp_path / "classmap.txt") == names
     with pytest.raises(UserError, match="without leading or trailing white space"):
         write_classmap(tmp_path / "x.txt", [" cup"])
+
+
+def test_inference_listing_follows_symlinked_folders_and_counts_what_it_skips(tmp_path):
+    from codetr.data.images import list_images
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.new("RGB", (8, 8)).save(real / "in_link.jpg")
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "a.jpg")
+    Image.new("RGB", (8, 8)).save(root / "..jpg", format="JPEG")
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(root, target_is_directory=True)  # a link back up: must end
+    with pytest.warns(UserWarning) as record:
+        found = list_images(root)
+    assert [p.relative_to(root).as_posix() for p in found] == ["a.jpg", "linked/in_link.jpg"]
+    messages = " ".join(str(w.message) for w in record)
+    assert "skipped 1 hidden entries" in messages and "..jpg" in messages
+    assert "reached twice through symbolic links" in messages
+
+
+def test_disk_full_names_the_file_and_leaves_no_partial_output(tmp_path, monkeypatch):
+    import errno
+    import os as _os
+    import shutil
+
+    from codetr.errors import DiskFullError
+    from codetr.fileio import atomic_write_bytes
+    target = tmp_path / "train" / "last.pth"
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 100))
+    with pytest.raises(DiskFullError, match=r"not enough space to write .*last.pth: it needs"):
+        atomic_write_bytes(target, b"x" * 4096)
+    monkeypatch.undo()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(_os, "fsync", full)
+    with pytest.raises(DiskFullError, match=r"no space left on the device while writing .*last.pth"):
+        atomic_write_bytes(target, b"x" * 4096)
+    assert not target.exists() and not list(target.parent.iterdir())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -75,16 +76,38 @@ def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
-    """Image files under `root`, recursively, sorted by relative path; hidden entries skipped."""
+    """Image files under `root`, recursively, sorted by relative path.
+
+    Symlinked folders are followed (each real folder once, so a link loop ends); hidden entries
+    (names starting with '.', e.g. macOS `._x.jpg` forks, `..jpg`) are skipped with a warning
+    that counts them, as are folders seen twice through links.
+    """
     root = Path(root)
     if not root.is_dir():
         raise MissingInputError(f"image folder {root} does not exist or is not a directory")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    found, hidden, seen, loops = [], [], set(), []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # reached again through a symlink: a loop or a duplicate
+            loops.append(dirpath)
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        hidden += [os.path.join(dirpath, d) for d in dirnames if d.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            if name.startswith("."):
+                hidden.append(os.path.join(dirpath, name))
+            else:
                 found.append(Path(dirpath) / name)
+    if hidden:
+        warnings.warn(f"{root}: skipped {len(hidden)} hidden entries (names starting with '.'), "
+                      f"e.g. {', '.join(hidden[:3])}", stacklevel=2)
+    if loops:
+        warnings.warn(f"{root}: skipped {len(loops)} folders reached twice through symbolic "
+                      f"links, e.g. {', '.join(loops[:3])}", stacklevel=2)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
