@@ -102,7 +102,7 @@ def test_ema_weights_are_preferred():
     assert which == "ema" and set(sd) == set(net.state_dict())
     _, which = model_state_dict({"state_dict": {"model.a": torch.randn(1)}, "ema": ema.state_dict()},
                                 prefer_ema=False)
-    assert which == "model"
+    assert which == "raw"
 
 
 def test_rng_round_trip(tmp_path):
