@@ -1,0 +1,91 @@
+"""Stage `train`: `codetr train -e params.yaml`, then the run's small, diffable record.
+
+The checkpoints and DVCLive logs stay in the cached `results/train` folder, which a fresh clone
+does not have. What people diff across commits is written beside it, small and committed to git
+(`cache: false` in dvc.yaml), so `dvc metrics diff HEAD~1` and `dvc plots diff HEAD~1` work in a
+clone without the cache:
+
+- `<metrics>` (JSON): the last validation of the weights `codetr_model.pth` hands over
+  (`val`: AP, AP50, AP75, APs, APm, APl), the AP of both the EMA and the raw weights when EMA is
+  on, which of them was chosen (1 = EMA), optimizer steps, epochs and training seconds. Loss
+  terms are curves, not metrics: they are in the plots.
+- `<plots>/`: DVCLive's per-step series (`train/*.tsv` losses and learning rates, `val/*.tsv`
+  COCO metrics per epoch), copied out of `results/train/dvclive/plots/metrics`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from codetr.fileio import atomic_write_text
+
+FINAL = "codetr_model.pth"
+SUMMARY_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def summarise(train_dir: Path, seconds: float) -> Dict[str, Any]:
+    """The metrics record of a finished run in `train_dir` (reads `codetr_model.pth`)."""
+    ckpt = torch.load(train_dir / FINAL, map_location="cpu", weights_only=True)
+    meta = ckpt.get("codetr", {})
+    validation = meta.get("validation") or {}
+    chosen = meta.get("weights", "raw")
+    record: Dict[str, Any] = {}
+    if chosen in validation:
+        record["val"] = {k: round(float(validation[chosen][k]), 4) for k in SUMMARY_STATS}
+    for tag in ("ema", "raw"):
+        if tag in validation and len(validation) > 1:
+            record[f"val_{tag}_AP"] = round(float(validation[tag]["AP"]), 4)
+    if len(validation) > 1:
+        record["ema_chosen"] = int(chosen == "ema")
+    record.update(steps=int(ckpt.get("global_step", 0)), epochs=int(ckpt.get("epoch", -1)) + 1,
+                  train_seconds=round(seconds, 1))
+    return record
+
+
+def copy_plots(train_dir: Path, plots: Path) -> int:
+    """Copies DVCLive's step series to `plots` (replacing it); returns the number of files."""
+    source = train_dir / "dvclive" / "plots" / "metrics"
+    if plots.exists():
+        shutil.rmtree(plots)
+    if not source.is_dir():
+        plots.mkdir(parents=True)
+        return 0
+    shutil.copytree(source, plots)
+    return sum(1 for _ in plots.rglob("*.tsv"))
+
+
+def run(params: Path, train_dir: Path, metrics: Path, plots: Path) -> int:
+    """Trains with the codetr CLI, then writes the metrics record and the plots; the exit code."""
+    from codetr.cli import main as codetr_main
+
+    start = time.perf_counter()
+    code = codetr_main(["train", "-e", str(params)])
+    if code != 0:
+        return code
+    record = summarise(train_dir, time.perf_counter() - start)
+    atomic_write_text(metrics, json.dumps(record, indent=2) + "\n")
+    count = copy_plots(train_dir, plots)
+    print(f"train: {metrics} ({', '.join(f'{k} {v}' for k, v in record.items() if k != 'val')}); "
+          f"{count} plot series in {plots}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--train", type=Path, default=Path("results/train"), help="codetr's train folder")
+    parser.add_argument("--metrics", type=Path, default=Path("results/metrics/train.json"))
+    parser.add_argument("--plots", type=Path, default=Path("results/plots/train"))
+    args = parser.parse_args(argv)
+    return run(args.params, args.train, args.metrics, args.plots)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The train stage's committed record: metrics of the chosen weights, both APs, steps, time; the
+DVCLive curves copied out of the cached folder."""
+import json
+
+import torch
+
+from pipeline import train as train_stage
+
+
+def _fake_run(train_dir, weights="raw"):
+    stats = {k: 0.1 * i for i, k in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1"), start=1)}
+    validation = {"ema": {**stats, "AP": 0.25}, "raw": {**stats, "AP": 0.3}}
+    train_dir.mkdir(parents=True)
+    torch.save({"global_step": 40, "epoch": 3, "state_dict": {"model.w": torch.randn(2)},
+                "codetr": {"weights": weights, "validation": validation}}, train_dir / "codetr_model.pth")
+    series = train_dir / "dvclive" / "plots" / "metrics"
+    (series / "train").mkdir(parents=True)
+    (series / "val").mkdir()
+    (series / "train" / "loss.tsv").write_text("step\tloss\n9\t3.5\n19\t2.25\n")
+    (series / "val" / "AP.tsv").write_text("step\tAP\n19\t0.3\n")
+
+
+def test_summary_holds_what_people_diff(tmp_path):
+    _fake_run(tmp_path / "train", weights="raw")
+    record = train_stage.summarise(tmp_path / "train", 12.345)
+    assert record == {"val": {"AP": 0.3, "AP50": 0.2, "AP75": 0.3, "APs": 0.4, "APm": 0.5, "APl": 0.6},
+                      "val_ema_AP": 0.25, "val_raw_AP": 0.3, "ema_chosen": 0,
+                      "steps": 40, "epochs": 4, "train_seconds": 12.3}
+
+
+def test_run_writes_metrics_and_plots_after_the_cli(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_cli(argv):
+        calls.append(argv)
+        _fake_run(tmp_path / "train", weights="ema")
+        return 0
+    monkeypatch.setattr("codetr.cli.main", fake_cli)
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "stale.tsv").write_text("old")
+    code = train_stage.run(tmp_path / "params.yaml", tmp_path / "train", tmp_path / "m" / "train.json",
+                           tmp_path / "plots")
+    assert code == 0 and calls == [["train", "-e", str(tmp_path / "params.yaml")]]
+    record = json.loads((tmp_path / "m" / "train.json").read_text())
+    assert record["ema_chosen"] == 1 and record["val"]["AP"] == 0.25
+    assert sorted(p.relative_to(tmp_path / "plots").as_posix() for p in (tmp_path / "plots").rglob("*")
+                  if p.is_file()) == ["train/loss.tsv", "val/AP.tsv"]
+
+
+def test_a_failed_training_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr("codetr.cli.main", lambda argv: 2)
+    assert train_stage.run(tmp_path / "p.yaml", tmp_path / "train", tmp_path / "m.json", tmp_path / "plots") == 2
+    assert not (tmp_path / "m.json").exists()
