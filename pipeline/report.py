@@ -8,7 +8,9 @@ Reads (each part is optional: a missing input gives a "not available" note, not 
 - `<train>/dvclive/plots/metrics/{train,val}/**.tsv` (DVCLive): loss and mAP curves;
 - `<evaluate>/metrics.json`, `pr_curve.csv` (recall,precision), `per_class_ap.csv` (name,AP,AP50);
 - `<inference>/images_annotated/*` (inference): the first `max_images`, sorted by name;
-- the params file, shown in full.
+- `<metrics>/train.json` (train): steps, epochs, training time, the chosen weights;
+- the params file, shown in full, and where the run came from (`pipeline.provenance`: git
+  commit, params hash, runner, the train command).
 
 Writes `<out>/report.html` (figures embedded as base64 PNG/JPEG, inline CSS, no external
 resource), `<out>/report.md` and the figures as files under `<out>/figures/` for the markdown.
@@ -27,6 +29,7 @@ from typing import Dict, List, Optional
 from codetr.fileio import atomic_write_bytes, atomic_write_text
 from pipeline import report_figures
 from pipeline.params import load_params, section
+from pipeline.provenance import provenance
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -131,6 +134,12 @@ def _table(header: List[str], rows: List[List[str]]) -> List[List[str]]:
 def tables(found: dict) -> Dict[str, List[List[str]]]:
     """The report's tables as rows of cells (first row = header)."""
     out: Dict[str, List[List[str]]] = {}
+    if found.get("provenance"):
+        out["provenance"] = _table(["", ""], [[k, str(v)] for k, v in found["provenance"].items()])
+    run = found.get("train_record")
+    if run:
+        keys = [k for k in ("steps", "epochs", "train_seconds", "val_ema_AP", "val_raw_AP", "ema_chosen") if k in run]
+        out["training"] = _table(keys, [[str(run[k]) for k in keys]])
     m = found["metrics"]
     if m:
         out["metrics"] = _table(list(METRIC_KEYS), [[_fmt(m.get(k)) for k in METRIC_KEYS]])
@@ -160,7 +169,9 @@ def _md_table(rows: List[List[str]]) -> str:
 
 
 SECTIONS = (  # (title, table key, figure file)
+    ("Run", "provenance", None),
     ("Metrics (test split)", "metrics", None),
+    ("Training", "training", None),
     ("AP per class", "per_class", "per_class_ap.png"),
     ("Precision-recall", None, "pr_curve.png"),
     ("Training loss", None, "loss.png"),
@@ -210,13 +221,16 @@ def render_markdown(title: str, figs: Dict[str, bytes], tabs: dict) -> str:
 
 
 def run(params_file: str | Path, data_dir: str | Path, train_dir: str | Path,
-        evaluate_dir: str | Path, inference_dir: str | Path, out_dir: str | Path) -> List[Path]:
+        evaluate_dir: str | Path, inference_dir: str | Path, out_dir: str | Path,
+        metrics_file: Optional[str | Path] = None) -> List[Path]:
     """Writes report.html, report.md and figures/ into `out_dir`; returns the written paths."""
     params_file, out_dir = Path(params_file), Path(out_dir)
     opts = section(load_params(params_file), "report")
     title = str(opts.get("title", "codetr report"))
     found = collect(Path(data_dir), Path(train_dir), Path(evaluate_dir), Path(inference_dir),
                     int(opts.get("max_images", 12)))
+    found["provenance"] = provenance(params_file, params_file.resolve().parent / "dvc.yaml")
+    found["train_record"] = _read_json(Path(metrics_file)) if metrics_file else None
     figs = make_figures(found, int(opts.get("columns", 4)))
     tabs = tables(found)
     written = []
@@ -237,8 +251,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--evaluate", required=True, help="evaluate's results folder")
     parser.add_argument("--inference", required=True, help="inference's results folder")
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
+    parser.add_argument("--train-metrics", default=None, help="the train stage's metrics record")
     args = parser.parse_args(argv)
-    paths = run(args.params, args.data, args.train, args.evaluate, args.inference, args.out)
+    paths = run(args.params, args.data, args.train, args.evaluate, args.inference, args.out,
+                args.train_metrics)
     print(f"report: wrote {len(paths)} files, open {Path(args.out) / 'report.html'}")
     return 0
 

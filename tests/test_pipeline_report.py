@@ -47,6 +47,10 @@ def outputs(tmp_path):
     ann.mkdir(parents=True)
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(ann / f"im{i}.jpg")
+    (tmp_path / "results" / "metrics").mkdir(parents=True)
+    (tmp_path / "results" / "metrics" / "train.json").write_text(json.dumps(
+        {"val": {"AP": 0.5}, "val_ema_AP": 0.5, "val_raw_AP": 0.4, "ema_chosen": 1, "steps": 40,
+         "epochs": 4, "train_seconds": 81.5}))
     params = tmp_path / "params.yaml"
     params.write_text("report:\n  title: Test <run>\n  max_images: 3\n  columns: 2\n"
                       "backbone:\n  source: https://example.com/w.pth\n")
@@ -56,7 +60,7 @@ def outputs(tmp_path):
 def _run(root):
     return report.run(root / "params.yaml", root / "data", root / "results" / "train",
                       root / "results" / "evaluate", root / "results" / "inference",
-                      root / "results" / "report")
+                      root / "results" / "report", root / "results" / "metrics" / "train.json")
 
 
 def test_html_is_self_contained_with_every_section(outputs):
@@ -73,6 +77,10 @@ def test_html_is_self_contained_with_every_section(outputs):
     assert f"{metrics['AP']:.3f}" in page and "n/a" in page  # APl = -1 shown as n/a
     assert "not available" not in page
     assert "3 of 5 annotated images" in page
+    import hashlib
+    digest = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()[:12]
+    assert f"<td>params_sha256</td><td>{digest}</td>" in page and "<td>runner</td>" in page
+    assert "<td>81.5</td>" in page  # the train stage's record
 
 
 def test_markdown_summary_and_figure_files(outputs):
@@ -98,8 +106,8 @@ def test_missing_inputs_give_notes_not_failures(tmp_path):
     report.run(tmp_path / "params.yaml", tmp_path / "no-data", tmp_path / "no-train",
                tmp_path / "no-eval", tmp_path / "no-inf", tmp_path / "out")
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count("not available") == len(report.SECTIONS)
-    assert "codetr report" in page
+    assert page.count("not available") == len(report.SECTIONS) - 1  # the provenance is always there
+    assert "codetr report" in page and "<td>commit</td>" in page
 
 
 def test_dvclive_reader(outputs):
