@@ -70,15 +70,40 @@ def _check_outputs(repo: Path) -> None:
     assert "base64," in page and "not available" not in page
 
 
-def test_dvc_repro_then_an_experiment_changes_params_and_metrics(tmp_path):
+def _share_and_clone(repo: Path, env: dict, tmp_path: Path) -> Path:
+    """Pushes to a local-directory remote and makes a fresh git clone (no DVC cache)."""
+    run_tool(["dvc", "remote", "add", "-d", "local", str(tmp_path / "store")], repo, env)
+    _git(repo, env, "commit", "-q", "-am", "local remote")
+    run_tool(["dvc", "push"], repo, env, timeout=600)
+    clone = tmp_path / "clone"
+    _git(tmp_path, env, "clone", "-q", str(repo), str(clone))
+    return clone
+
+
+def test_dvc_repro_then_share_diff_in_a_clone_and_run_an_experiment(tmp_path):
     repo, env = _tiny_repo(tmp_path)
     run_tool(["dvc", "repro"], repo, env, timeout=1500)
     _check_outputs(repo)
-    shown = json.loads(run_tool(["dvc", "metrics", "show", "--json"], repo, env))
-    assert "results/evaluate/metrics.json" in json.dumps(shown)
+    record = json.loads((repo / "results" / "metrics" / "train.json").read_text())
+    assert record["steps"] == 10 and record["epochs"] == 1 and {"AP", "AP50", "APl"} <= set(record["val"])
+    assert record["train_seconds"] > 0 and (repo / "results" / "plots" / "train" / "train" / "loss.tsv").is_file()
+    shown = json.dumps(json.loads(run_tool(["dvc", "metrics", "show", "--json"], repo, env)))
+    assert "results/metrics/train.json" in shown and "results/evaluate/metrics.json" in shown
+    assert "loss_giou" not in shown  # loss terms are curves (plots), not metrics
     assert "Data and pipelines are up to date" in run_tool(["dvc", "status"], repo, env)
     _git(repo, env, "add", "-A")
     _git(repo, env, "commit", "-q", "-m", "baseline run")
+
+    clone = _share_and_clone(repo, env, tmp_path)
+    # The committed metrics and curves diff without the cache (HEAD~2: the tiny params commit).
+    diff = json.loads(run_tool(["dvc", "metrics", "diff", "HEAD~2", "--json"], clone, env))
+    assert "results/metrics/train.json" in diff
+    plots = json.loads(run_tool(["dvc", "plots", "diff", "HEAD~2", "--json"], clone, env))
+    assert any("results/plots/train" in key for key in plots)
+    run_tool(["dvc", "pull"], clone, env, timeout=600)
+    assert "Data and pipelines are up to date" in run_tool(["dvc", "status"], clone, env)
+    assert "Running stage" not in run_tool(["dvc", "repro"], clone, env, timeout=600)
+
     before = json.loads((repo / "results" / "train" / "dvclive" / "metrics.json").read_text())
     out = run_tool(["dvc", "exp", "run", "-S", "train.optim.lr=1.0e-4"], repo, env, timeout=1500)
     assert "Running stage 'prepare'" not in out and "Running stage 'train'" in out
@@ -89,6 +114,9 @@ def test_dvc_repro_then_an_experiment_changes_params_and_metrics(tmp_path):
     assert {"loss_ce", "loss_bbox_dn", "loss_giou_interm", "loss_cls_co0"} <= set(after["train"])
     exps = json.loads(run_tool(["dvc", "exp", "show", "--json"], repo, env))
     assert re.search(r'"lr": 0\.0001', json.dumps(exps))
+    table = run_tool(["dvc", "exp", "show", "--only-changed", "--no-pager"], repo,
+                     dict(env, COLUMNS="120"))
+    assert "lr" in table and max(len(line) for line in table.splitlines()) <= 120, table
 
 
 def test_snakemake_runs_the_pipeline_and_reruns_dependents_of_a_param(tmp_path):
