@@ -53,7 +53,7 @@ def run(spec: ExperimentSpec) -> int:
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "evaluate")
     for notice in notices:
         print(notice)
-    model, label_map, _, which = restore_detector(cfg.checkpoint, device)
+    model, label_map, _, which = restore_detector(cfg.checkpoint, device, spec)
     print(f"evaluating {cfg.checkpoint} ({'EMA' if which == 'ema' else 'model'} weights) on {device}")
     size = input_size(cfg.input_width, cfg.input_height)
     dataset = build_dataset(spec, "test", label_map, size)

@@ -136,7 +136,7 @@ def run(spec: ExperimentSpec) -> int:
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "inference")
     for notice in notices:
         print(notice)
-    model, label_map, _, which = restore_detector(cfg.checkpoint, device)
+    model, label_map, _, which = restore_detector(cfg.checkpoint, device, spec)
     check_classmap(label_map, infer.classmap)
     grouping = CategoryGrouping(label_map, cfg.category_mapping)
     colors = class_colors(grouping.names, cfg.color_map)

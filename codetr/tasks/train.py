@@ -26,6 +26,7 @@ from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_p
 from codetr.tasks.datamodule import CoDETRDataModule
 from codetr.tasks.module import CoDETRModule
 from codetr.tasks.optim import freeze_parameters
+from codetr.zoo.restore import adapt_for_finetuning
 from codetr.tasks.runtime import Runtime, ensure_writable_dir, resolve_runtime
 
 LAST = "last.pth"
@@ -136,7 +137,9 @@ def find_resume_checkpoint(spec: ExperimentSpec, train_dir: str) -> Optional[str
 
 def load_pretrained(model: nn.Module, path: str) -> None:
     """Starts from another checkpoint's weights where names and shapes match; reports the rest."""
-    state, which = model_state_dict(load_checkpoint(path, require_codetr=False))
+    ckpt = load_checkpoint(path, require_codetr=False)
+    state, which = model_state_dict(ckpt)
+    state = adapt_for_finetuning(state, model, path, ckpt)  # official mmdet / Sense-X names
     report = load_partial(model, state)
     if not report.loaded:
         raise ValueError(f"train.pretrained_model_path {path}: no tensor matches the model by name "
