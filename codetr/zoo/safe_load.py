@@ -117,8 +117,8 @@ def _refuse(path: Path, what: Iterable[str] | str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"{path} is not a safe checkpoint: loading it would need {shown}, which could run code. "
         "codetr loads only tensors, plain data and the inert mmengine/numpy objects of "
-        "mmdet training checkpoints; re-save the weights as a plain state dict "
-        "({name: tensor}) and load that file instead")
+        "mmdet training checkpoints. If you trust the file, re-save its weights as a plain "
+        "{name: tensor} state dict where it was made, and load that file instead")
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:

@@ -1,0 +1,79 @@
+"""`codetr.zoo.safe_load`: checkpoints that would run code are refused, never executed."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from codetr.tasks.checkpoint import CheckpointError, load_checkpoint
+from codetr.zoo.safe_load import (InertObject, UnsafeCheckpointError, _statistics_method_name,
+                                  safe_torch_load)
+
+
+class _CreatesMarker:
+    """Unpickling this would create `path` (os.system), the effect a malicious checkpoint has."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.path}'",)
+
+
+class _OpensMarker(_CreatesMarker):
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _write(kind: str, payload, path):
+    if kind == "zip":
+        torch.save(payload, path)
+    elif kind == "legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "raw"])
+@pytest.mark.parametrize("attack", [_CreatesMarker, _OpensMarker])
+def test_a_malicious_pickle_is_refused_and_not_executed(tmp_path, kind, attack):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    _write(kind, {"state_dict": {"w": torch.zeros(2)}, "meta": attack(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        safe_torch_load(path)
+    assert not marker.exists()
+    message = str(err.value)
+    assert "not a safe checkpoint" in message and "weights_only=False" not in message
+    # The task-level loader says the same and never runs the file either.
+    with pytest.raises(CheckpointError, match="not a safe checkpoint"):
+        load_checkpoint(path, require_codetr=False)
+    assert not marker.exists()
+
+
+def test_plain_checkpoints_load_unchanged(tmp_path):
+    path = tmp_path / "ok.pth"
+    torch.save({"state_dict": {"w": torch.arange(3.0)}, "epoch": 3}, path)
+    ckpt = safe_torch_load(path)
+    assert ckpt["epoch"] == 3 and torch.equal(ckpt["state_dict"]["w"], torch.arange(3.0))
+
+
+def test_the_getattr_stand_in_resolves_only_the_statistics_names():
+    assert _statistics_method_name(InertObject, "mean") == "mean"
+    for obj, name in ((InertObject, "__class__"), (os, "system"), (InertObject, "__init__")):
+        with pytest.raises(pickle.UnpicklingError):
+            _statistics_method_name(obj, name)
+
+
+def test_the_mmengine_training_file_loads_with_inert_stand_ins(mmdet_reference):
+    path = mmdet_reference / "tiny_mmengine_checkpoint.pth"
+    with pytest.raises(pickle.UnpicklingError):  # what torch alone does
+        torch.load(path, weights_only=True)
+    ckpt = safe_torch_load(path)
+    buffer = ckpt["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(buffer, InertObject)
+    assert buffer.state["statistics_methods"] == {n: n for n in ("min", "max", "current", "mean")}
+    assert ckpt["meta"]["epoch"] == 12 and len(ckpt["state_dict"]) == 322
