@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from codetr.model import transformer as transformer_module
+from codetr.data.test_padding import detection_sizes, lsj_detection_size
 from codetr.postprocess.postprocess import PostProcess
 from codetr.spec.schema import InferDataSource
 from codetr.tasks.checkpoint import load_checkpoint, model_state_dict, restore_detector
@@ -99,10 +100,16 @@ def _run(model, inputs, lsj: bool):
 
 
 def _orig_sizes(inputs, lsj: bool) -> torch.Tensor:
-    """(h, w) the normalised boxes are scaled by: img_shape / scale_factor (LSJ: the canvas)."""
-    canvas = inputs["batch_input_shape"]
-    shapes = [canvas] * 2 if lsj else inputs["img_shape"]
-    return torch.tensor([[h / sf[1], w / sf[0]] for (h, w), sf in zip(shapes, inputs["scale_factor"])])
+    """What our collators give the post-processing: `orig_size` (mask mode), or the LSJ frame
+    orig_size * canvas / size (`test_padding: lsj`); mmdet divides by `scale_factor` instead."""
+    items = []
+    for ori, shape in zip(inputs["ori_shape"], inputs["img_shape"]):
+        item = {"orig_size": torch.tensor(ori), "size": torch.tensor(shape)}
+        if lsj:
+            item["detection_size"] = lsj_detection_size(item["orig_size"], item["size"],
+                                                        inputs["batch_input_shape"])
+        items.append(item)
+    return detection_sizes(items)
 
 
 @pytest.mark.parametrize("mode", ["lsj", "nolsj"])

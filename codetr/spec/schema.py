@@ -107,6 +107,9 @@ class AugmentationConfig:
     fixed_padding: bool = _f(True)
     fixed_random_crop: Optional[int] = _f(None, gt=0)
     pad_size_divisor: int = _f(32, gt=0)
+    # Eval padding: `mask` (zeros + padding mask) or `lsj` (mmdet's LSJ test pipeline: pad to the
+    # square canvas with pixel 114, no mask; codetr.data.test_padding).
+    test_padding: str = _f("mask", choices=("mask", "lsj"))
 
 
 @dataclass

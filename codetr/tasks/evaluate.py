@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from codetr.data.test_padding import detection_sizes
 from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_dataset
 from codetr.fileio import atomic_write_text
@@ -79,7 +80,7 @@ def predict_coco(model: torch.nn.Module, postprocess: torch.nn.Module,
     for batch in loader:
         batch = batch.to(device)
         outputs = model(batch.images, batch.masks)
-        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
+        orig_sizes = detection_sizes(batch.targets)  # orig_size, or the LSJ canvas frame
         for target, det in zip(batch.targets, postprocess(outputs, orig_sizes)):
             results += to_coco_results(int(target["image_id"]), det["scores"], det["labels"],
                                        det["boxes"], category_lut, conf_threshold)

@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 import torch
 from PIL import Image, ImageOps
 
+from codetr.data.test_padding import detection_sizes
 from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_infer_dataset, read_classmap
 from codetr.data.labels import LabelMap
@@ -152,7 +153,7 @@ def run(spec: ExperimentSpec) -> int:
         for batch in loader:
             batch = batch.to(device)
             outputs = model(batch.images, batch.masks)
-            orig_sizes = torch.stack([m["orig_size"] for m in batch.metas]).to(device)
+            orig_sizes = detection_sizes(batch.metas).to(device)  # orig_size, or the LSJ frame
             for meta, det in zip(batch.metas, postprocess(outputs, orig_sizes)):
                 scores, groups, boxes = select(*grouping.apply(det["scores"], det["labels"], det["boxes"]),
                                                spec.model, cfg.conf_threshold)

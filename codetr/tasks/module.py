@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from codetr.data.test_padding import detection_sizes
 from codetr.data import Batch, LabelMap
 from codetr.spec.schema import OptimConfig
 from codetr.tasks.checkpoint import FORMAT_VERSION, capture_rng_state, restore_rng_state
@@ -144,7 +145,7 @@ class CoDETRModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         outputs = self.eval_model()(batch.images, batch.masks)
-        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
+        orig_sizes = detection_sizes(batch.targets)  # orig_size, or the LSJ canvas frame
         detections = self.postprocess(outputs, orig_sizes)
         for target, det in zip(batch.targets, detections):
             self._val_results[int(target["image_id"])] = to_coco_results(
