@@ -5,7 +5,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 from torch import Tensor
 
-from codetr.zoo.mmdet_keys import COUNTER_REASON, has_rcnn_co_head, map_key
+from codetr.zoo.mmdet_keys import CONSTANT_BUFFERS, has_rcnn_co_head, map_key
 from codetr.zoo.report import ImportReport
 
 _COUNTER = "num_batches_tracked"
@@ -55,8 +55,9 @@ def import_official(state: Mapping[str, Any], target: Mapping[str, Tensor], sour
         if name is None:
             report.dropped.append((key, reason))
         elif name not in target:
-            if key.endswith(_COUNTER):
-                report.dropped.append((key, COUNTER_REASON))
+            buffer = key.rsplit(".", 1)[-1]
+            if buffer in CONSTANT_BUFFERS:
+                report.dropped.append((key, CONSTANT_BUFFERS[buffer]))
             else:
                 report.unexpected.append(key)
         elif tuple(tensor.shape) != tuple(target[name].shape):

@@ -15,9 +15,9 @@ mmdet -> codetr (../shared/reference/mmdet-codino/README.md, "Name map"):
 - Everything else (`neck.*`, `query_head.*`, `bbox_head.k.*`) has the same name.
 
 Dropped on purpose, with the reason the report prints: the R-CNN co-head when the model has none,
-EMA shadow copies (`ema_*` keys of mmcv's EMAHook; the model weights are used), and BatchNorm
-`num_batches_tracked` counters the target lacks. Non-tensor entries (torch's `_metadata`
-attribute, stray keys) never reach the map.
+EMA shadow copies (`ema_*` keys of mmcv's EMAHook; the model weights are used). Non-tensor entries (torch's `_metadata`
+attribute, stray keys) never reach the map. Constant buffers the target does not keep
+(`CONSTANT_BUFFERS`: BatchNorm counters, Swin's relative position index) are dropped too.
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from typing import Iterable, Optional, Tuple
 NO_RCNN_REASON = "no Faster R-CNN co-head in this spec (model.use_rcnn_co_head: false)"
 EMA_REASON = "EMA shadow copy (mmcv EMAHook buffer); the model weights are loaded"
 COUNTER_REASON = "BatchNorm step counter the model does not keep"
+INDEX_REASON = "Swin relative_position_index: a constant the model computes itself"
+# Buffers an official file carries that hold no learned value: dropped when the model lacks them.
+CONSTANT_BUFFERS = {"num_batches_tracked": COUNTER_REASON, "relative_position_index": INDEX_REASON}
 
 _AUX_POS = re.compile(r"^(query_head\.transformer\.aux_pos_trans(?:_norm)?)\.(\d+)\.(.+)$")
 _LABEL_EMBEDDINGS = ("query_head.dn_generator.label_embedding.", "query_head.label_embedding.")
