@@ -66,3 +66,28 @@ def test_a_spec_the_weights_do_not_fit_is_refused(mmdet_reference, shapes, tmp_p
     assert main(["evaluate", "-e", str(spec), f"evaluate.checkpoint={ckpt}", "model.dec_layers=2"]) == 2
     err = capsys.readouterr().err
     assert "does not fit the model of this spec" in err and "unexpected" in err
+
+
+def test_import_mmdet_writes_a_codetr_checkpoint_once(mmdet_reference, shapes, tmp_path, capsys):
+    import torch
+
+    from codetr.tasks.checkpoint import restore_detector
+    from tests.test_zoo_tiny import _run
+
+    spec = _spec_file(tmp_path, shapes, "mask")
+    source = mmdet_reference / "tiny_mmengine_checkpoint.pth"
+    assert main(["import_mmdet", "-e", str(spec), f"import_mmdet.checkpoint={source}"]) == 0
+    out = tmp_path / "results" / "import_mmdet" / "codetr_model.pth"
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["imported_from"]["meta"]["epoch"] == 12
+    assert ckpt["imported_from"]["flavour"] == "mmdet 3.x"
+    # The converted file needs no spec: it carries its own, and the same numbers come out.
+    model, label_map, _, _ = restore_detector(out)
+    assert label_map.names == SHAPES
+    inputs = torch.load(mmdet_reference / "tiny_inputs.pth", weights_only=True)
+    ref = torch.load(mmdet_reference / "tiny_outputs.pth", weights_only=True)["nolsj"]
+    outputs, _ = _run(model, inputs, lsj=False)
+    torch.testing.assert_close(outputs["pred_logits"], ref["pred_logits"], atol=1e-4, rtol=0)
+    # A file that is not official is refused with a spec error (exit 2).
+    assert main(["import_mmdet", "-e", str(spec), f"import_mmdet.checkpoint={out}"]) == 2
+    assert "not an official" in capsys.readouterr().err

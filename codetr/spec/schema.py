@@ -206,6 +206,13 @@ class InferenceConfig:
 
 
 @dataclass
+class ImportMmdetConfig:
+    """`import_mmdet`: write an official MMDetection / Sense-X checkpoint once in codetr's format."""
+    checkpoint: Optional[str] = _f(None)
+    results_dir: Optional[str] = _f(None)
+
+
+@dataclass
 class ExperimentSpec:
     """The whole spec file."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -213,6 +220,7 @@ class ExperimentSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    import_mmdet: ImportMmdetConfig = field(default_factory=ImportMmdetConfig)
     encryption_key: Optional[str] = _f(None)
     results_dir: str = _f("/results")
 
