@@ -32,12 +32,12 @@ def _write(kind: str, payload, path):
         torch.save(payload, path)
     elif kind == "legacy":
         torch.save(payload, path, _use_new_zipfile_serialization=False)
-    else:
+    else:  # a bare pickle, in the protocol torch writes (2) and in Python's default
         with open(path, "wb") as f:
-            pickle.dump(payload, f)
+            pickle.dump(payload, f, protocol=2 if kind == "raw2" else pickle.DEFAULT_PROTOCOL)
 
 
-@pytest.mark.parametrize("kind", ["zip", "legacy", "raw"])
+@pytest.mark.parametrize("kind", ["zip", "legacy", "raw2", "raw"])
 @pytest.mark.parametrize("attack", [_CreatesMarker, _OpensMarker])
 def test_a_malicious_pickle_is_refused_and_not_executed(tmp_path, kind, attack):
     marker = tmp_path / "pwned"
@@ -48,6 +48,9 @@ def test_a_malicious_pickle_is_refused_and_not_executed(tmp_path, kind, attack):
     assert not marker.exists()
     message = str(err.value)
     assert "not a safe checkpoint" in message and "weights_only=False" not in message
+    if kind in ("zip", "legacy"):  # a bare pickle of a tensor fails earlier, at torch's own
+        # `_load_from_bytes` (protocol 2) or at the first FRAME opcode (protocol 4)
+        assert ("posix.system" if attack is _CreatesMarker else "builtins.open") in message
     # The task-level loader says the same and never runs the file either.
     with pytest.raises(CheckpointError, match="not a safe checkpoint"):
         load_checkpoint(path, require_codetr=False)
@@ -77,3 +80,12 @@ def test_the_mmengine_training_file_loads_with_inert_stand_ins(mmdet_reference):
     assert isinstance(buffer, InertObject)
     assert buffer.state["statistics_methods"] == {n: n for n in ("min", "max", "current", "mean")}
     assert ckpt["meta"]["epoch"] == 12 and len(ckpt["state_dict"]) == 322
+
+
+def test_a_damaged_file_is_reported_as_unreadable_not_as_unsafe(tmp_path):
+    path = tmp_path / "damaged.pth"
+    torch.save({"w": torch.zeros(4)}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, require_codetr=False)
+    assert "cannot read checkpoint" in str(err.value) and "not a safe" not in str(err.value)

@@ -113,12 +113,28 @@ def _unsafe_globals(path: Path) -> List[str] | None:
 
 
 def _refuse(path: Path, what: Iterable[str] | str) -> UnsafeCheckpointError:
-    shown = what if isinstance(what, str) else ", ".join(sorted(what))
+    """The refusal; `what` is the unsafe globals, or a sentence saying why."""
+    if isinstance(what, str):
+        reason = what
+    else:
+        reason = f"loading it would need {', '.join(sorted(what))}, which could run code"
     return UnsafeCheckpointError(
-        f"{path} is not a safe checkpoint: loading it would need {shown}, which could run code. "
-        "codetr loads only tensors, plain data and the inert mmengine/numpy objects of "
-        "mmdet training checkpoints. If you trust the file, re-save its weights as a plain "
-        "{name: tensor} state dict where it was made, and load that file instead")
+        f"{path} is not a safe checkpoint: {reason}. codetr loads only tensors, plain data and "
+        "the inert mmengine/numpy objects of mmdet training checkpoints. If you trust the file, "
+        "re-save its weights as a plain {name: tensor} state dict where it was made, and load "
+        "that file instead")
+
+
+def _reason(err: Exception) -> str:
+    """Why torch's weights-only unpickler refused a file, without torch's advice text."""
+    message = str(err)
+    marker = "GLOBAL "
+    if marker in message:
+        name = message.split(marker, 1)[1].split(" ", 1)[0].strip()
+        return f"loading it would need {name}, which could run code"
+    detail = message.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    detail = detail[0].strip() if detail and "WeightsUnpickler error:" in message else ""
+    return f"torch's weights-only unpickler refused it ({detail or type(err).__name__})"
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -131,7 +147,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = Path(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as first:
+    except pickle.UnpicklingError:
         unsafe = _unsafe_globals(path)
         if unsafe is not None and not set(unsafe) <= allowed_global_names():
             raise _refuse(path, sorted(set(unsafe) - allowed_global_names())) from None
@@ -139,14 +155,4 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             with torch.serialization.safe_globals(mmengine_allowlist()):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
-            raise _refuse(path, _global_in_message(str(err)) or _global_in_message(str(first))
-                          or "a global outside the weights-only allowlist") from None
-
-
-def _global_in_message(message: str) -> str:
-    """The `GLOBAL x.y` torch's unpickler names in its error, without its advice text."""
-    marker = "GLOBAL "
-    if marker not in message:
-        return ""
-    rest = message.split(marker, 1)[1]
-    return rest.split(" ", 1)[0].strip()
+            raise _refuse(path, _reason(err)) from None
