@@ -8,6 +8,8 @@ another class count) are skipped and reported.
 """
 from __future__ import annotations
 
+import os
+
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
@@ -42,6 +44,27 @@ def checkpoint_classes(ckpt: Mapping[str, Any]) -> Optional[Sequence[str]]:
     return list(names) if isinstance(names, (list, tuple)) else None
 
 
+def spec_label_map(spec: ExperimentSpec):
+    """The label map of an official checkpoint's run: the checkpoint stores none.
+
+    The test annotations when their file exists (what evaluate scores against), else the inference
+    classmap when it exists (the names are all inference needs), else `build_label_map`'s order
+    (train, val, test sources, classmap), so a spec listing COCO train2017 does not make
+    inference parse the 450 MB train annotations, or fail where only val2017 is present.
+    """
+    from codetr.data import LabelMap, build_label_map, load_coco
+    from codetr.data.classmap import label_map_from_classmap
+
+    ds = spec.dataset
+    test, infer = ds.test_data_sources, ds.infer_data_sources
+    if test is not None and test.json_file and os.path.isfile(test.json_file):
+        source = load_coco(test.json_file, test.image_dir, check_files=False)
+        return LabelMap.from_categories(source.categories, ds.num_classes, ds.contiguous_labels)
+    if infer is not None and infer.classmap and os.path.isfile(infer.classmap):
+        return label_map_from_classmap(infer.classmap, ds.num_classes, ds.contiguous_labels)
+    return build_label_map(spec)
+
+
 def restore_official(ckpt: Mapping[str, Any], path: str, spec: ExperimentSpec,
                      device: torch.device | str = "cpu"):
     """Builds the detector of `spec` and loads an official file's weights into it.
@@ -53,10 +76,9 @@ def restore_official(ckpt: Mapping[str, Any], path: str, spec: ExperimentSpec,
         SpecError: the weights do not fit the spec's model (the report names every difference),
             or the spec's classes are not as many as the checkpoint's.
     """
-    from codetr.data import build_label_map
     from codetr.model.builder import build_model
 
-    label_map = build_label_map(spec)
+    label_map = spec_label_map(spec)
     names = checkpoint_classes(ckpt)
     if names is not None and len(names) != label_map.num_classes:
         raise SpecError(f"{path} was trained on {len(names)} classes but the spec's label map has "
