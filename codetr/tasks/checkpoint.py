@@ -220,6 +220,11 @@ def restore_detector(path: str | os.PathLike, device: torch.device | str = "cpu"
     are used when the checkpoint has them. An official mmdet / Sense-X checkpoint (recognised by
     its keys, `codetr.zoo`) has no stored spec: with `spec` given, the run's spec builds the model.
 
+    Args:
+        path: the checkpoint file.
+        device: where the model goes.
+        spec: the run's ExperimentSpec, used only for an official checkpoint (None: codetr only).
+
     Returns:
         (model in eval mode on `device`, LabelMap, the checkpoint's ExperimentSpec, 'ema'|'model').
 
