@@ -1,10 +1,11 @@
 """The tiny official Co-DINO (mmdet 3.3.0 reference) loaded into codetr: files, names, numbers.
 
 Reference: ../shared/reference/mmdet-codino (README.md). Tolerances as its README suggests
-(logits atol 1e-4, boxes atol 1e-5, detection boxes 1e-3 px); codetr at e49a9a6 measured 3.3e-6,
-1.8e-7 and 4.6e-5 there, so the bounds leave one to two orders of margin for other CPUs and
-thread counts while a mapping error (swapped heads, bn1/bn2) moves the outputs by far more: the
-reference perturbs every degenerate tensor so that nothing hides behind zeros.
+(logits atol 1e-4, boxes atol 1e-5, detection boxes 1e-3 px). Measured here: 3.3e-6, 1.8e-7 and
+4.6e-5, so the bounds leave one to two orders of margin for other CPUs and thread counts, while
+a mapping error moves the outputs by far more (measured: bn1 <-> bn2 of layer1.0 swapped, logits
+0.76 / boxes 0.93; level_embeds rows 0 <-> 1, 0.59 / 0.79; the top-k indices change too). The
+reference perturbs every degenerate tensor so that no mistake hides behind zeros.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from codetr.tasks.checkpoint import load_checkpoint, model_state_dict, restore_d
 from codetr.zoo import checkpoint_flavour, import_official, is_official_state_dict
 from codetr.zoo.mmdet_keys import NO_RCNN_REASON
 from codetr.zoo.restore import is_official_checkpoint
-from tests.zoo_fixtures import plain_state_dict, tiny_model, tiny_spec
+from tests.zoo_fixtures import REFERENCE, plain_state_dict, tiny_model, tiny_spec
 
 FILES = ("tiny_state_dict.pth", "tiny_mmengine_checkpoint.pth", "tiny_published_checkpoint.pth")
 NMS_VARIANTS = {"soft_nms": 0.8, "no_nms": None, "soft_nms_iou0.3": 0.3}
@@ -34,11 +35,10 @@ def _mapped(model, state, source="tiny"):
 @pytest.fixture(scope="module")
 def tiny_loaded():
     """A tiny codetr model holding the official tiny weights (mapped from the fp16 dict)."""
-    from tests.conftest import MMDET_REFERENCE
-    if not (MMDET_REFERENCE / "tiny_state_dict.pth").exists():
+    if not (REFERENCE / "tiny_state_dict.pth").exists():
         pytest.skip("../shared/reference/mmdet-codino is not present")
     model = tiny_model()
-    mapped, _ = _mapped(model, plain_state_dict(MMDET_REFERENCE))
+    mapped, _ = _mapped(model, plain_state_dict(REFERENCE))
     model.load_state_dict(mapped, strict=False)
     return model
 

@@ -23,6 +23,8 @@ TINY_SPEC = {
     "dataset": {"num_classes": 5, "contiguous_labels": True},
 }
 NUM_CLASSES = 5
+# The same folder as the `mmdet_reference` fixture of conftest.py (module-scoped fixtures here).
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mmdet-codino"
 
 
 def tiny_spec(**model_overrides):
