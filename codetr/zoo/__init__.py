@@ -2,6 +2,7 @@
 
 - `safe_load`: read mmengine / mmdet files without mmengine and without running pickled code;
 - `mmdet_keys`: the name map mmdet -> codetr and the explicit drop list;
+- `swin_keys`: Sense-X's original-name Swin (SwinTransformerV1) -> mmdet's Swin names;
 - `importer`: map a state dict onto a model, with an `ImportReport` (`report`);
 - `restore`: rebuild a detector from an official file and the run's spec (evaluate, inference),
   and adapt official weights for fine-tuning (`train.pretrained_model_path`).

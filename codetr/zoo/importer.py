@@ -7,6 +7,7 @@ from torch import Tensor
 
 from codetr.zoo.mmdet_keys import CONSTANT_BUFFERS, has_rcnn_co_head, map_key
 from codetr.zoo.report import ImportReport
+from codetr.zoo.swin_keys import has_original_swin_names, original_swin_to_mmdet
 
 _COUNTER = "num_batches_tracked"
 
@@ -40,11 +41,15 @@ def import_official(state: Mapping[str, Any], target: Mapping[str, Tensor], sour
         target: the codetr model's `state_dict()` (names and shapes; meta tensors are fine).
         source: shown in the report.
         flavour: shown in the report (`checkpoint_flavour`).
+        An original-name Swin backbone (Sense-X release) is first converted to mmdet's names
+        (`swin_keys`); the report then names its tensors by their mmdet names.
 
     Returns:
         `({codetr key: tensor}` of every mapped tensor whose shape matches the model's, cast to
         the model's dtype`}`, the report). Load it with `load_state_dict(..., strict=False)`.
     """
+    if has_original_swin_names(state):  # Sense-X's SwinTransformerV1: rename + re-order first
+        state = original_swin_to_mmdet(state)
     with_rcnn = has_rcnn_co_head(target)
     report = ImportReport(source=source, flavour=flavour)
     out: Dict[str, Tensor] = {}

@@ -13,6 +13,8 @@ mmdet -> codetr (../shared/reference/mmdet-codino/README.md, "Name map"):
   k goes to k-1 and index 0, `rpn_head.*` and `roi_head.*` are dropped on purpose. A by-name load
   would put the R-CNN projection into our ATSS slot 0, with the right shape.
 - Everything else (`neck.*`, `query_head.*`, `bbox_head.k.*`) has the same name.
+- A Sense-X Swin with the original Swin names is converted to mmdet's names first
+  (`swin_keys.original_swin_to_mmdet`, called by `importer.import_official`).
 
 Dropped on purpose, with the reason the report prints: the R-CNN co-head when the model has none,
 EMA shadow copies (`ema_*` keys of mmcv's EMAHook; the model weights are used). Non-tensor entries (torch's `_metadata`
