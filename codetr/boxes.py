@@ -116,6 +116,14 @@ def elementwise_generalized_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     return iou - (enclosing - union) / enclosing.clamp(min=_AREA_EPS)
 
 
+# The eps of the box-refinement logit (decoder reference refinement, final boxes). mmdet's
+# DinoTransformerDecoder and CoDINOHead use 1e-3 there (as DINO does), so the official weights
+# were trained with it: with 1e-5, boxes within ~1e-3 of the image border come out differently
+# and the difference grows through the decoder layers (../shared/reference/mmdet-codino,
+# `decoder_stress`). Elsewhere (denoising, positive queries, learned references) 1e-5 stays.
+REFINE_EPS = 1e-3
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """Logit of `x` clamped to [0, 1]; `eps` keeps the result finite at 0 and 1.
 

@@ -24,11 +24,12 @@ def coco128() -> Path:
         pytest.skip("../shared/data/coco128 is not present")
     return COCO128
 
+MMDET_REFERENCE = REPO.parent / "shared" / "reference" / "mmdet-codino"
+
 
 @pytest.fixture
 def mmdet_reference() -> Path:
-    """../shared/reference/mmdet-codino (mmdet 3.3 Co-DINO numerical reference); skips when absent."""
-    path = REPO.parent / "shared" / "reference" / "mmdet-codino"
-    if not (path / "README.md").exists():
+    """The official mmdet Co-DINO reference of ../shared/reference/mmdet-codino; skips when absent."""
+    if not (MMDET_REFERENCE / "tiny_state_dict.pth").exists():
         pytest.skip("../shared/reference/mmdet-codino is not present")
-    return path
+    return MMDET_REFERENCE

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from codetr.boxes import REFINE_EPS
 from codetr.model.query_head import QueryHead
 
 HIDDEN, CLASSES, QUERIES, B = 32, 5, 10, 2
@@ -124,13 +125,14 @@ def test_two_stage_no_uses_learned_references(fix_hw):
     feats, masks, pos, targets = _inputs()
     out = head(feats, masks, pos, targets)
     assert "interm_outputs" not in out and out["pred_boxes"].shape == (B, QUERIES, 4)
-    # Zero-initialised box deltas: the first layer predicts exactly its reference boxes.
-    refs = head.transformer._learned_references().sigmoid()
+    # Zero-initialised box deltas: the first layer predicts exactly its reference boxes, up to
+    # the refinement logit's clamp to [REFINE_EPS, 1 - REFINE_EPS] (mmdet's 1e-3).
+    refs = head.transformer._learned_references().sigmoid().clamp(REFINE_EPS, 1 - REFINE_EPS)
     assert out["dn_outputs"]["aux_outputs"][0]["pred_boxes"].shape == (B, 12, 4)
     first = out["aux_outputs"][0]["pred_boxes"]
     torch.testing.assert_close(first, refs[None].expand(B, -1, -1), atol=1e-5, rtol=1e-5)
     if fix_hw > 0:
-        expected = torch.full_like(first[..., 2:], min(fix_hw, 1 - 1e-5))
+        expected = torch.full_like(first[..., 2:], min(fix_hw, 1 - REFINE_EPS))
         torch.testing.assert_close(first[..., 2:], expected, atol=1e-5, rtol=0)
     if fix_hw == -2:
         assert head.transformer.hw_embed.weight.shape == (1, 2)

@@ -11,6 +11,7 @@ from codetr.data.collate import Collator
 from codetr.data.dataset import CocoDetectionDataset
 from codetr.data.images import ImageFolderDataset
 from codetr.data.labels import LabelMap
+from codetr.data.test_padding import LSJTestCollator
 from codetr.data.transforms import build_transforms, max_output_size
 from codetr.spec.errors import SpecError
 from codetr.spec.schema import DataSource, ExperimentSpec
@@ -114,9 +115,13 @@ def build_infer_dataset(spec: ExperimentSpec,
 def build_collator(spec: ExperimentSpec, split: str,
                    input_size: Optional[tuple[int, int]] = None) -> Collator:
     """Padding of a split: to a multiple of `pad_size_divisor`, and to one fixed size for every
-    batch when `fixed_padding` (or, for training, `fixed_random_crop`) is set."""
+    batch when `fixed_padding` (or, for training, `fixed_random_crop`) is set. Eval splits with
+    `test_padding: lsj` get mmdet's LSJ test padding (`codetr.data.test_padding`)."""
     aug = spec.dataset.augmentation
     train = split == "train"
+    if not train and aug.test_padding == "lsj":
+        return LSJTestCollator(max_output_size(aug, False, input_size), aug.pad_size_divisor,
+                               aug.input_mean, aug.input_std)
     fixed = aug.fixed_padding or (train and aug.fixed_random_crop is not None)
     size = max_output_size(aug, train, input_size) if fixed else None
     return Collator(aug.pad_size_divisor, size)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from codetr.boxes import inverse_sigmoid
+from codetr.boxes import REFINE_EPS, inverse_sigmoid
 from codetr.model.deformable_attention import MultiScaleDeformableAttention
 from codetr.model.mlp import FFN, MLP
 from codetr.model.position_encoding import sine_embed_boxes
@@ -223,7 +223,7 @@ class Decoder(nn.Module):
                 self_attn_mask,
                 label_embedding,
             )
-            new_reference = (reg_branches[lid](output) + inverse_sigmoid(reference)).sigmoid()
+            new_reference = (reg_branches[lid](output) + inverse_sigmoid(reference, REFINE_EPS)).sigmoid()
             reference = new_reference.detach()
             hidden_states.append(self.norm(output))
             references.append(new_reference)

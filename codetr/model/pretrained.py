@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from codetr.errors import InputValueError, MissingInputError
-from codetr.safe_torch_load import UnsafeCheckpointError, safe_torch_load
+from codetr.safe_load import UnsafeCheckpointError, safe_torch_load
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from codetr.boxes import inverse_sigmoid
+from codetr.boxes import REFINE_EPS, inverse_sigmoid
 from codetr.model.denoising import build_denoising_queries
 from codetr.model.mlp import MLP
 from codetr.model.transformer import CoDinoTransformer, EncoderMemory
@@ -122,7 +122,7 @@ class QueryHead(nn.Module):
         delta = self.reg_branches[layer](hidden)
         return {
             "pred_logits": self.cls_branches[layer](hidden),
-            "pred_boxes": (delta + inverse_sigmoid(reference)).sigmoid(),
+            "pred_boxes": (delta + inverse_sigmoid(reference, REFINE_EPS)).sigmoid(),
         }
 
     def forward(

@@ -107,6 +107,9 @@ class AugmentationConfig:
     fixed_padding: bool = _f(True)
     fixed_random_crop: Optional[int] = _f(None, gt=0)
     pad_size_divisor: int = _f(32, gt=0)
+    # Eval padding: `mask` (zeros + padding mask) or `lsj` (mmdet's LSJ test pipeline: pad to the
+    # square canvas with pixel 114, no mask; codetr.data.test_padding).
+    test_padding: str = _f("mask", choices=("mask", "lsj"))
 
 
 @dataclass
@@ -214,6 +217,13 @@ class InferenceConfig:
 
 
 @dataclass
+class ImportMmdetConfig:
+    """`import_mmdet`: write an official MMDetection / Sense-X checkpoint once in codetr's format."""
+    checkpoint: Optional[str] = _f(None)
+    results_dir: Optional[str] = _f(None)
+
+
+@dataclass
 class ExperimentSpec:
     """The whole spec file."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -221,6 +231,7 @@ class ExperimentSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    import_mmdet: ImportMmdetConfig = field(default_factory=ImportMmdetConfig)
     encryption_key: Optional[str] = _f(None)
     results_dir: str = _f("/results")
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from codetr.errors import UserError
 from codetr.fileio import atomic_torch_save
-from codetr.safe_torch_load import UnsafeCheckpointError, safe_torch_load
+from codetr.safe_load import UnsafeCheckpointError, safe_torch_load
 
 FORMAT_VERSION = 1
 # The LightningModule holds the detector as `self.model`: its keys carry this prefix.
@@ -95,7 +95,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
         raise CheckpointError(str(err)) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
-    if require_codetr and "codetr" not in ckpt:
+    return _require_codetr(ckpt, path) if require_codetr else ckpt
+
+
+def _require_codetr(ckpt: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    if "codetr" not in ckpt:
         raise CheckpointError(f"{path} is not a codetr checkpoint: it has no 'codetr' section with "
                               f"the spec and label map (top-level keys: {sorted(ckpt)[:10]})")
     return ckpt
@@ -212,11 +216,17 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore_detector(path: str | os.PathLike, device: torch.device | str = "cpu"):
+def restore_detector(path: str | os.PathLike, device: torch.device | str = "cpu", spec=None):
     """Rebuilds the trained detector from a codetr checkpoint alone.
 
     The architecture comes from the spec stored in the checkpoint, the label map too; EMA weights
-    are used when the checkpoint has them.
+    are used when the checkpoint has them. An official mmdet / Sense-X checkpoint (recognised by
+    its keys, `codetr.zoo`) has no stored spec: with `spec` given, the run's spec builds the model.
+
+    Args:
+        path: the checkpoint file.
+        device: where the model goes.
+        spec: the run's ExperimentSpec, used only for an official checkpoint (None: codetr only).
 
     Returns:
         (model in eval mode on `device`, LabelMap, the checkpoint's ExperimentSpec, 'ema'|'raw').
@@ -228,7 +238,12 @@ def restore_detector(path: str | os.PathLike, device: torch.device | str = "cpu"
     from codetr.model.builder import build_model
     from codetr.spec import spec_from_dict
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, require_codetr=spec is None)
+    if "codetr" not in ckpt:
+        from codetr.zoo.restore import is_official_checkpoint, restore_official
+        if is_official_checkpoint(ckpt):
+            return restore_official(ckpt, str(path), spec, device)
+        ckpt = _require_codetr(ckpt, Path(path))
     meta = ckpt["codetr"]
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {meta['format_version']}; this codetr "

@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from codetr.data.test_padding import detection_sizes
 from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_dataset
 from codetr.fileio import atomic_write_text
@@ -53,7 +54,7 @@ def run(spec: ExperimentSpec) -> int:
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "evaluate")
     for notice in notices:
         print(notice)
-    model, label_map, _, which = restore_detector(cfg.checkpoint, device)
+    model, label_map, _, which = restore_detector(cfg.checkpoint, device, spec)
     print(f"evaluating {cfg.checkpoint} ({'EMA' if which == 'ema' else 'raw'} weights) on {device}")
     size = input_size(cfg.input_width, cfg.input_height)
     dataset = build_dataset(spec, "test", label_map, size)
@@ -79,7 +80,7 @@ def predict_coco(model: torch.nn.Module, postprocess: torch.nn.Module,
     for batch in loader:
         batch = batch.to(device)
         outputs = model(batch.images, batch.masks)
-        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
+        orig_sizes = detection_sizes(batch.targets)  # orig_size, or the LSJ canvas frame
         for target, det in zip(batch.targets, postprocess(outputs, orig_sizes)):
             results += to_coco_results(int(target["image_id"]), det["scores"], det["labels"],
                                        det["boxes"], category_lut, conf_threshold)

@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from PIL import Image, ImageOps
 
+from codetr.data.test_padding import detection_sizes
 from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_infer_dataset, read_classmap
 from codetr.data.labels import LabelMap
@@ -120,7 +121,7 @@ def run(spec: ExperimentSpec) -> int:
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "inference")
     for notice in notices:
         print(notice)
-    model, label_map, _, which = restore_detector(cfg.checkpoint, device)
+    model, label_map, _, which = restore_detector(cfg.checkpoint, device, spec)
     check_classmap(label_map, infer.classmap)
     grouping = CategoryGrouping(label_map, cfg.category_mapping)
     colors = class_colors(grouping.names, cfg.color_map)
@@ -144,7 +145,7 @@ def run(spec: ExperimentSpec) -> int:
         for batch in loader:
             batch = batch.to(device)
             outputs = model(batch.images, batch.masks)
-            orig_sizes = torch.stack([m["orig_size"] for m in batch.metas]).to(device)
+            orig_sizes = detection_sizes(batch.metas).to(device)  # orig_size, or the LSJ frame
             for meta, det in zip(batch.metas, postprocess(outputs, orig_sizes)):
                 scores, groups, boxes = select(*grouping.apply(det["scores"], det["labels"], det["boxes"]),
                                                spec.model, cfg.conf_threshold)

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from codetr.data.test_padding import detection_sizes
 from codetr.data import Batch, LabelMap
 from codetr.spec.schema import OptimConfig
 from codetr.tasks.checkpoint import FORMAT_VERSION, capture_rng_state, restore_rng_state
@@ -174,7 +175,7 @@ class CoDETRModule(L.LightningModule):
         self._val_results = {}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
+        orig_sizes = detection_sizes(batch.targets)  # orig_size, or the LSJ canvas frame
         for tag, model in self.validated_models():
             detections = self.postprocess(model(batch.images, batch.masks), orig_sizes)
             results = self._val_results.setdefault(tag, {})

@@ -28,6 +28,7 @@ from codetr.tasks.datamodule import CoDETRDataModule
 from codetr.tasks.module import CoDETRModule
 from codetr.tasks.optim import freeze_parameters
 from codetr.tasks.run_lock import RunLock
+from codetr.zoo.restore import adapt_for_finetuning
 from codetr.tasks.runtime import Runtime, ensure_writable_dir, resolve_runtime
 
 LAST = "last.pth"
@@ -173,7 +174,9 @@ def find_resume_checkpoint(spec: ExperimentSpec, train_dir: str) -> Optional[str
 
 def load_pretrained(model: nn.Module, path: str) -> None:
     """Starts from another checkpoint's weights where names and shapes match; reports the rest."""
-    state, which = model_state_dict(load_checkpoint(path, require_codetr=False))
+    ckpt = load_checkpoint(path, require_codetr=False)
+    state, which = model_state_dict(ckpt)
+    state = adapt_for_finetuning(state, model, path, ckpt)  # official mmdet / Sense-X names
     report = load_partial(model, state)
     if not report.loaded:
         raise InputValueError(f"train.pretrained_model_path {path}: no tensor matches the model by name "
