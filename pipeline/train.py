@@ -44,7 +44,8 @@ def summarise(train_dir: Path, seconds: float) -> Dict[str, Any]:
             record[f"val_{tag}_AP"] = round(float(validation[tag]["AP"]), 4)
     if len(validation) > 1:
         record["ema_chosen"] = int(chosen == "ema")
-    record.update(steps=int(ckpt.get("global_step", 0)), epochs=int(ckpt.get("epoch", -1)) + 1,
+    # The final file is saved after fit: its `epoch` counts the completed epochs.
+    record.update(steps=int(ckpt.get("global_step", 0)), epochs=int(ckpt.get("epoch", 0)),
                   train_seconds=round(seconds, 1))
     return record
 

@@ -25,7 +25,7 @@ def test_summary_holds_what_people_diff(tmp_path):
     record = train_stage.summarise(tmp_path / "train", 12.345)
     assert record == {"val": {"AP": 0.3, "AP50": 0.2, "AP75": 0.3, "APs": 0.4, "APm": 0.5, "APl": 0.6},
                       "val_ema_AP": 0.25, "val_raw_AP": 0.3, "ema_chosen": 0,
-                      "steps": 40, "epochs": 4, "train_seconds": 12.3}
+                      "steps": 40, "epochs": 3, "train_seconds": 12.3}
 
 
 def test_run_writes_metrics_and_plots_after_the_cli(tmp_path, monkeypatch):
