@@ -8,8 +8,10 @@ after every epoch, the final `codetr_model.pth`, `experiment_spec.yaml` and the 
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import warnings
 from typing import List, Optional
 
 import lightning as L
@@ -85,6 +87,7 @@ def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postproces
     """
     t = spec.train
     dry = t.is_dry_run
+    quiet_lightning_noise()
     for notice in runtime.notices:
         _info(notice)
     if t.enable_ema and t.distributed_strategy == "fsdp" and runtime.world_size > 1:
@@ -144,10 +147,31 @@ def report_end(module: CoDETRModule, final_path: str) -> None:
                else f"train.ema.final_weights: {module.ema_final_weights}")
         _info(f"{final_path} hands the {chosen} weights to evaluate/inference ({why})")
     if module.validations and module.best_val_ap <= 0.0:
-        _info(f"warning: validation AP stayed 0.000 in all {module.validations} validations: the "
+        where = f"all {module.validations} validations" if module.validations > 1 else "its only validation"
+        _info(f"warning: validation AP stayed 0.000 in {where}: the "
               "model has not learned to detect yet. Train longer (train.num_epochs), check the "
               "learning rate and warm-up, the labels (dataset.num_classes, contiguous_labels) and "
               "that the validation set matches the training classes")
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning_noise() -> None:
+    """Silences what informs nobody in a codetr run, keeps every other message.
+
+    - Lightning's advertisement for its cloud logger (printed on every run);
+    - "Checkpoint directory ... exists and is not empty": the train folder always holds our own
+      files (the spec, the lock, logs), and a `last.pth` there is resumed on purpose;
+    - torch's pytree `LeafSpec` deprecation raised inside Lightning, not in our code.
+    """
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if not any(isinstance(f, _DropLitLoggerTip) for f in handler.filters):
+            handler.addFilter(_DropLitLoggerTip())
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def require_boxes(sources) -> None:
