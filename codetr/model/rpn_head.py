@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codetr.boxes import box_cxcywh_to_xyxy
 from codetr.losses.random_sampler import RandomSampler
 from codetr.losses.rpn_loss import rpn_losses
 from codetr.model.anchor_generator import AnchorGenerator
@@ -108,27 +107,24 @@ class RPNHead(nn.Module):
                               anchors, image_sizes[b], nms_pre, self.nms_iou, self.max_proposals)
                 for b in range(len(image_sizes))]
 
-    def loss_and_proposals(self, feats: Sequence[Tensor], targets: Sequence[dict]
-                           ) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor]]:
+    def loss_and_proposals(self, feats: Sequence[Tensor], gt_boxes: Sequence[Tensor],
+                           image_sizes: Sequence[Sequence[int]]
+                           ) -> tuple[dict[str, Tensor], list[Tensor]]:
         """RPN losses and the training proposals (training only).
 
         Args:
             feats: maps `[B, D, H_l, W_l]`, one per stride.
-            targets: B dicts with `boxes` `[N, 4]` cxcywh normalised by `size` and `size` `[2]`
-                (h, w) (DESIGN.md data contract); the labels are not used (one objectness class).
+            gt_boxes: per image `[N_i, 4]` xyxy pixels (one objectness class: no labels).
+            image_sizes: per image `(h, w)` of the unpadded image, pixels.
 
         Returns:
-            `(losses, proposals, gt_boxes)`: `losses` has `loss_rpn_cls` and `loss_rpn_bbox`,
-            unweighted, each `[num_levels]` (their sum is the term; per level as mmdet logs
-            them); `proposals` per image `[K, 4]` xyxy pixels (detached); `gt_boxes` per image
-            `[N, 4]` xyxy pixels.
+            `(losses, proposals)`: `losses` has `loss_rpn_cls` and `loss_rpn_bbox`, unweighted,
+            each `[num_levels]` (their sum is the term; per level as mmdet logs them);
+            `proposals` per image `[K, 4]` xyxy pixels, detached.
         """
         cls_logits, deltas = self(feats)
         anchors = self.anchors(feats)
-        sizes = [[float(v) for v in t["size"]] for t in targets]
-        gt_boxes = [box_cxcywh_to_xyxy(t["boxes"].to(anchors[0]))
-                    * anchors[0].new_tensor([w, h, w, h]) for t, (h, w) in zip(targets, sizes)]
         flat_cls, flat_deltas = flatten_rpn_outputs(cls_logits, deltas)
         losses = rpn_losses(flat_cls, flat_deltas, anchors, gt_boxes, self.sampler)
-        proposals = [boxes for boxes, _ in self.proposals(cls_logits, deltas, anchors, sizes, True)]
-        return losses, proposals, gt_boxes
+        proposals = self.proposals(cls_logits, deltas, anchors, image_sizes, training=True)
+        return losses, [boxes for boxes, _ in proposals]
