@@ -20,3 +20,14 @@ def coco128() -> Path:
     if not (COCO128 / "annotations" / "instances.json").exists():
         pytest.skip("../shared/data/coco128 is not present")
     return COCO128
+
+
+MMDET_REFERENCE = REPO.parent / "shared" / "reference" / "mmdet-codino"
+
+
+@pytest.fixture
+def mmdet_reference() -> Path:
+    """The mmdet Co-DINO numerical reference of ../shared/reference/mmdet-codino; skips when absent."""
+    if not (MMDET_REFERENCE / "README.md").exists():
+        pytest.skip("../shared/reference/mmdet-codino is not present")
+    return MMDET_REFERENCE

@@ -21,7 +21,8 @@ RCNN_TERM_WEIGHTS = {"loss_rpn_cls": 1.0, "loss_rpn_bbox": 1.0, "loss_roi_cls": 
                      "loss_roi_bbox": 10.0}
 
 
-def pixel_targets(targets: Sequence[dict], device: torch.device) -> tuple[list[Tensor], list[Tensor], list[list[float]]]:
+def pixel_targets(targets: Sequence[dict], device: torch.device
+                  ) -> tuple[list[Tensor], list[Tensor], list[list[float]]]:
     """`(gt_boxes [N_i, 4] xyxy pixels, gt_labels [N_i], image_sizes (h, w))` per image from the
     DESIGN.md targets (cxcywh normalised by `size`)."""
     boxes, labels, sizes = [], [], []
