@@ -229,3 +229,60 @@ def test_full_pass_from_targets(ref):
     for name, value in expected.items():
         torch.testing.assert_close(losses[name].detach(), value, rtol=1e-5, atol=0)
     assert [p.anchors.shape[0] for p in positives] == [21, 11]
+
+
+def test_positive_query_pass_uses_projection_zero(mmdet_reference, monkeypatch):
+    """mmdet's `loss_aux` on the RoI head's targets through OUR query head with the official
+    `query_head.*` weights: head 0's projection (`aux_pos_trans.0`) reproduces it, head 1's does
+    not. mmdet's decoder uses `inverse_sigmoid(eps=1e-3)` where codetr uses 1e-5 (README,
+    semantic difference 1: several of these boxes are within 1e-3 of 0 or 1), patched here to
+    isolate the positive-query pass. rtol 5e-5: three decoder layers of fp32 rounding (the
+    README's decoder hidden states differ by 3e-6); heads 0 and 1 differ by > 1e-3.
+    """
+    import torch.nn.functional as F
+
+    import codetr.model.decoder as decoder_module
+    import codetr.model.query_head as query_head_module
+    from codetr.boxes import inverse_sigmoid
+    from codetr.losses.criterion import SetCriterion
+    from codetr.losses.matcher import HungarianMatcher
+    from codetr.model.query_head import QueryHead
+    from codetr.model.transformer import EncoderMemory, valid_ratios_of
+
+    inputs, outputs, state = _load(str(mmdet_reference))
+    padding = torch.load(mmdet_reference / "tiny_inputs.pth", weights_only=True)["padding_mask"]
+    head = QueryHead(num_classes=5, hidden_dim=64, nheads=8, num_feature_levels=5, enc_layers=2,
+                     dec_layers=3, dim_feedforward=128, dropout=0.0, enc_n_points=4, dec_n_points=4,
+                     num_queries=30, two_stage_type="standard", embed_init_tgt=True,
+                     decoder_sa_type="sa", fix_refpoints_hw=-1, pre_norm=False, use_dn=True,
+                     dn_number=20, dn_box_noise_scale=1.0, dn_label_noise_ratio=0.5, num_co_heads=2,
+                     activation_checkpoint=False).eval()
+    head.load_state_dict({k[len("query_head."):].replace("dn_generator.", ""): v.float()
+                          for k, v in state.items() if k.startswith("query_head.")})
+    maps = inputs["maps"][:5]
+    masks = [F.interpolate(padding[None].float(), size=m.shape[-2:]).to(torch.bool)[0] for m in maps]
+    shapes = torch.tensor([tuple(m.shape[-2:]) for m in maps])
+    memory = EncoderMemory(torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1),
+                           torch.cat([m.flatten(1) for m in masks], 1), shapes,
+                           torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]]),
+                           torch.stack([valid_ratios_of(m) for m in masks], 1))
+    mmdet_eps = lambda x: inverse_sigmoid(x, 1e-3)  # noqa: E731
+    monkeypatch.setattr(decoder_module, "inverse_sigmoid", mmdet_eps)
+    monkeypatch.setattr(query_head_module, "inverse_sigmoid", mmdet_eps)
+    criterion = SetCriterion(5, HungarianMatcher(2.0, 5.0, 2.0, 0.25), cls_loss_coef=1.0,
+                             bbox_loss_coef=5.0, giou_loss_coef=2.0, focal_alpha=0.25,
+                             loss_types=["labels", "boxes"], aux_loss=True, interm_loss_coef=1.0,
+                             no_interm_box_loss=False, cls_loss_type="quality_focal")
+    aux = outputs["train"]["aux_targets_roi_head"]
+    ref = outputs["train"]["aux_losses_roi_head"]
+    expected = {}
+    for layer, prefix in enumerate(("d0.", "d1.", "")):
+        for ours, theirs in (("loss_ce", "loss_cls"), ("loss_bbox", "loss_bbox"), ("loss_giou", "loss_iou")):
+            expected[f"{ours}_pos0_{layer}"] = ref[f"{prefix}{theirs}_aux0"]
+    for projection, matches in ((0, True), (1, False)):
+        with torch.no_grad():
+            layers = head.forward_positive(memory, aux["aux_coords"], projection)
+        pos = {"layers": layers, "targets": {"labels": aux["aux_labels"], "boxes": aux["aux_targets"]}}
+        losses = criterion(dict(layers[-1], pos_outputs=[pos]), _targets(inputs))
+        close = [torch.allclose(losses[k], v, rtol=5e-5, atol=0) for k, v in expected.items()]
+        assert all(close) if matches else not any(close), (projection, losses)
