@@ -12,17 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import nms as torchvision_nms
 
-from codetr.boxes import box_xyxy_to_cxcywh
+import codetr.model.decoder as decoder_module
+import codetr.model.query_head as query_head_module
+from codetr.boxes import box_xyxy_to_cxcywh, inverse_sigmoid
+from codetr.losses.criterion import SetCriterion
+from codetr.losses.matcher import HungarianMatcher
+from codetr.losses.rpn_loss import rpn_assign
+from codetr.model import proposals as proposals_module
 from codetr.model.anchor_generator import AnchorGenerator
 from codetr.model.faster_rcnn import faster_rcnn_losses
 from codetr.model.positive_queries import build_positive_queries
-from codetr.model import proposals as proposals_module
+from codetr.model.query_head import QueryHead
 from codetr.model.roi_extractor import roi_levels
 from codetr.model.roi_head import CoStandardRoIHead
 from codetr.model.rpn_head import RPNHead
-from codetr.losses.rpn_loss import rpn_assign
+from codetr.model.transformer import EncoderMemory, valid_ratios_of
 
 STRIDES = [4, 8, 16, 32, 64, 128]
 NUM_CLASSES = 5
@@ -68,12 +75,9 @@ class InjectedSampler:
 
 def test_official_key_names_and_shapes(mmdet_reference):
     """`rpn_head.*` / `roi_head.0.*` of the full R50 config (256 channels, fc 1024, 80 classes)."""
-    keys = json.loads((mmdet_reference / "keys_co_dino_5scale_r50.json").read_text())
-    entries = keys["keys"] if isinstance(keys, dict) and "keys" in keys else keys
-    official = {}
-    for entry in (entries if isinstance(entries, list) else [dict(name=k, **v) for k, v in entries.items()]):
-        if entry["name"].startswith(("rpn_head.", "roi_head.")):
-            official[entry["name"]] = tuple(entry["shape"])
+    keys = json.loads((mmdet_reference / "keys_co_dino_5scale_r50.json").read_text())["keys"]
+    official = {name: tuple(entry["shape"]) for name, entry in keys.items()
+                if name.startswith(("rpn_head.", "roi_head."))}
     rpn = RPNHead(256, STRIDES)
     roi = CoStandardRoIHead(80, 256, STRIDES[:-1], fc_channels=1024)
     ours = {f"rpn_head.{k}": tuple(v.shape) for k, v in rpn.state_dict().items()}
@@ -239,16 +243,6 @@ def test_positive_query_pass_uses_projection_zero(mmdet_reference, monkeypatch):
     isolate the positive-query pass. rtol 5e-5: three decoder layers of fp32 rounding (the
     README's decoder hidden states differ by 3e-6); heads 0 and 1 differ by > 1e-3.
     """
-    import torch.nn.functional as F
-
-    import codetr.model.decoder as decoder_module
-    import codetr.model.query_head as query_head_module
-    from codetr.boxes import inverse_sigmoid
-    from codetr.losses.criterion import SetCriterion
-    from codetr.losses.matcher import HungarianMatcher
-    from codetr.model.query_head import QueryHead
-    from codetr.model.transformer import EncoderMemory, valid_ratios_of
-
     inputs, outputs, state = _load(str(mmdet_reference))
     padding = torch.load(mmdet_reference / "tiny_inputs.pth", weights_only=True)["padding_mask"]
     head = QueryHead(num_classes=5, hidden_dim=64, nheads=8, num_feature_levels=5, enc_layers=2,
