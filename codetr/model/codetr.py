@@ -82,7 +82,8 @@ class CoDETR(nn.Module):
 
         Returns:
             The query head's outputs (docs/DESIGN.md), plus in training `co_losses` (weighted
-            ATSS terms) and `pos_outputs` (per co-head `{"layers": [...], "targets": {...}}`).
+            R-CNN and ATSS terms, suffix `_co{i}`) and `pos_outputs` (per co-head i, R-CNN
+            first: `{"layers": [...], "targets": {...}}`).
         """
         feats = self.neck(self.backbone(images))
         level_masks = [F.interpolate(masks[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in feats]
