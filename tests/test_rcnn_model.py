@@ -108,8 +108,14 @@ def test_numbering_rcnn_first_then_atss(monkeypatch):
 
 
 def test_rcnn_losses_reach_the_encoder_and_every_rcnn_parameter():
+    torch.manual_seed(0)
     model = build_model(tiny_spec("model.num_co_heads=0", RCNN), num_classes=3).train()
     images, masks, targets = random_batch()
+    # Boxes of 24-40 px: the smallest RPN anchors are 32 px (stride 8 x 4), so every image has
+    # RPN positives and rpn_reg gets a gradient (tiny random boxes may have none).
+    for t in targets:
+        t["boxes"] = torch.tensor([[0.4, 0.5, 0.4, 0.5], [0.6, 0.4, 0.5, 0.6]])
+        t["labels"] = torch.tensor([0, 2])
     out = model(images, masks, targets)
     sum(v for k, v in out["co_losses"].items() if k.endswith("_co0")).backward()
     enc = [p.grad for p in model.query_head.transformer.encoder.parameters() if p.grad is not None]
@@ -149,3 +155,21 @@ def test_off_by_default_keeps_atss_numbering():
     out = model(*random_batch()[:2], random_batch()[2])
     assert {"loss_cls_co0", "loss_cls_co1"} <= set(out["co_losses"])
     assert not any("rpn" in k or "roi" in k for k in out["co_losses"])
+
+
+def test_positives_keep_the_batch_minimum_of_samples_as_mmdet():
+    from codetr.losses.roi_loss import RoISamples
+    from codetr.model.roi_head import positive_samples
+
+    def samples(num, num_pos):
+        boxes = torch.arange(num * 4, dtype=torch.float32).reshape(num, 4)
+        labels = torch.full((num,), 3)
+        labels[:num_pos] = 1
+        empty = torch.zeros(0, dtype=torch.long)
+        return RoISamples(boxes, labels, boxes.clone(), num_pos, empty, empty, empty)
+
+    a, b = samples(512, 40), samples(30, 35 - 30 + 3)  # b: 8 positives, 22 negatives
+    out = positive_samples([a, b])
+    assert [p.anchors.shape[0] for p in out] == [30, 8]  # a's 40 positives cut to the 30 kept
+    assert out[0].neg_anchors.shape[0] == 0 and out[1].neg_anchors.shape[0] == 22
+    assert torch.equal(out[1].anchors, b.boxes[:8]) and torch.equal(out[1].neg_anchors, b.boxes[8:])
