@@ -173,3 +173,11 @@ def test_positives_keep_the_batch_minimum_of_samples_as_mmdet():
     assert [p.anchors.shape[0] for p in out] == [30, 8]  # a's 40 positives cut to the 30 kept
     assert out[0].neg_anchors.shape[0] == 0 and out[1].neg_anchors.shape[0] == 22
     assert torch.equal(out[1].anchors, b.boxes[:8]) and torch.equal(out[1].neg_anchors, b.boxes[8:])
+
+
+def test_spec_key_defaults_off_and_rejects_non_booleans():
+    from codetr.spec import SpecError, load_spec
+
+    assert load_spec(None, []).model.use_rcnn_co_head is False
+    with pytest.raises(SpecError, match="model.use_rcnn_co_head"):
+        load_spec(None, ["model.use_rcnn_co_head=maybe"])
