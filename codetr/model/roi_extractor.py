@@ -5,7 +5,8 @@ Each RoI is pooled from ONE level, chosen by its scale as mmdet does:
 112 px level 0, [112, 224) level 1, ...). torchvision's `MultiScaleRoIAlign` does not fit: its
 `LevelMapper` adds the eps after the log (a 112 px RoI lands on another level), infers the levels
 from the feature sizes, and pools without `aligned=True`. The pooling itself is
-`torchvision.ops.roi_align` with mmcv's settings (adaptive sampling, half-pixel `aligned`).
+`torchvision.ops.roi_align` with mmcv's settings (adaptive sampling, half-pixel `aligned`), with a
+faster CPU backward (`codetr.ops.roi_align`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
+
+from codetr.ops.roi_align import roi_align
 
 
 def roi_levels(rois: Tensor, num_levels: int, finest_scale: float = 56.0) -> Tensor:
@@ -66,7 +68,6 @@ class RoIExtractor:
             index = (levels == level).nonzero()[:, 0]
             if index.numel() == 0:
                 continue
-            pooled = roi_align(feat, rois[index].to(feat.dtype), size, spatial_scale=1.0 / stride,
-                               sampling_ratio=0, aligned=True)
+            pooled = roi_align(feat, rois[index].to(feat.dtype), size, 1.0 / stride)
             out = out.index_copy(0, index, pooled.to(out.dtype))
         return out
