@@ -2,8 +2,8 @@
 
 torchvision's CPU backward recomputes every sample's bilinear weights for every channel and adds
 them one scalar at a time: it was half of the RoI head's training time in the Faster R-CNN
-co-head (default model, batch 4: 2048 RoIs x 128 channels). RoIAlign is linear in the features, `out = A @ feats` with
-A sparse and separable: a bilinear weight is a y weight times an x weight. So the gradient
+co-head (default model, batch 4: 2048 RoIs x 128 channels). RoIAlign is linear in the features,
+`out = A @ feats` with A sparse and separable: a bilinear weight is a y weight times an x weight. So the gradient
 `A^T @ grad_out` of one RoI is `Wy^T G Wx` on a window of pixels around it (`Wy` `[7, Kh]`, `Wx`
 `[7, Kw]`: the summed sample weights of each bin), two small batched matmuls over all channels at
 once, added into the map by one `index_add_`. The weights follow torchvision's
