@@ -8,6 +8,8 @@ width, batch, optimizer groups, learning rates, clipping and wall-clock budget:
 - `ours`: the default Co-DETR of `params.yaml` (model, dataset and optim sections), data paths
   pointed at the bench's generated data;
 - `ours_no_co`: the same with `model.num_co_heads=0` (what the collaborative heads buy);
+- `ours_rcnn`: the same with `model.use_rcnn_co_head=true` (the full Co-DINO: Faster R-CNN
+  co-head beside the ATSS heads; what the R-CNN head buys on top of ATSS);
 - `peer`: HF `DeformableDetrForObjectDetection`, two-stage + box refinement, with three fixes
   (see `bench/peer_hf.py`), trained by our `SetCriterion`.
 
@@ -50,7 +52,7 @@ from codetr.tasks.coco_eval import evaluate_coco, load_ground_truth, to_coco_res
 from codetr.tasks.ema import ModelEMA, auto_warmup_steps  # noqa: E402
 from codetr.tasks.optim import build_optimizer, build_param_groups, build_scheduler  # noqa: E402
 
-MODELS = ("ours", "ours_no_co", "peer")
+MODELS = ("ours", "ours_no_co", "ours_rcnn", "peer")
 
 
 def prepare_data(params: Path, out_dir: Path, num_train: int, num_val: int) -> Path:
@@ -92,6 +94,8 @@ def bench_spec(params: Path, data_root: Path, backbone: str | None, model: str,
         ov.append(f"model.pretrained_backbone_path={backbone}")
     if model == "ours_no_co":
         ov.append("model.num_co_heads=0")
+    if model == "ours_rcnn":
+        ov.append("model.use_rcnn_co_head=true")
     return load_spec(params, ov + list(overrides))
 
 

@@ -43,17 +43,19 @@ class PositiveSamples:
     neg_anchors: Tensor
 
 
-def delta_xywh_encode(anchors_xyxy: Tensor, boxes_xyxy: Tensor) -> Tensor:
-    """mmdet DeltaXYWH encoding (means 0, stds `DELTA_STDS`) of boxes relative to anchors.
+def delta_xywh_encode(anchors_xyxy: Tensor, boxes_xyxy: Tensor,
+                      stds: Sequence[float] = DELTA_STDS) -> Tensor:
+    """mmdet DeltaXYWH encoding (means 0) of boxes relative to anchors.
 
     Args:
         anchors_xyxy: `[N, 4]` xyxy pixels.
         boxes_xyxy: `[N, 4]` xyxy pixels.
+        stds: the coder's stds (ATSS / RoI head: `DELTA_STDS`; RPN: all 1).
 
     Returns:
         `[N, 4]` deltas (dx, dy, dw, dh) divided by the stds.
     """
-    stds = anchors_xyxy.new_tensor(DELTA_STDS)
+    stds = anchors_xyxy.new_tensor(stds)
     anchor_wh = anchors_xyxy[:, 2:] - anchors_xyxy[:, :2]
     anchor_c = (anchors_xyxy[:, :2] + anchors_xyxy[:, 2:]) / 2
     box_wh = boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]
@@ -62,17 +64,19 @@ def delta_xywh_encode(anchors_xyxy: Tensor, boxes_xyxy: Tensor) -> Tensor:
     return deltas / stds
 
 
-def delta_xywh_decode(anchors_xyxy: Tensor, deltas: Tensor) -> Tensor:
+def delta_xywh_decode(anchors_xyxy: Tensor, deltas: Tensor,
+                      stds: Sequence[float] = DELTA_STDS) -> Tensor:
     """Inverse of `delta_xywh_encode`, with mmdet's clamp of the log size ratios.
 
     Args:
         anchors_xyxy: `[N, 4]` xyxy pixels.
         deltas: `[N, 4]` (dx, dy, dw, dh) in units of the stds.
+        stds: the coder's stds (ATSS / RoI head: `DELTA_STDS`; RPN: all 1).
 
     Returns:
         `[N, 4]` xyxy pixels (not clipped to the image, as in ATSS training).
     """
-    deltas = deltas * deltas.new_tensor(DELTA_STDS)
+    deltas = deltas * deltas.new_tensor(stds)
     anchor_wh = anchors_xyxy[:, 2:] - anchors_xyxy[:, :2]
     anchor_c = (anchors_xyxy[:, :2] + anchors_xyxy[:, 2:]) / 2
     centre = anchor_c + anchor_wh * deltas[:, :2]

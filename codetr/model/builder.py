@@ -9,6 +9,8 @@ from codetr.model.codetr import CoDETR
 from codetr.model.neck import ChannelMapper
 from codetr.model.position_encoding import PositionEmbeddingSine
 from codetr.model.query_head import QueryHead
+from codetr.model.roi_head import CoStandardRoIHead
+from codetr.model.rpn_head import RPNHead
 from codetr.postprocess.postprocess import PostProcess
 from codetr.spec.schema import ExperimentSpec
 
@@ -43,7 +45,9 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         embed_init_tgt=m.embed_init_tgt, decoder_sa_type=m.decoder_sa_type,
         fix_refpoints_hw=m.fix_refpoints_hw, pre_norm=m.pre_norm, use_dn=m.use_dn,
         dn_number=m.dn_number, dn_box_noise_scale=m.dn_box_noise_scale,
-        dn_label_noise_ratio=m.dn_label_noise_ratio, num_co_heads=m.num_co_heads,
+        dn_label_noise_ratio=m.dn_label_noise_ratio,
+        # One positive-query projection per co-head: the Faster R-CNN head's first (mmdet).
+        num_co_heads=m.num_co_heads + int(m.use_rcnn_co_head),
         activation_checkpoint=spec.train.activation_checkpoint,
     )
     co_heads = [
@@ -51,9 +55,25 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
                    stacked_convs=m.co_head_num_convs, octave_base_scale=atss_anchor_scale(spec))
         for _ in range(m.num_co_heads)
     ]
+    rpn_head, roi_head = None, None
+    if m.use_rcnn_co_head:
+        # RPN on the L memory levels + the extra stride-2 level, RoI head on the L levels only.
+        rpn_head = RPNHead(m.hidden_dim, strides + [strides[-1] * 2])
+        roi_head = CoStandardRoIHead(num_classes, m.hidden_dim, strides,
+                                     fc_channels=rcnn_fc_channels(m.hidden_dim))
     position = PositionEmbeddingSine(m.hidden_dim // 2, m.pe_temperatureH, m.pe_temperatureW)
     return CoDETR(backbone, neck, position, query_head, co_heads, strides,
-                  co_head_loss_weight=m.co_head_loss_weight, focal_alpha=m.focal_alpha)
+                  co_head_loss_weight=m.co_head_loss_weight, focal_alpha=m.focal_alpha,
+                  rpn_head=rpn_head, roi_head=roi_head)
+
+
+def rcnn_fc_channels(hidden_dim: int) -> int:
+    """Width of the RoI head's shared FCs: Co-DINO's 1024 at hidden_dim 256, scaled with the width.
+
+    No spec key (TAO has none); the scaling keeps small models small: at hidden_dim 64 a
+    1024-wide head has 4.3M parameters (64*7*7*1024 + 1024*1024), a 256-wide one 0.87M.
+    """
+    return 4 * hidden_dim
 
 
 def atss_anchor_scale(spec: ExperimentSpec) -> int:

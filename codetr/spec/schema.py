@@ -72,6 +72,8 @@ class ModelConfig:
     num_co_heads: int = _f(1, min=0, max=3)
     co_head_loss_weight: float = _f(1.0, min=0.0)
     co_head_num_convs: int = _f(4, gt=0)
+    # Not in TAO: Co-DINO's Faster R-CNN co-head (RPN + RoI head) beside the ATSS heads.
+    use_rcnn_co_head: bool = _f(False)
     soft_nms_enabled: bool = _f(False)
     soft_nms_method: str = _f("linear", choices=("linear", "gaussian"))
     soft_nms_iou_threshold: float = _f(0.8, min=0.0, max=1.0)
