@@ -260,7 +260,7 @@ def test_positive_query_pass_uses_projection_zero(mmdet_reference, monkeypatch):
                            torch.cat([m.flatten(1) for m in masks], 1), shapes,
                            torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]]),
                            torch.stack([valid_ratios_of(m) for m in masks], 1))
-    mmdet_eps = lambda x: inverse_sigmoid(x, 1e-3)  # noqa: E731
+    mmdet_eps = lambda x, eps=1e-3: inverse_sigmoid(x, 1e-3)  # noqa: E731 - mmdet: 1e-3 everywhere
     monkeypatch.setattr(decoder_module, "inverse_sigmoid", mmdet_eps)
     monkeypatch.setattr(query_head_module, "inverse_sigmoid", mmdet_eps)
     criterion = SetCriterion(5, HungarianMatcher(2.0, 5.0, 2.0, 0.25), cls_loss_coef=1.0,

@@ -45,7 +45,8 @@ def test_each_spec_loads_with_codetr_spec_and_builds(name, capsys):
     assert m.soft_nms_enabled and m.soft_nms_iou_threshold == 0.8 and m.num_select == 300
     assert aug.test_padding == ("lsj" if "lsj" in name else "mask")
     assert model.query_head.cls_branches[0].out_features == COCO_CLASSES
-    assert len(model.bbox_head) == 1 and len(model.query_head.transformer.aux_pos_trans) == 1
+    assert len(model.bbox_head) == 1 and len(model.query_head.transformer.aux_pos_trans) == 2
+    assert model.rpn_head is not None and len(model.roi_head) == 1  # mmdet's two co-heads
 
 
 def _official_state(reference: Path, name: str) -> dict:
@@ -65,7 +66,20 @@ def _check_full_map(reference: Path, keys_file: str, spec_name: str, allowed=(NO
     assert not report.unexpected and not report.mismatched and not report.missing
     assert len(report.mapped) == len(model.state_dict())
     assert {reason for _, reason in report.dropped} <= set(allowed)
+    # The official specs turn the Faster R-CNN co-head on: its 18 keys (rpn_head, roi_head.0,
+    # aux_pos_trans{,_norm}.0) have a home and nothing is dropped.
+    assert not [k for k, r in report.dropped if r == NO_RCNN_REASON]
+    assert ("rpn_head.rpn_conv.weight", "rpn_head.rpn_conv.weight") in report.mapped
+
+
+def test_without_the_rcnn_head_its_keys_are_dropped_with_the_reason(mmdet_reference):
+    state = _official_state(mmdet_reference, "keys_co_dino_5scale_r50.json")
+    spec = load_spec(PARAMS / "co_dino_5scale_r50_lsj.yaml", ["model.use_rcnn_co_head=false"])
+    with torch.device("meta"):
+        model = build_model(spec, COCO_CLASSES, load_pretrained_backbone=False)
+    _, report = import_official(state, model.state_dict(), "keys")
     dropped = sorted(k for k, r in report.dropped if r == NO_RCNN_REASON)
+    assert report.ok and not report.missing and len(report.mapped) == len(model.state_dict()) == 656
     assert len(dropped) == 18 and all(
         k.startswith(("rpn_head.", "roi_head.", "query_head.transformer.aux_pos_trans.0.",
                       "query_head.transformer.aux_pos_trans_norm.0.")) for k in dropped)
@@ -74,7 +88,7 @@ def _check_full_map(reference: Path, keys_file: str, spec_name: str, allowed=(NO
 def test_the_full_r50_key_list_maps_onto_the_r50_spec(mmdet_reference):
     _check_full_map(mmdet_reference, "keys_co_dino_5scale_r50.json", "co_dino_5scale_r50_lsj.yaml")
     _, model = _meta_model("co_dino_5scale_r50_lsj.yaml")
-    assert len(model.state_dict()) == 656  # 674 official keys - 18 of the Faster R-CNN co-head
+    assert len(model.state_dict()) == 674  # every official key, the Faster R-CNN co-head's too
 
 
 def test_the_full_swin_l_key_list_maps_onto_the_swin_l_spec(mmdet_reference):

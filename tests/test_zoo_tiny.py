@@ -187,3 +187,21 @@ def test_decoder_near_the_border_matches_mmdet(tiny_loaded, mmdet_reference):
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.stack([p["pred_logits"] for p in layers]), stress["logits"],
                                atol=1e-4, rtol=0)
+
+
+def test_with_the_rcnn_co_head_every_official_key_has_a_home(mmdet_reference):
+    """`model.use_rcnn_co_head: true` gives the official file's 322 keys a home: nothing dropped,
+    aux_pos_trans.k maps to itself (the R-CNN head is positive-query head 0 in both). The tiny
+    reference's RoI FCs are 64 wide; ours are 4 x hidden_dim (1024 at the official 256), so
+    exactly those six tensors are reported as shape mismatches, not loaded."""
+    state = plain_state_dict(mmdet_reference)
+    model = tiny_model(use_rcnn_co_head=True)
+    mapped, report = import_official(state, model.state_dict(), "tiny", checkpoint_flavour({}, state))
+    assert not report.dropped and not report.unexpected
+    assert sorted(k for k, *_ in report.mismatched) == sorted(
+        f"roi_head.0.bbox_head.{n}" for n in ("fc_cls.weight", "fc_reg.weight", "shared_fcs.0.weight",
+                                              "shared_fcs.0.bias", "shared_fcs.1.weight", "shared_fcs.1.bias"))
+    assert len(report.mapped) == 316
+    for key in ("rpn_head.rpn_conv.weight", "roi_head.0.bbox_head.fc_cls.bias",
+                "query_head.transformer.aux_pos_trans.0.weight", "query_head.transformer.aux_pos_trans.1.weight"):
+        assert torch.equal(mapped[key], state[key].float()), key
