@@ -108,10 +108,15 @@ def select_backend(value: Tensor, backend: Backend | None = None) -> Backend:
 
     Returns:
         ``triton`` for CUDA tensors when Triton imports, ``pytorch`` otherwise; a forced path
-        is returned as is. The ``cpu`` path is never chosen automatically: it saves backward
-        memory (about 4x) but measured slower than grid_sample at the sizes of the default
-        model (fwd+bwd 252 vs 84 ms encoder, 144 vs 43 ms decoder, 2 threads; BENCHMARKS.md).
+        is returned as is, except during ONNX export (always ``pytorch``). The ``cpu`` path
+        is never chosen automatically: it saves backward memory (about 4x) but measured slower
+        than grid_sample at the sizes of the default model (fwd+bwd 252 vs 84 ms encoder,
+        144 vs 43 ms decoder, 2 threads; BENCHMARKS.md).
     """
+    if torch.onnx.is_in_onnx_export():
+        # The exported graph must be standard ONNX ops (GridSample): never a kernel or a gather
+        # path, whatever was forced (codetr.export relies on this).
+        return "pytorch"
     choice = backend or os.environ.get(BACKEND_ENV, "auto")
     if choice not in ("auto", "pytorch", "cpu", "triton"):
         raise ValueError(f"unknown msda backend {choice!r}; use auto, pytorch, cpu or triton")

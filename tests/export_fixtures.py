@@ -1,0 +1,48 @@
+"""Tiny randomly initialised Co-DETR checkpoints for the export tests (no training needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from codetr.data.labels import LabelMap
+from codetr.model.builder import build_model
+from codetr.spec import spec_from_dict, spec_to_dict
+
+# The synthetic shapes' categories (codetr.data.synthetic): non-contiguous ids, 21 logits.
+LABEL_MAP = LabelMap((3, 7, 11, 20), ("circle", "square", "triangle", "cross"), False, 21)
+
+
+def tiny_model_dict(**model) -> dict:
+    """`model` section of a ~0.3M-parameter Co-DETR: resnet_18 trunk, 2 levels, 20 queries."""
+    return {"backbone": "efficientvit_b0", "num_feature_levels": 2, "return_interm_indices": [2, 3],
+            "hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "num_queries": 20,
+            "dim_feedforward": 64, "dec_n_points": 2, "enc_n_points": 2, "num_select": 30,
+            "dn_number": 4, "num_co_heads": 1, "co_head_num_convs": 1, **model}
+
+
+def write_checkpoint(path: Path, model_section: dict, seed: int = 0, num_classes: int = 21,
+                     label_map: LabelMap = LABEL_MAP):
+    """Builds a randomly initialised detector and saves it as a codetr checkpoint.
+
+    The class and box branches get random (not prior/zero) weights so that scores and boxes
+    vary over queries: otherwise every query predicts its reference box and ties hide errors.
+
+    Returns:
+        (the model in eval mode, its spec).
+    """
+    torch.manual_seed(seed)
+    spec = spec_from_dict({"model": {**model_section, "pretrained_backbone_path": None},
+                           "dataset": {"num_classes": num_classes, "contiguous_labels": label_map.contiguous,
+                                       "augmentation": {"input_mean": [0.5, 0.5, 0.5],
+                                                        "input_std": [0.5, 0.5, 0.5]}},
+                           "train": {"activation_checkpoint": False}})
+    model = build_model(spec, num_classes, load_pretrained_backbone=False).eval()
+    with torch.no_grad():
+        for branch in [*model.query_head.cls_branches, *model.query_head.reg_branches]:
+            for p in branch.parameters():
+                p.normal_(0.0, 0.3)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"codetr": {"format_version": 1, "spec": spec_to_dict(spec), "label_map": label_map.to_dict()},
+                "state_dict": state}, path)
+    return model, spec
