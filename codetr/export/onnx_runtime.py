@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from codetr.data.labels import LabelMap
-from codetr.export.onnx_export import METADATA_KEY, ExportMetadata
+from codetr.export.metadata import METADATA_KEY, ExportMetadata
 from codetr.spec import ExperimentSpec, SpecError, spec_from_dict
 
 
