@@ -47,6 +47,12 @@ def outputs(tmp_path):
     ann.mkdir(parents=True)
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(ann / f"im{i}.jpg")
+    exp = tmp_path / "results" / "export"
+    exp.mkdir(parents=True)
+    (exp / "export_report.json").write_text(json.dumps({
+        "onnx_file": "results/export/codetr_model.onnx", "size_bytes": 3 * 2**20, "opset_version": 17,
+        "inputs": {"images": ["batch", 3, 64, 64]}, "latency_ms_per_image": 12.34, "threads": 1,
+        "parity": [{"max_score_diff": 2e-5, "max_box_diff": 3e-5}]}))
     params = tmp_path / "params.yaml"
     params.write_text("report:\n  title: Test <run>\n  max_images: 3\n  columns: 2\n"
                       "backbone:\n  source: https://example.com/w.pth\n")
@@ -56,7 +62,7 @@ def outputs(tmp_path):
 def _run(root):
     return report.run(root / "params.yaml", root / "data", root / "results" / "train",
                       root / "results" / "evaluate", root / "results" / "inference",
-                      root / "results" / "report")
+                      root / "results" / "report", root / "results" / "export")
 
 
 def test_html_is_self_contained_with_every_section(outputs):
@@ -73,6 +79,7 @@ def test_html_is_self_contained_with_every_section(outputs):
     assert f"{metrics['AP']:.3f}" in page and "n/a" in page  # APl = -1 shown as n/a
     assert "not available" not in page
     assert "3 of 5 annotated images" in page
+    assert "codetr_model.onnx" in page and "12.3 (1 threads)" in page and "3.0e-05" in page
 
 
 def test_markdown_summary_and_figure_files(outputs):
