@@ -21,15 +21,20 @@ def tiny_model_dict(**model) -> dict:
             "dn_number": 4, "num_co_heads": 1, "co_head_num_convs": 1, **model}
 
 
-def write_checkpoint(path: Path, model_section: dict, seed: int = 0, num_classes: int = 21,
-                     label_map: LabelMap = LABEL_MAP):
-    """Builds a randomly initialised detector and saves it as a codetr checkpoint.
+def tao_sized_model_dict() -> dict:
+    """TAO's default Co-DINO head on a ResNet-50 (4 levels, strides 8..64, 900 queries, 6+6 layers)."""
+    return {"backbone": "resnet_50", "num_feature_levels": 4, "return_interm_indices": [1, 2, 3, 4],
+            "hidden_dim": 256, "nheads": 8, "enc_layers": 6, "dec_layers": 6, "num_queries": 900,
+            "dim_feedforward": 2048, "dec_n_points": 4, "enc_n_points": 4, "num_select": 300,
+            "num_co_heads": 1}
+
+
+def random_model(model_section: dict, seed: int = 0, num_classes: int = 21,
+                 label_map: LabelMap = LABEL_MAP):
+    """A randomly initialised detector (eval mode) and its spec.
 
     The class and box branches get random (not prior/zero) weights so that scores and boxes
     vary over queries: otherwise every query predicts its reference box and ties hide errors.
-
-    Returns:
-        (the model in eval mode, its spec).
     """
     torch.manual_seed(seed)
     spec = spec_from_dict({"model": {**model_section, "pretrained_backbone_path": None},
@@ -42,6 +47,13 @@ def write_checkpoint(path: Path, model_section: dict, seed: int = 0, num_classes
         for branch in [*model.query_head.cls_branches, *model.query_head.reg_branches]:
             for p in branch.parameters():
                 p.normal_(0.0, 0.3)
+    return model, spec
+
+
+def write_checkpoint(path: Path, model_section: dict, seed: int = 0, num_classes: int = 21,
+                     label_map: LabelMap = LABEL_MAP):
+    """`random_model` saved as a codetr checkpoint; returns (model, spec)."""
+    model, spec = random_model(model_section, seed, num_classes, label_map)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"codetr": {"format_version": 1, "spec": spec_to_dict(spec), "label_map": label_map.to_dict()},
                 "state_dict": state}, path)

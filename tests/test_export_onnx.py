@@ -121,3 +121,21 @@ def test_parity_detects_a_wrong_model(tiny, tmp_path):
     _export(other, spec, path)
     parity = onnx_parity(model, make_session(path), torch.randn(1, 3, 64, 96), tolerance=TOL)
     assert not parity.within()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("height,width,batches", [(640, 640, (1, 2)), (544, 960, (1,))])
+def test_tao_sized_model_parity(tmp_path, height, width, batches):
+    """R50, 4 levels, 900 queries, 6 + 6 layers (TAO's default head), randomly initialised."""
+    from export_fixtures import random_model, tao_sized_model_dict
+
+    model, spec = random_model(tao_sized_model_dict(), seed=3)
+    path = tmp_path / "tao.onnx"
+    _export(model, spec, path, height=height, width=width, num_select=300)
+    session = make_session(path)
+    generator = torch.Generator().manual_seed(4)
+    for batch in batches:
+        parity = onnx_parity(model, session, torch.randn(batch, 3, height, width, generator=generator),
+                             tolerance=TOL)
+        print(f"{height}x{width} batch {batch}: {parity}")
+        assert parity.within(), parity
