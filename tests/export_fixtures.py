@@ -35,6 +35,8 @@ def random_model(model_section: dict, seed: int = 0, num_classes: int = 21,
 
     The class and box branches get random (not prior/zero) weights so that scores and boxes
     vary over queries: otherwise every query predicts its reference box and ties hide errors.
+    Their scale is 1 / sqrt(fan-in) (unit-variance outputs), as in a trained model: larger
+    box deltas saturate the sigmoid of the references, where inverse_sigmoid is ill-conditioned.
     """
     torch.manual_seed(seed)
     spec = spec_from_dict({"model": {**model_section, "pretrained_backbone_path": None},
@@ -46,7 +48,7 @@ def random_model(model_section: dict, seed: int = 0, num_classes: int = 21,
     with torch.no_grad():
         for branch in [*model.query_head.cls_branches, *model.query_head.reg_branches]:
             for p in branch.parameters():
-                p.normal_(0.0, 0.3)
+                p.normal_(0.0, p.shape[-1] ** -0.5 if p.dim() == 2 else 0.1)
     return model, spec
 
 

@@ -53,7 +53,7 @@ def test_one_dynamic_file_matches_eager_at_batch_1_and_3(tiny, tmp_path, height,
     generator = torch.Generator().manual_seed(1)
     for batch in (1, 3):
         images = torch.randn(batch, 3, height, width, generator=generator)
-        parity = onnx_parity(model, session, images, tolerance=TOL)
+        parity = onnx_parity(model, path, images, tolerance=TOL)
         assert parity.max_score_diff <= TOL and parity.max_box_diff <= TOL, parity
         assert parity.topk_same_up_to_ties and parity.topk == 100, parity
         logits, _ = session.run(None, {"images": images.numpy()})
@@ -119,7 +119,7 @@ def test_parity_detects_a_wrong_model(tiny, tmp_path):
     other, _ = write_checkpoint(tmp_path / "other.pth", tiny_model_dict(), seed=5)
     path = tmp_path / "other.onnx"
     _export(other, spec, path)
-    parity = onnx_parity(model, make_session(path), torch.randn(1, 3, 64, 96), tolerance=TOL)
+    parity = onnx_parity(model, path, torch.randn(1, 3, 64, 96), tolerance=TOL)
     assert not parity.within()
 
 
@@ -132,10 +132,9 @@ def test_tao_sized_model_parity(tmp_path, height, width, batches):
     model, spec = random_model(tao_sized_model_dict(), seed=3)
     path = tmp_path / "tao.onnx"
     _export(model, spec, path, height=height, width=width, num_select=300)
-    session = make_session(path)
     generator = torch.Generator().manual_seed(4)
     for batch in batches:
-        parity = onnx_parity(model, session, torch.randn(batch, 3, height, width, generator=generator),
+        parity = onnx_parity(model, path, torch.randn(batch, 3, height, width, generator=generator),
                              tolerance=TOL)
         print(f"{height}x{width} batch {batch}: {parity}")
         assert parity.within(), parity

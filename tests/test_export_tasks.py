@@ -14,6 +14,8 @@ pytest.importorskip("onnxruntime")
 
 from export_fixtures import tiny_model_dict, write_checkpoint  # noqa: E402
 
+from codetr.data.labels import LabelMap  # noqa: E402
+
 from codetr.cli import main  # noqa: E402
 from codetr.data.synthetic import generate  # noqa: E402
 from codetr.spec import SpecError, spec_from_dict  # noqa: E402
@@ -22,6 +24,10 @@ from codetr.tasks.kitti import parse_kitti_line  # noqa: E402
 
 TOL = 1e-3
 SIZE = 64
+# The synthetic shapes as 4 contiguous labels: every one of the top 30 detections has a category
+# (with TAO's 21 logits, the ones of unused indices are dropped, and a tie at the boundary of
+# the top 30 would change the count).
+LABELS = LabelMap((3, 7, 11, 20), ("circle", "square", "triangle", "cross"), True, 4)
 
 
 def spec_dict(data: Path, results: Path, checkpoint: str) -> dict:
@@ -29,7 +35,7 @@ def spec_dict(data: Path, results: Path, checkpoint: str) -> dict:
     return {
         "results_dir": str(results), "model": tiny_model_dict(),
         "dataset": {"test_data_sources": src, "infer_data_sources": {"image_dir": str(data / "test" / "images")},
-                    "num_classes": 21, "batch_size": 3, "workers": 0,
+                    "num_classes": 4, "contiguous_labels": True, "batch_size": 3, "workers": 0,
                     "augmentation": {"input_mean": [0.5, 0.5, 0.5], "input_std": [0.5, 0.5, 0.5],
                                      "test_random_resize": SIZE, "random_resize_max_size": SIZE,
                                      "fixed_padding": False}},
@@ -46,7 +52,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_tasks")
     generate(root / "data", num_train=1, num_val=1, num_test=5, image_size=SIZE, seed=3, max_objects=3)
     checkpoint = root / "tiny.pth"
-    write_checkpoint(checkpoint, tiny_model_dict())
+    write_checkpoint(checkpoint, tiny_model_dict(), num_classes=4, label_map=LABELS)
     spec_file = root / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec_dict(root / "data", root / "results", str(checkpoint))))
     assert main(["export", "-e", str(spec_file)]) == 0
@@ -94,8 +100,7 @@ def test_evaluate_with_onnx_gives_the_pytorch_results(setup):
     m_pth, m_onnx = (json.loads((runs[n] / "metrics.json").read_text()) for n in ("pth", "onnx"))
     assert abs(m_pth["AP"] - m_onnx["AP"]) <= 0.002 and abs(m_pth["AP50"] - m_onnx["AP50"]) <= 0.002
     a, b = _detections(runs["pth"] / "detections.json"), _detections(runs["onnx"] / "detections.json")
-    # Detections of the 4 real classes among the top 30 of 21 logits (the others have no category).
-    assert len(a) == len(b) > 5
+    assert len(a) == len(b) == 5 * 30
     for x, y in zip(a, b):
         assert x["image_id"] == y["image_id"] and abs(x["score"] - y["score"]) <= TOL
         if x["category_id"] == y["category_id"] and abs(x["bbox"][0] - y["bbox"][0]) < 1:
@@ -116,7 +121,7 @@ def test_inference_with_onnx_writes_the_same_files(setup):
     for label_file in (outs["pth"] / "labels").glob("*.txt"):
         a = [parse_kitti_line(ln) for ln in label_file.read_text().splitlines()]
         b = [parse_kitti_line(ln) for ln in (outs["onnx"] / "labels" / label_file.name).read_text().splitlines()]
-        assert len(a) == len(b) > 0  # the real classes among the top 30
+        assert len(a) == len(b) == 30
         assert all(abs(x.score - y.score) <= TOL for x, y in zip(a, b))
         same = [(x, y) for x, y in zip(a, b) if x.name == y.name]
         assert len(same) >= len(a) - 2  # labels may swap only where two scores tie within TOL

@@ -38,12 +38,12 @@ def providers_for(device: torch.device) -> List[str]:
     return [p for p in wanted if p in available]
 
 
-def make_session(path: str | os.PathLike, device: torch.device | str = "cpu",
+def make_session(path: str | os.PathLike | bytes, device: torch.device | str = "cpu",
                  threads: Optional[int] = None):
     """An `onnxruntime.InferenceSession` with all graph optimisations.
 
     Args:
-        path: the `.onnx` file.
+        path: the `.onnx` file (or a serialized model).
         device: a CUDA device selects the CUDA/TensorRT providers (on its index) when present.
         threads: intra-op threads; default torch's (`torch.get_num_threads()`), so both runtimes
             get the same CPU budget.
@@ -56,12 +56,12 @@ def make_session(path: str | os.PathLike, device: torch.device | str = "cpu",
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = providers_for(device)
+    model = path if isinstance(path, bytes) else os.fspath(path)
     if device.type == "cuda":
         index = device.index or 0
         provider_options = [{"device_id": index} if p != "CPUExecutionProvider" else {} for p in providers]
-        return ort.InferenceSession(os.fspath(path), options, providers=providers,
-                                    provider_options=provider_options)
-    return ort.InferenceSession(os.fspath(path), options, providers=providers)
+        return ort.InferenceSession(model, options, providers=providers, provider_options=provider_options)
+    return ort.InferenceSession(model, options, providers=providers)
 
 
 class OnnxDetector:

@@ -9,6 +9,8 @@ The graph contract is `codetr.export.graph`'s: `images [B, 3, input_height, inpu
 normalised whole images -> `pred_logits`, `pred_boxes` (or, with `export.postprocess`, the
 top `model.num_select` `scores`, `labels`, `boxes` given `orig_sizes`). `batch_size: -1` gives
 a dynamic batch axis; verification then runs batches of 1 and 3 through the one file.
+The parity is measured on the query selection the graph made (`codetr.export.parity`: proposals
+tied within float noise may be ranked either way) and the swapped ranks are checked to be ties.
 `on_cpu` is accepted for TAO compatibility: the graph always uses standard ONNX ops (GridSample),
 which every runtime (onnxruntime, TensorRT) runs without a plugin.
 """
@@ -81,14 +83,16 @@ def run(spec: ExperimentSpec) -> int:
             images = torch.randn(batch, 3, height, width, generator=generator)
             if cfg.postprocess:
                 sizes = torch.randint(32, 2048, (batch, 2), generator=generator)
-                parity = detections_parity(model, session, images, sizes, spec.model.num_select, TOLERANCE)
+                parity = detections_parity(model, onnx_file, images, sizes, spec.model.num_select, TOLERANCE)
             else:
-                parity = onnx_parity(model, session, images, tolerance=TOLERANCE)
+                parity = onnx_parity(model, onnx_file, images, tolerance=TOLERANCE)
             checks.append(parity.__dict__)
             labels = ("equal" if parity.topk_labels_equal else
                       "equal up to ties" if parity.topk_same_up_to_ties else "DIFFER")
             print(f"onnxruntime vs PyTorch, batch {batch}: max |score diff| {parity.max_score_diff:.2e}, "
-                  f"max |box diff| {parity.max_box_diff:.2e}, top-{parity.topk} labels {labels}")
+                  f"max |box diff| {parity.max_box_diff:.2e}, top-{parity.topk} labels {labels}; "
+                  f"query selection: {parity.selection_ranks_differing} ranks swapped between "
+                  f"{'tied' if parity.selection_ties_only else 'NOT tied'} proposals")
             if not parity.within():
                 _write_report(out_dir, dict(report, parity=checks))
                 raise RuntimeError(f"{onnx_file} does not match PyTorch within {TOLERANCE} "
