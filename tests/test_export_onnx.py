@@ -138,3 +138,19 @@ def test_tao_sized_model_parity(tmp_path, height, width, batches):
                              tolerance=TOL)
         print(f"{height}x{width} batch {batch}: {parity}")
         assert parity.within(), parity
+
+
+def test_export_attention_path_equals_the_reference(monkeypatch):
+    from codetr.ops.msda import multi_scale_deformable_attention_pytorch, select_backend
+    from codetr.ops.msda_export import multi_scale_deformable_attention_export
+
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[6, 8], [3, 4], [2, 2]])
+    value = torch.randn(2, int(shapes.prod(1).sum()), 4, 8, generator=g)
+    locations = torch.rand(2, 7, 4, 3, 2, 2, generator=g) * 1.2 - 0.1  # some points outside
+    weights = torch.randn(2, 7, 4, 3, 2, generator=g).flatten(-2).softmax(-1).view(2, 7, 4, 3, 2)
+    starts = torch.tensor([0, 48, 60])
+    torch.testing.assert_close(multi_scale_deformable_attention_export(value, shapes, starts, locations, weights),
+                               multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert select_backend(value, "triton") == "export"  # whatever is forced, the graph is standard ops
