@@ -8,7 +8,8 @@ Two models, randomly initialised (latency does not depend on the weights):
 
 Each model is exported once (as `codetr export` does: TorchScript exporter, onnxslim), then the
 two runtimes run the same batch-1 image alternately, `--runs` times each after a warm-up; the
-median wall time of each and their ratio are printed. Both get `--threads` intra-op threads.
+median time of each and their ratio are printed. Both get `--threads` intra-op threads; with one
+thread the clock is the process CPU time (robust to other jobs), else wall time.
 `--int8` also times onnxruntime's dynamic int8 quantization (int8 MatMul/Gemm weights) of the
 default model. `--quantize SRC DST` writes that quantization of an exported file (metadata kept),
 so that `codetr evaluate evaluate.checkpoint=DST` gives its AP change.
@@ -63,16 +64,16 @@ def quantize(src, dst) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
 
 
-def alternate(fns: dict, runs: int) -> dict:
+def alternate(fns: dict, runs: int, clock) -> dict:
     """Median seconds per call of each function, called in turn (one warm-up call each)."""
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()
     for _ in range(runs):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -115,7 +116,10 @@ def main() -> int:
             quantize(path, tmp / "int8.onnx")
             int8 = make_session(tmp / "int8.onnx", threads=args.threads)
             fns["onnxruntime int8"] = lambda: int8.run(None, feeds)
-        result = alternate(fns, args.runs)
+        # One thread: both runtimes compute on this thread (onnxruntime with one intra-op thread
+        # runs on the caller's), so the process CPU time is robust to other jobs on the machine.
+        clock = time.process_time if args.threads == 1 else time.perf_counter
+        result = alternate(fns, args.runs, clock)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{name}: {spec.model.backbone}, {spec.model.num_queries} queries, {h}x{w}, {params:.1f}M "
               f"params, export {export_s:.0f} s, file {path.stat().st_size / 2**20:.1f} MiB")
