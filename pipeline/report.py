@@ -159,7 +159,7 @@ def export_table(rep: dict) -> List[List[str]]:
     images = rep.get("inputs", {}).get("images", [])
     latency = rep.get("latency_ms_per_image")
     return _table(["ONNX file", "size (MiB)", "input", "opset", "latency (ms/image)",
-                   "max |diff| vs PyTorch"],
+                   "max abs diff vs PyTorch"],
                   [[Path(str(rep.get("onnx_file", "?"))).name, f"{rep.get('size_bytes', 0) / 2**20:.1f}",
                     "x".join(str(d) for d in images), str(rep.get("opset_version", "?")),
                     "n/a" if latency is None else f"{latency:.1f} ({rep.get('threads', '?')} threads)",
