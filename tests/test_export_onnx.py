@@ -124,9 +124,12 @@ def test_parity_detects_a_wrong_model(tiny, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("height,width,batches", [(640, 640, (1, 2)), (544, 960, (1,))])
+@pytest.mark.parametrize("height,width,batches", [(640, 640, (1, 2))])
 def test_tao_sized_model_parity(tmp_path, height, width, batches):
-    """R50, 4 levels, 900 queries, 6 + 6 layers (TAO's default head), randomly initialised."""
+    """R50, 4 levels, 900 queries, 6 + 6 layers (TAO's default head), randomly initialised.
+
+    About 2 minutes on one core; (544, 960, (1,)) passed too (run once, README "Deployment").
+    """
     from export_fixtures import random_model, tao_sized_model_dict
 
     model, spec = random_model(tao_sized_model_dict(), seed=3)
