@@ -1,4 +1,4 @@
-"""`codetr train|evaluate|inference|import_mmdet|spec -e SPEC [key=value ...]`.
+"""`codetr train|evaluate|inference|export|gen_trt_engine|import_mmdet|spec -e SPEC [key=value ...]`.
 
 Exit status: 0 success, 2 usage or spec error (a message, no traceback), 1 runtime failure.
 """
@@ -17,6 +17,8 @@ TASKS = {
     "train": "Train a Co-DETR model; checkpoints go to <results_dir>/train.",
     "evaluate": "COCO evaluation of evaluate.checkpoint on dataset.test_data_sources.",
     "inference": "KITTI labels and annotated images for dataset.infer_data_sources.",
+    "export": "ONNX file of export.checkpoint (onnxruntime parity checked), for deployment.",
+    "gen_trt_engine": "TensorRT engine of gen_trt_engine.onnx_file (needs CUDA and tensorrt).",
     "import_mmdet": "Write the official mmdet checkpoint import_mmdet.checkpoint in codetr's format.",
 }
 
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
                         version=f"codetr {importlib.import_module('codetr').__version__}")
-    sub = parser.add_subparsers(dest="task", metavar="{train,evaluate,inference,import_mmdet,spec}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="task", metavar="{" + ",".join([*TASKS, "spec"]) + "}", parser_class=_Parser)
     for name, help_text in TASKS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,8 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.task is None:
-            raise UsageError("codetr: choose a task: train, evaluate, inference, import_mmdet or spec "
-                             "(see --help)")
+            raise UsageError(f"codetr: choose a task: {', '.join(TASKS)} or spec (see --help)")
         # `~key` (Hydra's delete) resets a key to its default; everything else is key=value.
         bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
         if bad:

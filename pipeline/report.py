@@ -9,6 +9,8 @@ Reads (each part is optional: a missing input gives a "not available" note, not 
 - `<evaluate>/metrics.json`, `pr_curve.csv` (recall,precision), `per_class_ap.csv` (name,AP,AP50);
 - `<inference>/images_annotated/*` (inference): the first `max_images`, sorted by name;
 - `<metrics>/train.json` (train): steps, epochs, training time, the chosen weights;
+- `<export>/export_report.json` (export, optional `--export`): the ONNX file, its size, its
+  onnxruntime latency and its parity with PyTorch;
 - the params file, shown in full, and where the run came from (`pipeline.provenance`: git
   commit, params hash, runner, the train command).
 
@@ -81,7 +83,7 @@ def steps_to_epochs(series: report_figures.Series,
 
 
 def collect(data_dir: Path, train_dir: Path, evaluate_dir: Path, inference_dir: Path,
-            max_images: int) -> dict:
+            max_images: int, export_dir: Optional[Path] = None) -> dict:
     """Everything the report shows, read from the stage outputs (None where absent)."""
     image_dir = inference_dir / "images_annotated"
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
@@ -91,7 +93,8 @@ def collect(data_dir: Path, train_dir: Path, evaluate_dir: Path, inference_dir: 
             "pr": _read_csv(evaluate_dir / "pr_curve.csv"),
             "per_class": _read_csv(evaluate_dir / "per_class_ap.csv"),
             "live": read_dvclive(train_dir),
-            "images": images[:max_images], "num_images": len(images)}
+            "images": images[:max_images], "num_images": len(images),
+            "export": _read_json(export_dir / "export_report.json") if export_dir else None}
 
 
 def make_figures(found: dict, columns: int) -> Dict[str, bytes]:
@@ -146,6 +149,8 @@ def tables(found: dict) -> Dict[str, List[List[str]]]:
     if found["per_class"]:
         out["per_class"] = _table(["class", "AP", "AP50"], [
             [r["name"], _fmt(float(r["AP"])), _fmt(float(r["AP50"]))] for r in found["per_class"]])
+    if found.get("export"):
+        out["export"] = export_table(found["export"])
     stats = found["stats"]
     if stats:
         names = [c["name"] for c in stats.get("categories", [])]
@@ -154,6 +159,20 @@ def tables(found: dict) -> Dict[str, List[List[str]]]:
                 for split, s in stats["splits"].items()]
         out["data"] = _table(["split", "images", "without objects", "boxes"] + names, rows)
     return out
+
+
+def export_table(rep: dict) -> List[List[str]]:
+    """One row: the ONNX file, its size, input, onnxruntime latency and worst parity figures."""
+    parity = rep.get("parity") or []
+    worst = (max(max(p["max_score_diff"], p["max_box_diff"]) for p in parity) if parity else None)
+    images = rep.get("inputs", {}).get("images", [])
+    latency = rep.get("latency_ms_per_image")
+    return _table(["ONNX file", "size (MiB)", "input", "opset", "latency (ms/image)",
+                   "max abs diff vs PyTorch"],
+                  [[Path(str(rep.get("onnx_file", "?"))).name, f"{rep.get('size_bytes', 0) / 2**20:.1f}",
+                    "x".join(str(d) for d in images), str(rep.get("opset_version", "?")),
+                    "n/a" if latency is None else f"{latency:.1f} ({rep.get('threads', '?')} threads)",
+                    "n/a" if worst is None else f"{worst:.1e}"]])
 
 
 def _html_table(rows: List[List[str]]) -> str:
@@ -177,6 +196,7 @@ SECTIONS = (  # (title, table key, figure file)
     ("Training loss", None, "loss.png"),
     ("Validation mAP", None, "map.png"),
     ("Predictions", None, "predictions.jpg"),
+    ("Deployment (ONNX)", "export", None),
     ("Data", "data", None),
 )
 
@@ -222,13 +242,13 @@ def render_markdown(title: str, figs: Dict[str, bytes], tabs: dict) -> str:
 
 def run(params_file: str | Path, data_dir: str | Path, train_dir: str | Path,
         evaluate_dir: str | Path, inference_dir: str | Path, out_dir: str | Path,
-        metrics_file: Optional[str | Path] = None) -> List[Path]:
+        export_dir: Optional[str | Path] = None, metrics_file: Optional[str | Path] = None) -> List[Path]:
     """Writes report.html, report.md and figures/ into `out_dir`; returns the written paths."""
     params_file, out_dir = Path(params_file), Path(out_dir)
     opts = section(load_params(params_file), "report")
     title = str(opts.get("title", "codetr report"))
     found = collect(Path(data_dir), Path(train_dir), Path(evaluate_dir), Path(inference_dir),
-                    int(opts.get("max_images", 12)))
+                    int(opts.get("max_images", 12)), Path(export_dir) if export_dir else None)
     found["provenance"] = provenance(params_file, params_file.resolve().parent / "dvc.yaml")
     found["train_record"] = _read_json(Path(metrics_file)) if metrics_file else None
     figs = make_figures(found, int(opts.get("columns", 4)))
@@ -250,11 +270,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--train", required=True, help="train's results folder")
     parser.add_argument("--evaluate", required=True, help="evaluate's results folder")
     parser.add_argument("--inference", required=True, help="inference's results folder")
+    parser.add_argument("--export", default=None, help="export's results folder (optional)")
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     parser.add_argument("--train-metrics", default=None, help="the train stage's metrics record")
     args = parser.parse_args(argv)
     paths = run(args.params, args.data, args.train, args.evaluate, args.inference, args.out,
-                args.train_metrics)
+                args.export, args.train_metrics)
     print(f"report: wrote {len(paths)} files, open {Path(args.out) / 'report.html'}")
     return 0
 

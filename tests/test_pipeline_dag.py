@@ -16,11 +16,11 @@ from pipeline.stages import (Stage, code_files, edges, read_stages, stage_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGE_NAMES = ["prepare", "backbone", "train", "evaluate", "infer", "report"]
+STAGE_NAMES = ["prepare", "backbone", "train", "evaluate", "infer", "export", "report"]
 EXPECTED_EDGES = {("prepare", "train"), ("backbone", "train"), ("prepare", "evaluate"),
                   ("train", "evaluate"), ("prepare", "infer"), ("train", "infer"),
                   ("prepare", "report"), ("train", "report"), ("evaluate", "report"),
-                  ("infer", "report")}
+                  ("infer", "report"), ("train", "export"), ("export", "report")}
 
 
 def tool_env(tmp: Path) -> dict:
@@ -92,7 +92,7 @@ def test_snakemake_dry_run_runs_each_stage_command(repo_copy, tmp_path):
         assert re.search(rf"rule {stage.name}:", out), stage.name
         # each rule runs ITS command (a loop-defined `shell: cmd` would run the last one)
         assert " ".join(stage.cmd.split()) in " ".join(out.split()), stage.name
-    assert re.search(r"total\s+7", out)  # 6 stages + all
+    assert re.search(r"total\s+8", out)  # 7 stages + all
 
 
 def test_params_file_reads_the_same_in_yaml_1_1_and_1_2():
@@ -125,7 +125,9 @@ def test_spec_paths_point_into_the_declared_outputs():
     assert all(_under(p, spec.task_results_dir("evaluate")) for p in outs["evaluate"])
     assert _under(spec.evaluate.checkpoint, outs["train"][0])
     assert _under(spec.inference.checkpoint, outs["train"][0])
-    for section in ("prepare", "backbone", "report", "train", "evaluate", "inference"):
+    assert spec.task_results_dir("export") == outs["export"][0]
+    assert _under(spec.export.checkpoint, outs["train"][0]) and _under(spec.export.onnx_file, outs["export"][0])
+    for section in ("prepare", "backbone", "report", "train", "evaluate", "inference", "export"):
         assert section in params
 
 

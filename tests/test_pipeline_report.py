@@ -51,6 +51,12 @@ def outputs(tmp_path):
     (tmp_path / "results" / "metrics" / "train.json").write_text(json.dumps(
         {"val": {"AP": 0.5}, "val_ema_AP": 0.5, "val_raw_AP": 0.4, "ema_chosen": 1, "steps": 40,
          "epochs": 4, "train_seconds": 81.5}))
+    exp = tmp_path / "results" / "export"
+    exp.mkdir(parents=True)
+    (exp / "export_report.json").write_text(json.dumps({
+        "onnx_file": "results/export/codetr_model.onnx", "size_bytes": 3 * 2**20, "opset_version": 17,
+        "inputs": {"images": ["batch", 3, 64, 64]}, "latency_ms_per_image": 12.34, "threads": 1,
+        "parity": [{"max_score_diff": 2e-5, "max_box_diff": 3e-5}]}))
     params = tmp_path / "params.yaml"
     params.write_text("report:\n  title: Test <run>\n  max_images: 3\n  columns: 2\n"
                       "backbone:\n  source: https://example.com/w.pth\n")
@@ -60,7 +66,8 @@ def outputs(tmp_path):
 def _run(root):
     return report.run(root / "params.yaml", root / "data", root / "results" / "train",
                       root / "results" / "evaluate", root / "results" / "inference",
-                      root / "results" / "report", root / "results" / "metrics" / "train.json")
+                      root / "results" / "report", root / "results" / "export",
+                      root / "results" / "metrics" / "train.json")
 
 
 def test_html_is_self_contained_with_every_section(outputs):
@@ -81,6 +88,7 @@ def test_html_is_self_contained_with_every_section(outputs):
     digest = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()[:12]
     assert f"<td>params_sha256</td><td>{digest}</td>" in page and "<td>runner</td>" in page
     assert "<td>81.5</td>" in page  # the train stage's record
+    assert "codetr_model.onnx" in page and "12.3 (1 threads)" in page and "3.0e-05" in page
 
 
 def test_markdown_summary_and_figure_files(outputs):

@@ -6,13 +6,33 @@ class logit) become the decoder's initial reference boxes (detached: "mixed quer
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 # Proposals touching the border (any cxcywh value outside this open range) are invalid.
 _VALID_MIN, _VALID_MAX = 0.01, 0.99
+# Indices `[B, K]` that replace the top-k selection while set (see `forced_selection`).
+_FORCED: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("codetr_forced_topk", default=None)
+
+
+@contextlib.contextmanager
+def forced_selection(indices: Tensor) -> Iterator[None]:
+    """Makes `select_topk_proposals` keep `indices` `[B, K]` (sorted by rank) instead of its top-k.
+
+    For comparing two runtimes on the same selection (`codetr.export.parity`): proposals whose
+    scores tie within float noise may be ranked in either order, and each rank is paired with
+    its own learned content query, so a swap changes the outputs by more than the noise.
+    """
+    token = _FORCED.set(indices)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 def encoder_proposals(memory: Tensor, memory_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,7 +117,11 @@ def select_topk_proposals(
     k = min(num_queries, output_memory.shape[1])
     logits = cls_branch(output_memory)  # [B, S, C]
     boxes_unsig = reg_branch(output_memory) + proposals_unsig  # [B, S, 4]
-    topk = torch.topk(logits.max(-1)[0], k, dim=1)[1]  # [B, K]
+    forced = _FORCED.get()
+    if forced is None:
+        topk = torch.topk(logits.max(-1)[0], k, dim=1)[1]  # [B, K]
+    else:
+        topk = forced.to(logits.device)
 
     def gather(x: Tensor) -> Tensor:
         return torch.gather(x, 1, topk[..., None].expand(-1, -1, x.shape[-1]))

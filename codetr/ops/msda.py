@@ -5,9 +5,10 @@ feature levels and sums the bilinear samples weighted by ``attention_weights``.
 Argument order follows mmcv's ``MultiScaleDeformableAttnFunction`` so weights and
 call sites port one-to-one.
 
-Paths: ``pytorch`` (this file, the reference), ``cpu`` (gather-based, ``msda_cpu.py``)
-and ``triton`` (``msda_triton.py``, CUDA tensors; CPU tensors only under
-``TRITON_INTERPRET=1``). The dispatcher picks one per call; ``backend=`` or the
+Paths: ``pytorch`` (this file, the reference), ``cpu`` (gather-based, ``msda_cpu.py``),
+``export`` (grid_sample per level for ONNX graphs, ``msda_export.py``; always taken while
+``torch.onnx.export`` runs) and ``triton`` (``msda_triton.py``, CUDA tensors; CPU tensors
+only under ``TRITON_INTERPRET=1``). The dispatcher picks one per call; ``backend=`` or the
 ``CODETR_MSDA_BACKEND`` environment variable forces one.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from codetr.ops.msda_cpu import multi_scale_deformable_attention_cpu
+from codetr.ops.msda_export import multi_scale_deformable_attention_export
 
 
 def multi_scale_deformable_attention_pytorch(
@@ -72,7 +74,7 @@ def multi_scale_deformable_attention_pytorch(
     return output.transpose(1, 2).contiguous()
 
 
-Backend = Literal["auto", "pytorch", "cpu", "triton"]
+Backend = Literal["auto", "pytorch", "cpu", "triton", "export"]
 BACKEND_ENV = "CODETR_MSDA_BACKEND"
 
 
@@ -108,10 +110,16 @@ def select_backend(value: Tensor, backend: Backend | None = None) -> Backend:
 
     Returns:
         ``triton`` for CUDA tensors when Triton imports, ``pytorch`` otherwise; a forced path
-        is returned as is. The ``cpu`` path is never chosen automatically: it saves backward
-        memory (about 4x) but measured slower than grid_sample at the sizes of the default
-        model (fwd+bwd 252 vs 84 ms encoder, 144 vs 43 ms decoder, 2 threads; BENCHMARKS.md).
+        is returned as is, except during ONNX export (always ``export``, the grid_sample path
+        of ``msda_export.py``). The ``cpu`` path
+        is never chosen automatically: it saves backward memory (about 4x) but measured slower
+        than grid_sample at the sizes of the default model (fwd+bwd 252 vs 84 ms encoder,
+        144 vs 43 ms decoder, 2 threads; BENCHMARKS.md).
     """
+    if torch.onnx.is_in_onnx_export():
+        # The exported graph must be standard ONNX ops (GridSample): never a kernel or a gather
+        # path, whatever was forced (codetr.export relies on this).
+        return "export"
     choice = backend or os.environ.get(BACKEND_ENV, "auto")
     if choice not in ("auto", "pytorch", "cpu", "triton"):
         raise ValueError(f"unknown msda backend {choice!r}; use auto, pytorch, cpu or triton")
@@ -123,6 +131,7 @@ def select_backend(value: Tensor, backend: Backend | None = None) -> Backend:
 
 
 _PATHS: dict[str, Callable[..., Tensor]] = {
+    "export": multi_scale_deformable_attention_export,
     "pytorch": multi_scale_deformable_attention_pytorch,
     "cpu": multi_scale_deformable_attention_cpu,
     "triton": multi_scale_deformable_attention_triton,

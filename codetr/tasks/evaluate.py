@@ -27,7 +27,7 @@ from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_dataset
 from codetr.fileio import atomic_write_text
 from codetr.spec import ExperimentSpec, SpecError
-from codetr.tasks.checkpoint import restore_detector
+from codetr.export.onnx_runtime import fit_input_size, load_detector
 from codetr.tasks.coco_eval import (CocoMetrics, evaluate_coco, format_table, load_ground_truth,
                                     to_coco_results)
 from codetr.tasks.runtime import ensure_writable_dir, eval_device
@@ -54,9 +54,9 @@ def run(spec: ExperimentSpec) -> int:
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "evaluate")
     for notice in notices:
         print(notice)
-    model, label_map, _, which = restore_detector(cfg.checkpoint, device, spec)
+    model, label_map, _, which = load_detector(cfg.checkpoint, device, spec)  # .pth, official or .onnx
     print(f"evaluating {cfg.checkpoint} ({'EMA' if which == 'ema' else 'raw'} weights) on {device}")
-    size = input_size(cfg.input_width, cfg.input_height)
+    size = fit_input_size(model, spec, "evaluate", input_size(cfg.input_width, cfg.input_height))
     dataset = build_dataset(spec, "test", label_map, size)
     loader = build_dataloader(dataset, batch_size=spec.dataset.batch_size,
                               workers=spec.dataset.workers, shuffle=False,

@@ -34,7 +34,7 @@ from codetr.fileio import atomic_write_bytes, atomic_write_text
 from codetr.postprocess.soft_nms import batched_soft_nms
 from codetr.spec import ExperimentSpec, SpecError
 from codetr.spec.schema import ModelConfig
-from codetr.tasks.checkpoint import restore_detector
+from codetr.export.onnx_runtime import fit_input_size, load_detector
 from codetr.tasks.draw import class_colors, draw_detections
 from codetr.tasks.evaluate import input_size
 from codetr.tasks.kitti import format_kitti_line, kitti_text
@@ -121,11 +121,11 @@ def run(spec: ExperimentSpec) -> int:
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "inference")
     for notice in notices:
         print(notice)
-    model, label_map, _, which = restore_detector(cfg.checkpoint, device, spec)
+    model, label_map, _, which = load_detector(cfg.checkpoint, device, spec)  # .pth, official or .onnx
     check_classmap(label_map, infer.classmap)
     grouping = CategoryGrouping(label_map, cfg.category_mapping)
     colors = class_colors(grouping.names, cfg.color_map)
-    size = input_size(cfg.input_width, cfg.input_height)
+    size = fit_input_size(model, spec, "inference", input_size(cfg.input_width, cfg.input_height))
     dataset = build_infer_dataset(spec, size)
     loader = build_dataloader(dataset, batch_size=spec.dataset.batch_size,
                               workers=spec.dataset.workers, shuffle=False,

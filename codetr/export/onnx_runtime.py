@@ -1,0 +1,192 @@
+"""Running an exported `.onnx` file with onnxruntime where the tasks run a PyTorch detector.
+
+`OnnxDetector` quacks like `CoDETR` in eval mode: `detector(images, masks)` returns
+`{"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4] cxcywh normalised}` as torch tensors on the
+images' device, so `codetr evaluate` / `codetr inference` keep their post-processing and outputs.
+`load_detector` picks it for a `.onnx` path and `restore_detector` otherwise.
+
+The file takes whole `H x W` images (codetr.export.graph); `fit_input_size` makes the tasks resize
+to exactly that size and checks the spec normalises as the exported model expects.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from codetr.data.labels import LabelMap
+from codetr.export.metadata import METADATA_KEY, ExportMetadata
+from codetr.spec import ExperimentSpec, SpecError, spec_from_dict
+
+
+def is_onnx_file(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint path names an ONNX file (by its extension)."""
+    return os.fspath(path).lower().endswith(".onnx")
+
+
+def providers_for(device: torch.device) -> List[str]:
+    """onnxruntime execution providers: TensorRT/CUDA first on a CUDA device when installed."""
+    import onnxruntime as ort
+
+    wanted = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] + wanted
+    available = set(ort.get_available_providers())
+    return [p for p in wanted if p in available]
+
+
+def make_session(path: str | os.PathLike | bytes, device: torch.device | str = "cpu",
+                 threads: Optional[int] = None):
+    """An `onnxruntime.InferenceSession` with all graph optimisations.
+
+    Args:
+        path: the `.onnx` file (or a serialized model).
+        device: a CUDA device selects the CUDA/TensorRT providers (on its index) when present.
+        threads: intra-op threads; default torch's (`torch.get_num_threads()`), so both runtimes
+            get the same CPU budget.
+    """
+    import onnxruntime as ort
+
+    device = torch.device(device)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = providers_for(device)
+    model = path if isinstance(path, bytes) else os.fspath(path)
+    if device.type == "cuda":
+        index = device.index or 0
+        provider_options = [{"device_id": index} if p != "CPUExecutionProvider" else {} for p in providers]
+        return ort.InferenceSession(model, options, providers=providers, provider_options=provider_options)
+    return ort.InferenceSession(model, options, providers=providers)
+
+
+class OnnxDetector:
+    """An exported codetr ONNX file (raw outputs) behind `CoDETR`'s eval call.
+
+    Args:
+        path: a file written by `codetr export` without `export.postprocess`.
+        device: where the returned tensors go (and which providers run it).
+        threads: intra-op threads (see `make_session`).
+
+    Raises:
+        SpecError: not a codetr ONNX file, or one with the top-k post-processing in the graph.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu",
+                 threads: Optional[int] = None) -> None:
+        if not os.path.isfile(path):
+            raise SpecError(f"ONNX file not found: {path}")
+        self.path = os.fspath(path)
+        self.device = torch.device(device)
+        self.session = make_session(path, self.device, threads)
+        text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if text is None:
+            raise SpecError(f"{path} was not written by `codetr export` (no '{METADATA_KEY}' "
+                            "metadata): its label map and input size are unknown")
+        self.meta = ExportMetadata.from_json(text)
+        if self.meta.outputs != "raw":
+            raise SpecError(f"{path} has the top-k post-processing in the graph (exported with "
+                            "export.postprocess=true); evaluate and inference need the raw outputs: "
+                            "export again with export.postprocess=false")
+        self.input_size: Tuple[int, int] = (self.meta.input_height, self.meta.input_width)
+
+    def eval(self) -> "OnnxDetector":
+        """No-op (the graph is eval-only), for code written against `nn.Module`."""
+        return self
+
+    def to(self, device: torch.device | str) -> "OnnxDetector":
+        """Where the outputs go from now on (the session keeps its providers)."""
+        self.device = torch.device(device)
+        return self
+
+    def run(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """`[B, 3, H, W]` float32 -> `(pred_logits [B, Q, C], pred_boxes [B, Q, 4])`, numpy.
+
+        A fixed-batch file is run in chunks of its batch size, the last one zero-filled.
+        """
+        fixed = self.meta.batch_size
+        if fixed == -1 or len(images) == fixed:
+            logits, boxes = self.session.run(None, {"images": images})
+            return logits, boxes
+        parts: List[Tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, len(images), fixed):
+            chunk = images[start:start + fixed]
+            n = len(chunk)
+            if n < fixed:
+                chunk = np.concatenate([chunk, np.zeros((fixed - n,) + chunk.shape[1:], chunk.dtype)])
+            logits, boxes = self.session.run(None, {"images": chunk})
+            parts.append((logits[:n], boxes[:n]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def __call__(self, images: Tensor, masks: Tensor) -> dict:
+        """Runs the file on a collated batch.
+
+        Args:
+            images: `[B, 3, H', W']` normalised, each image exactly `H x W` at the top left
+                (padding beyond it, from `pad_size_divisor`, is cropped off).
+            masks: `[B, H', W']` bool, True on padding; must be False on the `H x W` image.
+
+        Returns:
+            `pred_logits` `[B, Q, C]` and `pred_boxes` `[B, Q, 4]` cxcywh normalised by `(W, H)`.
+        """
+        h, w = self.input_size
+        if images.shape[-2] < h or images.shape[-1] < w or bool(masks[:, :h, :w].any()):
+            raise SpecError(f"{self.path} takes whole {h}x{w} images, got a batch of "
+                            f"{tuple(images.shape[-2:])} with padding inside {h}x{w}: resize every "
+                            f"image to exactly {h}x{w} (input_height/input_width)")
+        batch = images[:, :, :h, :w].float().contiguous().cpu().numpy()
+        logits, boxes = self.run(batch)
+        return {"pred_logits": torch.from_numpy(logits).to(self.device),
+                "pred_boxes": torch.from_numpy(boxes).to(self.device)}
+
+
+def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu",
+                  spec: Optional[ExperimentSpec] = None):
+    """`restore_detector` for `.pth` checkpoints (codetr's, or official ones built from the run's
+    `spec`), `OnnxDetector` for `.onnx` files.
+
+    Returns:
+        (detector, LabelMap, the spec it was trained with, 'ema' | 'raw').
+    """
+    if not is_onnx_file(path):
+        from codetr.tasks.checkpoint import restore_detector
+
+        return restore_detector(path, device, spec)
+    detector = OnnxDetector(path, device)
+    meta = detector.meta
+    spec = spec_from_dict(meta.spec, origin=f"{path} (stored spec)")
+    return detector, LabelMap.from_dict(meta.label_map), spec, meta.weights
+
+
+def _same(a: Sequence[float], b: Sequence[float]) -> bool:
+    a3 = list(a) * (3 if len(a) == 1 else 1)
+    b3 = list(b) * (3 if len(b) == 1 else 1)
+    return np.allclose(a3, b3, rtol=0, atol=1e-6)
+
+
+def fit_input_size(detector, spec: ExperimentSpec, task: str,
+                   size: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+    """The (h, w) a task resizes to: `size` for a PyTorch detector, the file's for an ONNX one.
+
+    Raises:
+        SpecError: `<task>.input_height/input_width` set to another size than the ONNX file's, or
+            `dataset.augmentation.input_mean/input_std` other than the ones it was exported with.
+    """
+    if not isinstance(detector, OnnxDetector):
+        return size
+    h, w = detector.input_size
+    if size is not None and tuple(size) != (h, w):
+        raise SpecError(f"{task}.input_height/input_width = {size[0]}x{size[1]}, but "
+                        f"{detector.path} takes {h}x{w} images: set them to {h} and {w} or leave "
+                        "them null")
+    aug = spec.dataset.augmentation
+    for name in ("input_mean", "input_std"):
+        if not _same(getattr(aug, name), getattr(detector.meta, name)):
+            raise SpecError(f"dataset.augmentation.{name}={getattr(aug, name)} differs from the "
+                            f"{getattr(detector.meta, name)} {detector.path} was exported with: the "
+                            "images would be normalised differently from training")
+    return h, w

@@ -1,0 +1,77 @@
+"""`codetr gen_trt_engine`: a TensorRT engine from an exported ONNX file (TAO Deploy's task).
+
+Reads `gen_trt_engine.onnx_file` (written by `codetr export`) and writes `gen_trt_engine.trt_engine`
+(default `<results_dir>/gen_trt_engine/codetr_model.engine`), atomically, with the batch
+optimisation profile `tensorrt.min/opt/max_batch_size`, precision `tensorrt.data_type` (fp32 or
+fp16) and builder workspace `tensorrt.workspace_size` MiB, on GPU `gpu_id`.
+
+Needs a CUDA GPU and the optional `tensorrt` package (`pip install 'codetr[tensorrt]'`); without
+either it prints what is missing and exits with status 2, before anything is written. TensorRT
+is imported by this task only.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from codetr.fileio import atomic_write_bytes
+from codetr.spec import ExperimentSpec, SpecError
+from codetr.spec.load import save_spec
+from codetr.tasks.runtime import ensure_writable_dir
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"error: codetr gen_trt_engine: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def run(spec: ExperimentSpec) -> int:
+    """Builds the engine; returns the exit status (0, or 2 without CUDA or tensorrt)."""
+    from codetr.export.onnx_export import read_metadata
+
+    cfg, trt_cfg = spec.gen_trt_engine, spec.gen_trt_engine.tensorrt
+    if not cfg.onnx_file:
+        raise SpecError("gen_trt_engine.onnx_file is required: a file written by `codetr export`")
+    if not os.path.isfile(cfg.onnx_file):
+        raise SpecError(f"gen_trt_engine.onnx_file={cfg.onnx_file} does not exist")
+    if not trt_cfg.min_batch_size <= trt_cfg.opt_batch_size <= trt_cfg.max_batch_size:
+        raise SpecError("gen_trt_engine.tensorrt batch sizes must satisfy min_batch_size <= "
+                        f"opt_batch_size <= max_batch_size, got {trt_cfg.min_batch_size}, "
+                        f"{trt_cfg.opt_batch_size}, {trt_cfg.max_batch_size}")
+    meta = read_metadata(cfg.onnx_file)
+    if meta is not None and cfg.input_height and cfg.input_width and \
+            (cfg.input_height, cfg.input_width) != (meta.input_height, meta.input_width):
+        raise SpecError(f"gen_trt_engine.input_height/input_width = {cfg.input_height}x{cfg.input_width}, "
+                        f"but {cfg.onnx_file} was exported for {meta.input_height}x{meta.input_width}")
+    if not torch.cuda.is_available():
+        return _fail("TensorRT needs a CUDA GPU and none is visible on this machine; run it where "
+                     "one is (the ONNX file itself runs on a CPU with onnxruntime: "
+                     "evaluate/inference accept checkpoint=<file>.onnx)")
+    if cfg.gpu_id >= torch.cuda.device_count():
+        raise SpecError(f"gen_trt_engine.gpu_id={cfg.gpu_id} but only {torch.cuda.device_count()} "
+                        "GPU(s) are visible")
+    try:
+        import tensorrt  # noqa: F401 - only to report a missing install clearly
+    except ImportError:
+        return _fail("the tensorrt package is not installed: pip install 'codetr[tensorrt]' "
+                     "(NVIDIA's wheels; it needs a CUDA driver)")
+    from codetr.export.tensorrt_engine import EngineProfile, build_engine
+
+    out_dir = spec.task_results_dir("gen_trt_engine")
+    ensure_writable_dir(out_dir, "gen_trt_engine results directory")
+    save_spec(spec, out_dir)
+    engine_file = cfg.trt_engine or os.path.join(out_dir, "codetr_model.engine")
+    profile = EngineProfile(trt_cfg.min_batch_size, trt_cfg.opt_batch_size, trt_cfg.max_batch_size)
+    if cfg.batch_size > 0:  # TAO: a fixed batch size for the engine
+        profile = EngineProfile(cfg.batch_size, cfg.batch_size, cfg.batch_size)
+    with torch.cuda.device(cfg.gpu_id):
+        engine = build_engine(cfg.onnx_file, profile, trt_cfg.data_type, trt_cfg.workspace_size,
+                              cfg.verbose)
+    atomic_write_bytes(engine_file, engine)
+    print(f"TensorRT engine ({trt_cfg.data_type}, batch {profile.min_batch}..{profile.max_batch}) "
+          f"written to {engine_file}")
+    return 0

@@ -1,0 +1,189 @@
+"""`codetr export`, `codetr gen_trt_engine`, and evaluate/inference on an `.onnx` file.
+
+A tiny random detector (tests/export_fixtures.py) on generated 64 px shapes: the ONNX run must
+give the PyTorch run's files (AP within 0.002, detections within 1e-3).
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("onnxruntime")
+
+from export_fixtures import tiny_model_dict, write_checkpoint  # noqa: E402
+
+from codetr.data.labels import LabelMap  # noqa: E402
+
+from codetr.cli import main  # noqa: E402
+from codetr.data.synthetic import generate  # noqa: E402
+from codetr.spec import SpecError, spec_from_dict  # noqa: E402
+from codetr.tasks import evaluate, inference  # noqa: E402
+from codetr.tasks.kitti import parse_kitti_line  # noqa: E402
+
+TOL = 1e-3
+SIZE = 64
+# The synthetic shapes as 4 contiguous labels: every one of the top 30 detections has a category
+# (with TAO's 21 logits, the ones of unused indices are dropped, and a tie at the boundary of
+# the top 30 would change the count).
+LABELS = LabelMap((3, 7, 11, 20), ("circle", "square", "triangle", "cross"), True, 4)
+
+
+def spec_dict(data: Path, results: Path, checkpoint: str) -> dict:
+    src = {"image_dir": str(data / "test" / "images"), "json_file": str(data / "test" / "annotations.json")}
+    return {
+        "results_dir": str(results), "model": tiny_model_dict(),
+        "dataset": {"test_data_sources": src, "infer_data_sources": {"image_dir": str(data / "test" / "images")},
+                    "num_classes": 4, "contiguous_labels": True, "batch_size": 3, "workers": 0,
+                    "augmentation": {"input_mean": [0.5, 0.5, 0.5], "input_std": [0.5, 0.5, 0.5],
+                                     "test_random_resize": SIZE, "random_resize_max_size": SIZE,
+                                     "fixed_padding": False}},
+        "evaluate": {"checkpoint": checkpoint, "input_width": SIZE, "input_height": SIZE},
+        "inference": {"checkpoint": checkpoint, "conf_threshold": 0.0, "input_width": SIZE,
+                      "input_height": SIZE, "save_annotated_images": True},
+        "export": {"checkpoint": checkpoint, "input_width": SIZE, "input_height": SIZE, "latency_runs": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Data, a checkpoint, its spec file and its export through the CLI."""
+    root = tmp_path_factory.mktemp("export_tasks")
+    generate(root / "data", num_train=1, num_val=1, num_test=5, image_size=SIZE, seed=3, max_objects=3)
+    checkpoint = root / "tiny.pth"
+    write_checkpoint(checkpoint, tiny_model_dict(), num_classes=4, label_map=LABELS)
+    spec_file = root / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_dict(root / "data", root / "results", str(checkpoint))))
+    assert main(["export", "-e", str(spec_file)]) == 0
+    return root, spec_file, checkpoint, root / "results" / "export" / "codetr_model.onnx"
+
+
+def test_export_task_writes_the_file_and_a_report(setup):
+    root, _, _, onnx_file = setup
+    report = json.loads((root / "results" / "export" / "export_report.json").read_text())
+    assert report["size_bytes"] == onnx_file.stat().st_size > 0
+    assert report["inputs"]["images"] == ["batch", 3, SIZE, SIZE]
+    assert [p["batch"] for p in report["parity"]] == [1, 3]
+    assert all(p["max_score_diff"] <= TOL and p["max_box_diff"] <= TOL for p in report["parity"])
+    assert report["latency_ms_per_image"] > 0
+    assert (root / "results" / "export" / "experiment_spec.yaml").exists()
+
+
+def test_export_task_errors(setup, tmp_path, capsys):
+    _, spec_file, checkpoint, _ = setup
+    assert main(["export", "-e", str(spec_file), "export.checkpoint=null"]) == 2
+    assert "export.checkpoint is required" in capsys.readouterr().err
+    assert main(["export", "-e", str(spec_file), "export.opset_version=12"]) == 2
+    assert "opset_version" in capsys.readouterr().err
+    assert main(["export", "-e", str(spec_file), "export.batch_size=0"]) == 2
+    assert main(["export", "-e", str(spec_file), f"export.onnx_file={tmp_path / 'm.pt'}"]) == 2
+    assert main(["export", "-e", str(spec_file), "export.input_channel=1"]) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def _detections(path: Path) -> list:
+    return sorted(json.loads(path.read_text()), key=lambda d: (d["image_id"], -d["score"]))
+
+
+def test_evaluate_with_onnx_gives_the_pytorch_results(setup):
+    root, _, checkpoint, onnx_file = setup
+    runs = {}
+    for name, ckpt in (("pth", checkpoint), ("onnx", onnx_file)):
+        d = spec_dict(root / "data", root / "results", str(ckpt))
+        d["evaluate"]["results_dir"] = str(root / f"eval_{name}")
+        if name == "onnx":  # the file's own size is used when the spec leaves it unset
+            d["evaluate"].update(input_width=None, input_height=None)
+        assert evaluate.run(spec_from_dict(d)) == 0
+        runs[name] = root / f"eval_{name}"
+    assert sorted(p.name for p in runs["pth"].iterdir()) == sorted(p.name for p in runs["onnx"].iterdir())
+    m_pth, m_onnx = (json.loads((runs[n] / "metrics.json").read_text()) for n in ("pth", "onnx"))
+    assert abs(m_pth["AP"] - m_onnx["AP"]) <= 0.002 and abs(m_pth["AP50"] - m_onnx["AP50"]) <= 0.002
+    a, b = _detections(runs["pth"] / "detections.json"), _detections(runs["onnx"] / "detections.json")
+    assert len(a) == len(b) == 5 * 30
+    for x, y in zip(a, b):
+        assert x["image_id"] == y["image_id"] and abs(x["score"] - y["score"]) <= TOL
+        if x["category_id"] == y["category_id"] and abs(x["bbox"][0] - y["bbox"][0]) < 1:
+            assert max(abs(p - q) for p, q in zip(x["bbox"], y["bbox"])) <= TOL * SIZE
+
+
+def test_inference_with_onnx_writes_the_same_files(setup):
+    root, _, checkpoint, onnx_file = setup
+    outs = {}
+    for name, ckpt in (("pth", checkpoint), ("onnx", onnx_file)):
+        d = spec_dict(root / "data", root / "results", str(ckpt))
+        d["inference"]["results_dir"] = str(root / f"inf_{name}")
+        assert inference.run(spec_from_dict(d)) == 0
+        outs[name] = root / f"inf_{name}"
+    files = {n: sorted(p.relative_to(outs[n]).as_posix() for p in outs[n].rglob("*") if p.is_file())
+             for n in outs}
+    assert files["pth"] == files["onnx"] and any(f.startswith("images_annotated/") for f in files["pth"])
+    for label_file in (outs["pth"] / "labels").glob("*.txt"):
+        a = [parse_kitti_line(ln) for ln in label_file.read_text().splitlines()]
+        b = [parse_kitti_line(ln) for ln in (outs["onnx"] / "labels" / label_file.name).read_text().splitlines()]
+        assert len(a) == len(b) == 30
+        assert all(abs(x.score - y.score) <= TOL for x, y in zip(a, b))
+        same = [(x, y) for x, y in zip(a, b) if x.name == y.name]
+        assert len(same) >= len(a) - 2  # labels may swap only where two scores tie within TOL
+        assert all(max(abs(p - q) for p, q in zip(x.box_xyxy, y.box_xyxy)) <= TOL * SIZE + 0.01
+                   for x, y in same if abs(x.box_xyxy[0] - y.box_xyxy[0]) < 1)
+
+
+def test_onnx_checkpoint_errors(setup, tmp_path):
+    root, spec_file, _, onnx_file = setup
+    d = spec_dict(root / "data", root / "results", str(onnx_file))
+    d["evaluate"].update(input_width=96, input_height=SIZE, results_dir=str(tmp_path / "e"))
+    with pytest.raises(SpecError, match="takes 64x64 images"):
+        evaluate.run(spec_from_dict(d))
+    d = spec_dict(root / "data", root / "results", str(onnx_file))
+    d["dataset"]["augmentation"]["input_mean"] = [0.485, 0.456, 0.406]
+    d["inference"]["results_dir"] = str(tmp_path / "i")
+    with pytest.raises(SpecError, match="input_mean"):
+        inference.run(spec_from_dict(d))
+    topk = tmp_path / "topk.onnx"
+    assert main(["export", "-e", str(spec_file), "export.postprocess=true", f"export.onnx_file={topk}",
+                 f"export.results_dir={tmp_path / 'x'}"]) == 0
+    d = spec_dict(root / "data", root / "results", str(topk))
+    d["evaluate"]["results_dir"] = str(tmp_path / "e2")
+    with pytest.raises(SpecError, match="postprocess=false"):
+        evaluate.run(spec_from_dict(d))
+
+
+def test_gen_trt_engine_exits_2_without_cuda_or_tensorrt(setup, tmp_path, monkeypatch, capsys):
+    _, spec_file, _, onnx_file = setup
+    engine = tmp_path / "m.engine"
+    args = ["gen_trt_engine", "-e", str(spec_file), f"gen_trt_engine.onnx_file={onnx_file}",
+            f"gen_trt_engine.trt_engine={engine}", f"gen_trt_engine.results_dir={tmp_path / 'r'}"]
+    assert main(["gen_trt_engine", "-e", str(spec_file)]) == 2
+    assert "onnx_file is required" in capsys.readouterr().err
+    assert main(args + ["gen_trt_engine.tensorrt.data_type=int4"]) == 2
+    assert "fp32" in capsys.readouterr().err
+    assert main(args + ["gen_trt_engine.tensorrt.min_batch_size=4"]) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(args) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)  # import tensorrt -> ImportError
+    assert main(args) == 2
+    assert "tensorrt package is not installed" in capsys.readouterr().err
+    assert not engine.exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")
+def test_tensorrt_engine_matches_onnxruntime(setup, tmp_path):
+    pytest.importorskip("tensorrt")
+    from codetr.export.onnx_runtime import make_session
+    from codetr.export.tensorrt_engine import TrtRunner
+
+    _, spec_file, _, onnx_file = setup
+    engine = tmp_path / "m.engine"
+    assert main(["gen_trt_engine", "-e", str(spec_file), f"gen_trt_engine.onnx_file={onnx_file}",
+                 f"gen_trt_engine.trt_engine={engine}", "gen_trt_engine.tensorrt.max_batch_size=4",
+                 f"gen_trt_engine.results_dir={tmp_path}"]) == 0
+    runner = TrtRunner(engine.read_bytes())
+    images = torch.randn(3, 3, SIZE, SIZE)
+    out = runner({"images": images})
+    logits, boxes = make_session(onnx_file).run(None, {"images": images.numpy()})
+    assert (out["pred_logits"].float().sigmoid().cpu() - torch.from_numpy(logits).sigmoid()).abs().max() <= TOL
+    assert (out["pred_boxes"].float().cpu() - torch.from_numpy(boxes)).abs().max() <= TOL
