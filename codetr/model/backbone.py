@@ -106,8 +106,8 @@ class Backbone(nn.Module):
         channels_last: keep a CNN trunk's weights and inputs in channels_last memory (same
             values; oneDNN then takes every conv: on CPU the NCHW 1x1 convs fall back to a slow
             path, see BENCHMARKS.md "Training step cost"). Ignored for Swin and the ViT.
-        activation_checkpoint: swin_* and fan_*: recompute each Swin / FAN block in backward
-            (``train.activation_checkpoint``; mmdet's ``with_cp``).
+        activation_checkpoint: swin_*, fan_* and vit_*: recompute each Swin / FAN / ViT block
+            in backward (``train.activation_checkpoint``; mmdet's ``with_cp``).
         drop_path_rate: swin_* and fan_*: stochastic depth (training only); Swin: linear over
             the blocks up to this value (0.3 as in Co-DINO's Swin-L config); FAN: this value
             for every FAN block (TAO's 0.3).
@@ -155,6 +155,8 @@ class Backbone(nn.Module):
             self.strides = list(self.body.strides)
         elif name.startswith("vit_"):
             self.body = create_vit(model_name)
+            # timm recomputes each block in backward (its forward_intermediates honours it).
+            self.body.set_grad_checkpointing(activation_checkpoint)
             self.pyramid = SimpleFeaturePyramid(self.body.embed_dim, pyramid_channels, slots)
             self.slots = slots
             self.out_channels = [pyramid_channels] * len(slots)

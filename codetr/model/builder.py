@@ -29,7 +29,7 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         train_backbone=m.train_backbone,
         dilation=m.dilation,
         pretrained_path=m.pretrained_backbone_path if load_pretrained_backbone else None,
-        activation_checkpoint=spec.train.activation_checkpoint,  # Swin blocks (mmdet's with_cp)
+        activation_checkpoint=spec.train.activation_checkpoint,  # Swin/FAN/ViT blocks (with_cp)
     )
     neck = ChannelMapper(list(backbone.out_channels), m.hidden_dim, backbone.num_extra_levels)
     strides = list(backbone.strides)

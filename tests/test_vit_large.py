@@ -1,0 +1,104 @@
+"""ViT-L/14 backbones (vit_large_codetr / _dinov2 / _nvdinov2) at the real size, in Co-DETR's
+ViT-L setting: simple feature pyramid over 5 levels, 1536 crop, layer decay, checkpointing."""
+import math
+
+import pytest
+import torch
+
+from codetr.model.backbone import TIMM_NAMES, Backbone
+from codetr.model.builder import build_model
+from codetr.spec import load_spec
+from codetr.tasks.optim import build_param_groups
+
+VIT_NAMES = ["vit_large_codetr", "vit_large_dinov2", "vit_large_nvdinov2"]
+DEPTH, DIM, PATCH, GRID = 24, 1024, 14, 37  # ViT-L/14, pretrained at 518 px = 37 x 37 patches
+
+# The model block of TAO Co-DETR's ViT-L spec (seed 000) and its 1536 px LSJ crop.
+SEED_VIT_SPEC = [
+    "model.backbone=vit_large_codetr", "model.num_queries=1500", "model.num_feature_levels=5",
+    "model.return_interm_indices=[0,1,2,3,4]", "model.two_stage_type=standard",
+    "model.num_co_heads=2", "model.co_head_num_convs=1", "model.num_select=1000",
+    "dataset.augmentation.fixed_random_crop=1536", "train.activation_checkpoint=true",
+    "train.optim.layer_decay_rate=0.65", "train.optim.lr_backbone=2e-5",
+]
+
+
+def dinov2_vitl14_state_dict():
+    """Random tensors under the public DINOv2 ViT-L/14 checkpoint's names and shapes
+    (facebookresearch/dinov2 ``dinov2_vitl14_pretrain.pth``: ``DinoVisionTransformer`` with
+    ``block_chunks=0``, LayerScale ``ls1``/``ls2``, a ``mask_token``, no head)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    sd = {"cls_token": rand(1, 1, DIM), "pos_embed": rand(1, 1 + GRID * GRID, DIM),
+          "mask_token": rand(1, DIM), "patch_embed.proj.weight": rand(DIM, 3, PATCH, PATCH),
+          "patch_embed.proj.bias": rand(DIM), "norm.weight": rand(DIM), "norm.bias": rand(DIM)}
+    for i in range(DEPTH):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": rand(DIM), b + "norm1.bias": rand(DIM),
+                   b + "attn.qkv.weight": rand(3 * DIM, DIM), b + "attn.qkv.bias": rand(3 * DIM),
+                   b + "attn.proj.weight": rand(DIM, DIM), b + "attn.proj.bias": rand(DIM),
+                   b + "ls1.gamma": rand(DIM), b + "norm2.weight": rand(DIM),
+                   b + "norm2.bias": rand(DIM), b + "mlp.fc1.weight": rand(4 * DIM, DIM),
+                   b + "mlp.fc1.bias": rand(4 * DIM), b + "mlp.fc2.weight": rand(DIM, 4 * DIM),
+                   b + "mlp.fc2.bias": rand(DIM), b + "ls2.gamma": rand(DIM)})
+    return sd
+
+
+def test_the_three_names_share_the_vit_l14_architecture():
+    assert {TIMM_NAMES[n] for n in VIT_NAMES} == {"vit_large_patch14_dinov2"}
+
+
+def test_seed_vit_l_model_structure_and_layer_decay():
+    """The seed's ViT-L Co-DETR, built on the meta device: ~304M-parameter trunk (DINOv2 paper:
+    ViT-L/14 "300M"), 5 SFP levels at strides 4..64, 256 channels, checkpointing on, and the
+    backbone learning rate decayed by 0.65 per block from the top."""
+    spec = load_spec(None, SEED_VIT_SPEC)
+    with torch.device("meta"):
+        model = build_model(spec, num_classes=80, load_pretrained_backbone=False)
+    backbone = model.backbone
+    trunk = sum(p.numel() for p in backbone.body.parameters())
+    assert 300e6 < trunk < 305e6, trunk
+    assert len(backbone.body.blocks) == DEPTH and backbone.body.embed_dim == DIM
+    assert backbone.body.grad_checkpointing
+    assert backbone.strides == [4, 8, 16, 32, 64] and backbone.out_channels == [256] * 5
+    assert set(backbone.pyramid.levels) == {"p2", "p3", "p4", "p5"}  # p6 pools p5's output
+    groups = {g["name"]: g for g in build_param_groups(model, spec.train.optim, vit_layer_decay=True)}
+    lr_of = {id(p): g["lr"] for g in groups.values() for p in g["params"]}
+    named = dict(model.named_parameters())
+    base = spec.train.optim.lr_backbone
+    for name, layer in [("backbone.body.patch_embed.proj.weight", 0),
+                        ("backbone.body.blocks.0.attn.qkv.weight", 1),
+                        ("backbone.body.blocks.23.mlp.fc2.weight", DEPTH),
+                        ("backbone.body.norm.weight", DEPTH + 1)]:
+        assert math.isclose(lr_of[id(named[name])], base * 0.65 ** (DEPTH + 1 - layer)), name
+    assert lr_of[id(named["backbone.pyramid.levels.p2.lateral.0.weight"])] == spec.train.optim.lr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", VIT_NAMES)
+def test_real_size_vit_l_loads_dinov2_weights_and_trains(name, tmp_path):
+    """Real ViT-L/14 on the CPU: a DINOv2-format file loads completely (only ``mask_token``, a
+    pretraining-only tensor, is left over), then forward + backward through 5 levels with
+    activation checkpointing."""
+    torch.manual_seed(0)
+    path = tmp_path / "dinov2_vitl14.pth"
+    source = dinov2_vitl14_state_dict()
+    torch.save(source, path)
+    backbone = Backbone(name, [0, 1, 2, 3, 4], pretrained_path=str(path),
+                        activation_checkpoint=True).train()
+    report = backbone.load_report
+    assert report.missing == [] and report.mismatched == [] and report.unexpected == ["mask_token"]
+    assert len(report.loaded) == len(source) - 1
+    loaded = backbone.body.state_dict()
+    for key in ("pos_embed", "blocks.11.attn.qkv.weight", "blocks.23.ls2.gamma"):
+        assert torch.equal(loaded[key], source[key]), key
+    images = torch.randn(1, 3, 64, 96)
+    outs = backbone(images)
+    assert [tuple(o.shape) for o in outs] == [
+        (1, 256, math.ceil(64 / s), math.ceil(96 / s)) for s in (4, 8, 16, 32, 64)]
+    sum(o.mean() for o in outs).backward()
+    assert backbone.body.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert backbone.pyramid.levels["p2"].lateral[0].weight.grad.abs().sum() > 0
