@@ -45,6 +45,7 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         dn_number=m.dn_number, dn_box_noise_scale=m.dn_box_noise_scale,
         dn_label_noise_ratio=m.dn_label_noise_ratio, num_co_heads=m.num_co_heads,
         activation_checkpoint=spec.train.activation_checkpoint,
+        decoder_query_pos=m.decoder_query_pos,
     )
     co_heads = [
         CoATSSHead(num_classes=num_classes, in_channels=m.hidden_dim, num_levels=m.num_feature_levels + 1,
