@@ -24,10 +24,7 @@ def test_builds_with_the_b_series_strides_and_channels(name):
         (1, c, math.ceil(100 / s), math.ceil(150 / s)) for c, s in zip(WIDTHS[name], [4, 8, 16, 32])]
 
 
-@pytest.mark.parametrize("name", [
-    "efficientvit_b0", "efficientvit_b1",
-    pytest.param("efficientvit_b2", marks=pytest.mark.slow),
-    pytest.param("efficientvit_b3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", list(WIDTHS))
 def test_tiny_codetr_trains_a_few_steps(name):
     losses = train_losses([f"model.backbone={name}"], steps=8)
     assert all(math.isfinite(v) for v in losses)

@@ -132,3 +132,14 @@ def test_tiny_codetr_with_fan_tiny_trains():
     losses = train_losses(["model.backbone=fan_tiny", "train.activation_checkpoint=true"])
     assert all(math.isfinite(v) for v in losses)
     assert loss_fell(losses), losses
+
+
+@pytest.mark.parametrize("name", ["fan_small", "fan_base", "fan_large"])
+def test_bigger_sizes_forward_backward_non_square(name):
+    torch.manual_seed(0)
+    backbone = Backbone(name, [0, 1, 2, 3]).train()
+    outs = backbone(torch.randn(1, 3, 64, 96))
+    assert [tuple(o.shape) for o in outs] == [
+        (1, c, 64 // s, 96 // s) for c, s in zip(TAO_OUT_CHANNELS[name], [4, 8, 16, 32])]
+    sum(o.square().mean() for o in outs).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in backbone.parameters())

@@ -102,3 +102,19 @@ def test_real_size_vit_l_loads_dinov2_weights_and_trains(name, tmp_path):
     sum(o.mean() for o in outs).backward()
     assert backbone.body.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert backbone.pyramid.levels["p2"].lateral[0].weight.grad.abs().sum() > 0
+
+
+def test_activation_checkpointing_keeps_the_gradients():
+    """Checkpointed ViT blocks (small DINOv2 member, same code path) give the same gradients."""
+    torch.manual_seed(0)
+    plain = Backbone("vit_large_dinov2", [1, 2, 3], pyramid_channels=16,
+                     timm_name="vit_small_patch14_dinov2").train()
+    ckpt = Backbone("vit_large_dinov2", [1, 2, 3], pyramid_channels=16,
+                    timm_name="vit_small_patch14_dinov2", activation_checkpoint=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.body.grad_checkpointing and not plain.body.grad_checkpointing
+    images = torch.randn(1, 3, 48, 64)
+    for model in (plain, ckpt):
+        sum(o.sum() for o in model(images)).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
