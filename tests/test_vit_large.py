@@ -65,6 +65,10 @@ def test_seed_vit_l_model_structure_and_layer_decay():
     assert backbone.body.grad_checkpointing
     assert backbone.strides == [4, 8, 16, 32, 64] and backbone.out_channels == [256] * 5
     assert set(backbone.pyramid.levels) == {"p2", "p3", "p4", "p5"}  # p6 pools p5's output
+    crop = spec.dataset.augmentation.fixed_random_crop
+    with torch.device("meta"), torch.no_grad():  # shapes of the 1536 crop, no compute
+        outs = backbone.eval()(torch.empty(1, 3, crop, crop))
+    assert [tuple(o.shape) for o in outs] == [(1, 256, crop // s, crop // s) for s in (4, 8, 16, 32, 64)]
     groups = {g["name"]: g for g in build_param_groups(model, spec.train.optim, vit_layer_decay=True)}
     lr_of = {id(p): g["lr"] for g in groups.values() for p in g["params"]}
     named = dict(model.named_parameters())
