@@ -23,11 +23,16 @@ SEED_VIT_SPEC = [
 ]
 
 
-def dinov2_vitl14_state_dict():
+def dinov2_vitl14_state_dict(swiglu: bool = False):
     """Random tensors under the public DINOv2 ViT-L/14 checkpoint's names and shapes
     (facebookresearch/dinov2 ``dinov2_vitl14_pretrain.pth``: ``DinoVisionTransformer`` with
-    ``block_chunks=0``, LayerScale ``ls1``/``ls2``, a ``mask_token``, no head)."""
+    ``block_chunks=0``, LayerScale ``ls1``/``ls2``, a ``mask_token``, no head).
+
+    ``swiglu``: NV-DINOv2's MLP instead (TAO ``vit_large_patch14_dinov2_swiglu``, a timm
+    VisionTransformer with ``SwiGLUPacked``, ``mlp_ratio=5472/1024``): ``mlp.fc1`` 1024 -> 5472,
+    ``mlp.fc2`` 2736 -> 1024."""
     g = torch.Generator().manual_seed(0)
+    hidden, gated = (5472, 2736) if swiglu else (4 * DIM, 4 * DIM)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g) * 0.02
@@ -41,14 +46,23 @@ def dinov2_vitl14_state_dict():
                    b + "attn.qkv.weight": rand(3 * DIM, DIM), b + "attn.qkv.bias": rand(3 * DIM),
                    b + "attn.proj.weight": rand(DIM, DIM), b + "attn.proj.bias": rand(DIM),
                    b + "ls1.gamma": rand(DIM), b + "norm2.weight": rand(DIM),
-                   b + "norm2.bias": rand(DIM), b + "mlp.fc1.weight": rand(4 * DIM, DIM),
-                   b + "mlp.fc1.bias": rand(4 * DIM), b + "mlp.fc2.weight": rand(DIM, 4 * DIM),
+                   b + "norm2.bias": rand(DIM), b + "mlp.fc1.weight": rand(hidden, DIM),
+                   b + "mlp.fc1.bias": rand(hidden), b + "mlp.fc2.weight": rand(DIM, gated),
                    b + "mlp.fc2.bias": rand(DIM), b + "ls2.gamma": rand(DIM)})
     return sd
 
 
-def test_the_three_names_share_the_vit_l14_architecture():
+def test_the_three_names_are_vit_l14_and_nvdinov2_has_taos_swiglu_mlp():
     assert {TIMM_NAMES[n] for n in VIT_NAMES} == {"vit_large_patch14_dinov2"}
+    for name in VIT_NAMES:
+        with torch.device("meta"):
+            body = Backbone(name, [2, 3]).body
+        shapes = {k: tuple(v.shape) for k, v in body.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in
+                    dinov2_vitl14_state_dict(swiglu=name == "vit_large_nvdinov2").items()
+                    if k != "mask_token"}
+        assert shapes == expected, name
+        assert 300e6 < sum(p.numel() for p in body.parameters()) < 306e6
 
 
 def test_seed_vit_l_model_structure_and_layer_decay():
@@ -84,12 +98,12 @@ def test_seed_vit_l_model_structure_and_layer_decay():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", VIT_NAMES)
 def test_real_size_vit_l_loads_dinov2_weights_and_trains(name, tmp_path):
-    """Real ViT-L/14 on the CPU: a DINOv2-format file loads completely (only ``mask_token``, a
-    pretraining-only tensor, is left over), then forward + backward through 5 levels with
-    activation checkpointing."""
+    """Real ViT-L/14 on the CPU: a DINOv2-format file (NV-DINOv2's SwiGLU shapes for
+    vit_large_nvdinov2) loads completely (only ``mask_token``, a pretraining-only tensor, is left
+    over), then forward + backward through 5 levels with activation checkpointing."""
     torch.manual_seed(0)
     path = tmp_path / "dinov2_vitl14.pth"
-    source = dinov2_vitl14_state_dict()
+    source = dinov2_vitl14_state_dict(swiglu=name == "vit_large_nvdinov2")
     torch.save(source, path)
     backbone = Backbone(name, [0, 1, 2, 3, 4], pretrained_path=str(path),
                         activation_checkpoint=True).train()

@@ -12,6 +12,7 @@ import math
 
 import timm
 import torch
+from timm.layers import SwiGLUPacked
 from torch import Tensor, nn
 
 from codetr.model.fan import FAN_ARCHS, build_fan
@@ -42,10 +43,15 @@ TIMM_NAMES = {
     "efficientvit_b2": "efficientvit_b2",
     "efficientvit_b3": "efficientvit_b3",
     "efficientnet_lite0": "tf_efficientnet_lite0",
-    # All three ViT-L names share the DINOv2 ViT-L/14 architecture; they differ in weights only.
+    # The ViT-L names are DINOv2's ViT-L/14; NV-DINOv2 swaps its MLP (VIT_VARIANTS).
     "vit_large_dinov2": "vit_large_patch14_dinov2",
     "vit_large_nvdinov2": "vit_large_patch14_dinov2",
     "vit_large_codetr": "vit_large_patch14_dinov2",
+}
+# NV-DINOv2 (TAO's vit_large_patch14_dinov2_swiglu): a packed SwiGLU MLP of 5472 features
+# (fc1 1024 -> 5472, halves gated, fc2 2736 -> 1024) with SiLU; same 304M parameters.
+VIT_VARIANTS: dict[str, dict[str, object]] = {
+    "vit_large_nvdinov2": {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU, "mlp_ratio": 5472 / 1024},
 }
 FAN_NAMES = tuple(FAN_ARCHS)  # fan_tiny|small|base|large: codetr/model/fan.py
 NATIVE_CNN_SLOTS = 4  # C2..C5
@@ -154,7 +160,7 @@ class Backbone(nn.Module):
             self.out_channels = list(self.body.out_channels)
             self.strides = list(self.body.strides)
         elif name.startswith("vit_"):
-            self.body = create_vit(model_name)
+            self.body = create_vit(model_name, **VIT_VARIANTS.get(name, {}))
             # timm recomputes each block in backward (its forward_intermediates honours it).
             self.body.set_grad_checkpointing(activation_checkpoint)
             self.pyramid = SimpleFeaturePyramid(self.body.embed_dim, pyramid_channels, slots)
