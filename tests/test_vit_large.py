@@ -136,3 +136,15 @@ def test_activation_checkpointing_keeps_the_gradients():
         sum(o.sum() for o in model(images)).backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_vit_large_codetr_follows_an_nvdinov2_file(tmp_path):
+    """TAO builds vit_large_codetr from NV-DINOv2 or DINOv2 weights: given an NV-DINOv2-format
+    file, the name takes the SwiGLU MLP and loads it completely."""
+    path = tmp_path / "nvdinov2_vitl14.pth"
+    torch.save(dinov2_vitl14_state_dict(swiglu=True), path)
+    backbone = Backbone("vit_large_codetr", [2, 3], pretrained_path=str(path))
+    report = backbone.load_report
+    assert report.missing == [] and report.mismatched == [] and report.unexpected == ["mask_token"]
+    assert tuple(backbone.body.blocks[0].mlp.fc2.weight.shape) == (1024, 2736)

@@ -16,7 +16,7 @@ from timm.layers import SwiGLUPacked
 from torch import Tensor, nn
 
 from codetr.model.fan import FAN_ARCHS, build_fan
-from codetr.model.pretrained import LoadReport, load_backbone_weights
+from codetr.model.pretrained import LoadReport, load_backbone_weights, read_state_dict
 from codetr.model.swin import SWIN_ARCHS, SwinTransformer
 from codetr.model.vit_pyramid import SimpleFeaturePyramid, create_vit, vit_feature_map, vit_strides
 
@@ -55,6 +55,18 @@ VIT_VARIANTS: dict[str, dict[str, object]] = {
 }
 FAN_NAMES = tuple(FAN_ARCHS)  # fan_tiny|small|base|large: codetr/model/fan.py
 NATIVE_CNN_SLOTS = 4  # C2..C5
+
+
+def vit_variant_of_checkpoint(path: str) -> dict[str, object]:
+    """The ViT-L MLP of a checkpoint: NV-DINOv2's SwiGLU if its first MLP has 5472 features.
+
+    TAO builds ``vit_large_codetr`` from either NV-DINOv2 or DINOv2 weights (seed 000), so that
+    name follows the file it is given; the other names are fixed.
+    """
+    for key, tensor in read_state_dict(path).items():
+        if key.endswith("blocks.0.mlp.fc1.weight"):
+            return dict(VIT_VARIANTS["vit_large_nvdinov2"]) if tensor.shape[0] == 5472 else {}
+    return {}
 
 
 def timm_model_name(name: str) -> str:
@@ -160,7 +172,10 @@ class Backbone(nn.Module):
             self.out_channels = list(self.body.out_channels)
             self.strides = list(self.body.strides)
         elif name.startswith("vit_"):
-            self.body = create_vit(model_name, **VIT_VARIANTS.get(name, {}))
+            variant = VIT_VARIANTS.get(name, {})
+            if name == "vit_large_codetr" and pretrained_path is not None:
+                variant = vit_variant_of_checkpoint(pretrained_path)
+            self.body = create_vit(model_name, **variant)
             # timm recomputes each block in backward (its forward_intermediates honours it).
             self.body.set_grad_checkpointing(activation_checkpoint)
             self.pyramid = SimpleFeaturePyramid(self.body.embed_dim, pyramid_channels, slots)
