@@ -10,6 +10,8 @@ width, batch, optimizer groups, learning rates, clipping and wall-clock budget:
 - `ours_no_co`: the same with `model.num_co_heads=0` (what the collaborative heads buy);
 - `ours_rcnn`: the same with `model.use_rcnn_co_head=true` (the full Co-DINO: Faster R-CNN
   co-head beside the ATSS heads; what the R-CNN head buys on top of ATSS);
+- `ours_deformable`: the same as Co-Deformable-DETR (`model.decoder_query_pos=proposal`,
+  `model.use_dn=false`, position temperature 10000; not in the default `--models`);
 - `peer`: HF `DeformableDetrForObjectDetection`, two-stage + box refinement, with three fixes
   (see `bench/peer_hf.py`), trained by our `SetCriterion`.
 
@@ -53,6 +55,9 @@ from codetr.tasks.ema import ModelEMA, auto_warmup_steps  # noqa: E402
 from codetr.tasks.optim import build_optimizer, build_param_groups, build_scheduler  # noqa: E402
 
 MODELS = ("ours", "ours_no_co", "ours_rcnn", "peer")
+EXTRA_MODELS = ("ours_deformable",)  # run only when named in --models
+CO_DEFORMABLE = ["model.decoder_query_pos=proposal", "model.use_dn=false",
+                 "model.pe_temperatureH=10000", "model.pe_temperatureW=10000"]
 
 
 def prepare_data(params: Path, out_dir: Path, num_train: int, num_val: int) -> Path:
@@ -96,6 +101,8 @@ def bench_spec(params: Path, data_root: Path, backbone: str | None, model: str,
         ov.append("model.num_co_heads=0")
     if model == "ours_rcnn":
         ov.append("model.use_rcnn_co_head=true")
+    if model == "ours_deformable":
+        ov.extend(CO_DEFORMABLE)
     return load_spec(params, ov + list(overrides))
 
 
@@ -241,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=float, default=60.0, help="training seconds per mark")
     parser.add_argument("--num-train", type=int, default=1000)
     parser.add_argument("--num-val", type=int, default=100)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS + EXTRA_MODELS}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
     parser.add_argument("--parallel", action="store_true",
                         help="train the models side by side (one process each) instead of in turn")
@@ -254,9 +261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "learning.json"))
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(args.models) - set(MODELS)
+    unknown = set(args.models) - set(MODELS + EXTRA_MODELS)
     if unknown or not args.models:
-        parser.error(f"--models must name some of {MODELS}, got {sorted(unknown) or 'none'}")
+        parser.error(f"--models must name some of {MODELS + EXTRA_MODELS}, got {sorted(unknown) or 'none'}")
     if args.budget <= 0 or args.eval_every <= 0:
         parser.error("--budget and --eval-every must be > 0")
     return args

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from codetr.model.backbone import SWIN_NAMES, TIMM_NAMES, Backbone, timm_model_name
+from codetr.model.backbone import FAN_NAMES, SWIN_NAMES, TIMM_NAMES, Backbone, timm_model_name
 from codetr.model.pretrained import (efficientnet_lite0_package_state_dict,
                                      load_backbone_weights)
 from codetr.model.vit_pyramid import SimpleFeaturePyramid, create_vit, vit_feature_map
@@ -76,15 +76,14 @@ def test_simple_feature_pyramid_subset_and_errors():
 
 
 def test_names_and_slot_validation():
-    assert set(TIMM_NAMES) | set(SWIN_NAMES) | {n for n in BACKBONES if n.startswith("fan_")} \
-        == set(BACKBONES)
+    assert set(TIMM_NAMES) | set(SWIN_NAMES) | set(FAN_NAMES) == set(BACKBONES)
     assert timm_model_name("resnet_50") == "resnet50"
     with pytest.raises(ValueError, match="not timm"):
         timm_model_name("swin_large_384_22k")
     for name in TIMM_NAMES.values():
         assert timm.is_model(name), name
-    with pytest.raises(ValueError, match="FAN backbones are not available in timm; choose one of"):
-        Backbone("fan_tiny", [1, 2, 3])
+    with pytest.raises(ValueError, match="not timm"):
+        timm_model_name("fan_tiny")
     with pytest.raises(ValueError, match="unknown backbone"):
         Backbone("resnet_101", [1, 2, 3])
     for bad in ([1, 3], [3, 2], [], [2, 3, 4, 5]):

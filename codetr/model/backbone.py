@@ -1,9 +1,9 @@
-"""Backbones: mmdet-style Swin (``swin.py``); over timm ResNet, EfficientViT, EfficientNet-Lite and
-a DINOv2 ViT + SFP.
+"""Backbones: mmdet-style Swin (``swin.py``), hybrid FAN (``fan.py``); over timm ResNet,
+EfficientViT, EfficientNet-Lite and a DINOv2 ViT + SFP.
 
 Pyramid slot k of ``return_interm_indices`` means stride 2^(k+2): 0 -> 4 (C2), 1 -> 8, 2 -> 16,
-3 -> 32 (C5), 4 -> 64. CNNs and Swin have slots 0..3 natively (read from timm ``feature_info``,
-or from the Swin module's ``out_channels`` / ``strides``);
+3 -> 32 (C5), 4 -> 64. CNNs, Swin and FAN have slots 0..3 natively (read from timm
+``feature_info``, or from the Swin / FAN module's ``out_channels`` / ``strides``);
 slot 4 is left to the neck (``num_extra_levels``). The ViT family builds all five slots with
 its simple feature pyramid. Every model is created with ``pretrained=False`` (we run offline);
 weights come from ``pretrained_path``.
@@ -12,9 +12,11 @@ import math
 
 import timm
 import torch
+from timm.layers import SwiGLUPacked
 from torch import Tensor, nn
 
-from codetr.model.pretrained import LoadReport, load_backbone_weights
+from codetr.model.fan import FAN_ARCHS, build_fan
+from codetr.model.pretrained import LoadReport, load_backbone_weights, read_state_dict
 from codetr.model.swin import SWIN_ARCHS, SwinTransformer
 from codetr.model.vit_pyramid import SimpleFeaturePyramid, create_vit, vit_feature_map, vit_strides
 
@@ -41,29 +43,45 @@ TIMM_NAMES = {
     "efficientvit_b2": "efficientvit_b2",
     "efficientvit_b3": "efficientvit_b3",
     "efficientnet_lite0": "tf_efficientnet_lite0",
-    # All three ViT-L names share the DINOv2 ViT-L/14 architecture; they differ in weights only.
+    # The ViT-L names are DINOv2's ViT-L/14; NV-DINOv2 swaps its MLP (VIT_VARIANTS).
     "vit_large_dinov2": "vit_large_patch14_dinov2",
     "vit_large_nvdinov2": "vit_large_patch14_dinov2",
     "vit_large_codetr": "vit_large_patch14_dinov2",
 }
-FAN_NAMES = ("fan_tiny", "fan_small", "fan_base", "fan_large")
+# NV-DINOv2 (TAO's vit_large_patch14_dinov2_swiglu): a packed SwiGLU MLP of 5472 features
+# (fc1 1024 -> 5472, halves gated, fc2 2736 -> 1024) with SiLU; same 304M parameters.
+VIT_VARIANTS: dict[str, dict[str, object]] = {
+    "vit_large_nvdinov2": {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU, "mlp_ratio": 5472 / 1024},
+}
+FAN_NAMES = tuple(FAN_ARCHS)  # fan_tiny|small|base|large: codetr/model/fan.py
 NATIVE_CNN_SLOTS = 4  # C2..C5
+
+
+def vit_variant_of_checkpoint(path: str) -> dict[str, object]:
+    """The ViT-L MLP of a checkpoint: NV-DINOv2's SwiGLU if its first MLP has 5472 features.
+
+    TAO builds ``vit_large_codetr`` from either NV-DINOv2 or DINOv2 weights (seed 000), so that
+    name follows the file it is given; the other names are fixed.
+    """
+    for key, tensor in read_state_dict(path).items():
+        if key.endswith("blocks.0.mlp.fc1.weight"):
+            return dict(VIT_VARIANTS["vit_large_nvdinov2"]) if tensor.shape[0] == 5472 else {}
+    return {}
 
 
 def timm_model_name(name: str) -> str:
     """The timm model behind a spec backbone name.
 
     Raises:
-        ValueError: FAN backbones (not in timm) or an unknown name.
+        ValueError: FAN or Swin backbones (built here, not by timm) or an unknown name.
     """
     if name in FAN_NAMES:
-        raise ValueError(f"FAN backbones are not available in timm; choose one of "
-                         f"{', '.join(TIMM_NAMES)}")
+        raise ValueError(f"{name} is codetr's hybrid FAN (codetr/model/fan.py), not timm")
     if name in SWIN_NAMES:
         raise ValueError(f"{name} is codetr's mmdet-style Swin (codetr/model/swin.py), not timm")
     if name not in TIMM_NAMES:
         raise ValueError(f"unknown backbone {name!r}; choose one of "
-                         f"{', '.join([*SWIN_NAMES, *TIMM_NAMES])}")
+                         f"{', '.join([*SWIN_NAMES, *FAN_NAMES, *TIMM_NAMES])}")
     return TIMM_NAMES[name]
 
 
@@ -106,14 +124,15 @@ class Backbone(nn.Module):
         channels_last: keep a CNN trunk's weights and inputs in channels_last memory (same
             values; oneDNN then takes every conv: on CPU the NCHW 1x1 convs fall back to a slow
             path, see BENCHMARKS.md "Training step cost"). Ignored for Swin and the ViT.
-        activation_checkpoint: swin_* only: recompute each Swin block in backward
-            (``train.activation_checkpoint``; mmdet's ``with_cp``).
-        drop_path_rate: swin_* only: stochastic depth, linear over the blocks up to this value
-            (0.3 as in Co-DINO's Swin-L config; training only).
+        activation_checkpoint: swin_*, fan_* and vit_*: recompute each Swin / FAN / ViT block
+            in backward (``train.activation_checkpoint``; mmdet's ``with_cp``).
+        drop_path_rate: swin_* and fan_*: stochastic depth (training only); Swin: linear over
+            the blocks up to this value (0.3 as in Co-DINO's Swin-L config); FAN: this value
+            for every FAN block (TAO's 0.3).
 
     Attributes:
-        body: the trunk (timm features_only model, VisionTransformer, or the mmdet-named
-            :class:`SwinTransformer`); load weights into it.
+        body: the trunk (timm features_only model, VisionTransformer, the mmdet-named
+            :class:`SwinTransformer` or the TAO-named :class:`FAN`); load weights into it.
         pyramid: the ViT ``SimpleFeaturePyramid`` or None.
         slots: the slots returned by ``forward`` (the requested ones the backbone has natively).
         out_channels: channels per returned level.
@@ -131,9 +150,10 @@ class Backbone(nn.Module):
                  drop_path_rate: float = 0.3) -> None:
         super().__init__()
         slots = _check_slots(return_interm_indices)
-        if name in SWIN_NAMES and timm_name is not None:
-            raise ValueError(f"timm_name does not apply to {name}: Swin is not built with timm")
-        model_name = None if name in SWIN_NAMES else (
+        own = name in SWIN_NAMES or name in FAN_NAMES  # built here, not by timm
+        if own and timm_name is not None:
+            raise ValueError(f"timm_name does not apply to {name}: it is not built with timm")
+        model_name = None if own else (
             timm_name if timm_name is not None else timm_model_name(name))
         if dilation and not name.startswith("resnet_"):
             raise ValueError(f"dilation is only supported for resnet_* backbones, not {name!r}")
@@ -141,15 +161,23 @@ class Backbone(nn.Module):
         self.pyramid: SimpleFeaturePyramid | None = None
         self.channels_last_output = False
         self.memory_format = torch.contiguous_format
-        if name in SWIN_NAMES:
+        if own:
             self.slots = [s for s in slots if s < NATIVE_CNN_SLOTS]
             if not self.slots:
                 raise ValueError(f"{name} has slots 0..3 natively; {slots} requests none of them")
-            self.body = build_swin(name, self.slots, drop_path_rate, activation_checkpoint)
+            self.body: nn.Module = (
+                build_swin(name, self.slots, drop_path_rate, activation_checkpoint)
+                if name in SWIN_NAMES else
+                build_fan(name, tuple(self.slots), drop_path_rate, activation_checkpoint))
             self.out_channels = list(self.body.out_channels)
             self.strides = list(self.body.strides)
         elif name.startswith("vit_"):
-            self.body = create_vit(model_name)
+            variant = VIT_VARIANTS.get(name, {})
+            if name == "vit_large_codetr" and pretrained_path is not None:
+                variant = vit_variant_of_checkpoint(pretrained_path)
+            self.body = create_vit(model_name, **variant)
+            # timm recomputes each block in backward (its forward_intermediates honours it).
+            self.body.set_grad_checkpointing(activation_checkpoint)
             self.pyramid = SimpleFeaturePyramid(self.body.embed_dim, pyramid_channels, slots)
             self.slots = slots
             self.out_channels = [pyramid_channels] * len(slots)
@@ -212,7 +240,7 @@ class Backbone(nn.Module):
 
         Returns:
             ``len(slots)`` tensors ``[B, out_channels[i], H_i, W_i]`` (NCHW), finest first, with
-            ``H_i = ceil(H / strides[i])`` for the ViT, Swin and the timm CNNs here. CNN levels
+            ``H_i = ceil(H / strides[i])`` for the ViT, Swin, FAN and the timm CNNs here. CNN levels
             come channels_last in memory (same shape and values).
         """
         if self.pyramid is not None:

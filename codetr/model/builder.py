@@ -31,7 +31,7 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         train_backbone=m.train_backbone,
         dilation=m.dilation,
         pretrained_path=m.pretrained_backbone_path if load_pretrained_backbone else None,
-        activation_checkpoint=spec.train.activation_checkpoint,  # Swin blocks (mmdet's with_cp)
+        activation_checkpoint=spec.train.activation_checkpoint,  # Swin/FAN/ViT blocks (with_cp)
     )
     neck = ChannelMapper(list(backbone.out_channels), m.hidden_dim, backbone.num_extra_levels)
     strides = list(backbone.strides)
@@ -49,6 +49,7 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         # One positive-query projection per co-head: the Faster R-CNN head's first (mmdet).
         num_co_heads=m.num_co_heads + int(m.use_rcnn_co_head),
         activation_checkpoint=spec.train.activation_checkpoint,
+        decoder_query_pos=m.decoder_query_pos,
     )
     co_heads = [
         CoATSSHead(num_classes=num_classes, in_channels=m.hidden_dim, num_levels=m.num_feature_levels + 1,

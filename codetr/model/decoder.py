@@ -4,7 +4,9 @@ State-dict names (mmdet Co-DINO): `layers.{i}.attentions.0.attn.*` (self-attenti
 `nn.MultiheadAttention`; with `decoder_sa_type="ca_content"` `attentions.0` is a deformable
 attention instead), `layers.{i}.attentions.1.*` (deformable cross-attention),
 `layers.{i}.ffns.0.*`, `layers.{i}.norms.{0,1,2}.*`, `ref_point_head.{0,2}.*`, `norm.*` and, for
-`ca_label` only, `sa_label_embedding.weight`.
+`ca_label` only, `sa_label_embedding.weight`. With `query_pos_source="proposal"` (Deformable DETR,
+Co-Deformable-DETR) the positional queries come from outside, fixed for every layer, and there is
+neither `ref_point_head` nor the final `norm` (mmdet's `DeformableDetrTransformerDecoder`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from codetr.model.mlp import FFN, MLP
 from codetr.model.position_encoding import sine_embed_boxes
 
 SA_TYPES = ("sa", "ca_label", "ca_content")
+QUERY_POS_SOURCES = ("ref_point_head", "proposal")
 
 
 class SelfAttention(nn.Module):
@@ -140,6 +143,10 @@ class Decoder(nn.Module):
         num_layers: number of layers.
         sa_type: `sa`, `ca_label` or `ca_content` (see `DecoderLayer`).
         num_classes: class count; sizes the `ca_label` keys (unused otherwise).
+        query_pos_source: `ref_point_head` (DINO: each layer's positional queries are
+            `ref_point_head(sine(reference box))`, recomputed as the boxes are refined; outputs
+            pass a final LayerNorm) or `proposal` (Deformable DETR: `forward` receives them and
+            they stay fixed; no final norm).
     """
 
     def __init__(
@@ -153,8 +160,11 @@ class Decoder(nn.Module):
         num_layers: int,
         sa_type: str,
         num_classes: int,
+        query_pos_source: str = "ref_point_head",
     ) -> None:
         super().__init__()
+        if query_pos_source not in QUERY_POS_SOURCES:
+            raise ValueError(f"query_pos_source must be one of {QUERY_POS_SOURCES}, got {query_pos_source!r}")
         self.embed_dim = embed_dim
         self.layers = nn.ModuleList(
             [
@@ -162,8 +172,9 @@ class Decoder(nn.Module):
                 for _ in range(num_layers)
             ]
         )
-        self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
-        self.norm = nn.LayerNorm(embed_dim)
+        dino = query_pos_source == "ref_point_head"
+        self.ref_point_head: Optional[MLP] = MLP(2 * embed_dim, embed_dim, embed_dim, 2) if dino else None
+        self.norm: nn.Module = nn.LayerNorm(embed_dim) if dino else nn.Identity()
         # DINO shares one label embedding between all ca_label layers.
         self.sa_label_embedding = nn.Embedding(num_classes, embed_dim) if sa_type == "ca_label" else None
 
@@ -178,6 +189,7 @@ class Decoder(nn.Module):
         valid_ratios: Tensor,
         reg_branches: Sequence[nn.Module],
         self_attn_mask: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Runs the layers; after each, `reg_branches[l]` refines the reference boxes.
 
@@ -193,6 +205,8 @@ class Decoder(nn.Module):
             reg_branches: at least `num_layers` box branches `[..., D] -> [..., 4]` (deltas in
                 inverse-sigmoid space).
             self_attn_mask: `[Nq, Nq]` bool, True = blocked, or None.
+            query_pos: `[B, Nq, D]` positional queries for every layer (`proposal` source only;
+                required there, ignored otherwise).
 
         Returns:
             `(hidden_states, references)`: `hidden_states[l]` `[B, Nq, D]` is the normed output of
@@ -201,6 +215,8 @@ class Decoder(nn.Module):
             `l + 1` reaches `reg_branches[l]` through it, "look forward twice"). The next layer
             itself samples around the detached copy.
         """
+        if self.ref_point_head is None and query_pos is None:
+            raise ValueError("this decoder takes its positional queries from the proposals: pass query_pos")
         label_embedding = None if self.sa_label_embedding is None else self.sa_label_embedding.weight
         scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # [B, 1, L, 4]
         output = query
@@ -209,12 +225,14 @@ class Decoder(nn.Module):
         references: list[Tensor] = [reference_boxes]
         for lid, layer in enumerate(self.layers):
             reference_input = reference[:, :, None] * scale  # [B, Nq, L, 4]
-            # sine_embed_boxes computes in float32; follow the queries' dtype (bf16 weights).
-            sine = sine_embed_boxes(reference_input[:, :, 0], self.embed_dim // 2).to(output.dtype)
-            query_pos = self.ref_point_head(sine)
+            layer_pos = query_pos
+            if self.ref_point_head is not None:
+                # sine_embed_boxes computes in float32; follow the queries' dtype (bf16 weights).
+                sine = sine_embed_boxes(reference_input[:, :, 0], self.embed_dim // 2).to(output.dtype)
+                layer_pos = self.ref_point_head(sine)
             output = layer(
                 output,
-                query_pos,
+                layer_pos,
                 reference_input,
                 memory,
                 memory_mask,

@@ -51,6 +51,8 @@ class QueryHead(nn.Module):
         dn_label_noise_ratio: denoising label noise ratio (flip probability = ratio / 2).
         num_co_heads: auxiliary heads (positive-query projections, extra level).
         activation_checkpoint: recompute encoder layers in backward.
+        decoder_query_pos: `ref_point_head` (Co-DINO) or `proposal` (Co-Deformable-DETR: fixed
+            positional queries from the proposals; no denoising).
     """
 
     def __init__(
@@ -77,8 +79,12 @@ class QueryHead(nn.Module):
         dn_label_noise_ratio: float,
         num_co_heads: int,
         activation_checkpoint: bool,
+        decoder_query_pos: str = "ref_point_head",
     ) -> None:
         super().__init__()
+        if decoder_query_pos == "proposal" and use_dn:
+            raise ValueError("decoder_query_pos='proposal' has no positional queries for denoising "
+                             "queries: set use_dn=False (Co-Deformable-DETR trains without)")
         self.num_classes = num_classes
         self.dec_layers = dec_layers
         self.two_stage_type = two_stage_type
@@ -90,7 +96,7 @@ class QueryHead(nn.Module):
             num_classes, hidden_dim, nheads, num_feature_levels, enc_layers, dec_layers,
             dim_feedforward, dropout, enc_n_points, dec_n_points, num_queries, two_stage_type,
             embed_init_tgt, decoder_sa_type, fix_refpoints_hw, pre_norm, num_co_heads,
-            activation_checkpoint,
+            activation_checkpoint, decoder_query_pos,
         )
         num_branches = dec_layers + (1 if two_stage_type == "standard" else 0)
         self.cls_branches = nn.ModuleList([nn.Linear(hidden_dim, num_classes) for _ in range(num_branches)])
@@ -165,7 +171,8 @@ class QueryHead(nn.Module):
             reference_unsig = torch.cat([dn.reference_unsig, reference_unsig], 1)
             attn_mask = dn.attn_mask
         hidden, references = self.transformer.decode(
-            content, reference_unsig, memory, self.reg_branches[: self.dec_layers], attn_mask
+            content, reference_unsig, memory, self.reg_branches[: self.dec_layers], attn_mask,
+            None if topk is None else topk.query_pos,
         )
         # At inference only the last layer's predictions are needed.
         layers = range(self.dec_layers) if training else [self.dec_layers - 1]
@@ -222,6 +229,7 @@ class QueryHead(nn.Module):
         pos_boxes = pos_boxes.detach()
         content = self.transformer.positive_content(pos_boxes, head_index)
         hidden, references = self.transformer.decode(
-            content, inverse_sigmoid(pos_boxes), memory, self.reg_branches[: self.dec_layers], None
+            content, inverse_sigmoid(pos_boxes), memory, self.reg_branches[: self.dec_layers], None,
+            self.transformer.positive_query_pos(pos_boxes, head_index),
         )
         return [self._predict(lid, hidden[lid], references[lid]) for lid in range(self.dec_layers)]

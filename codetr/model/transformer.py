@@ -23,6 +23,7 @@ from codetr.model.decoder import Decoder
 from codetr.model.deformable_attention import MultiScaleDeformableAttention
 from codetr.model.encoder import Encoder
 from codetr.model.position_encoding import sine_embed_boxes
+from codetr.model.proposal_queries import box_queries
 from codetr.model.two_stage import TopKProposals, encoder_proposals, select_topk_proposals
 
 
@@ -80,6 +81,9 @@ class CoDinoTransformer(nn.Module):
         pre_norm: LayerNorm on the encoder output (see `Encoder`).
         num_co_heads: auxiliary heads; one `aux_pos_trans` projection each.
         activation_checkpoint: recompute the encoder layers in backward.
+        decoder_query_pos: `ref_point_head` (DINO: positional queries from each layer's refined
+            box) or `proposal` (Deformable DETR: from the selected proposals through
+            `pos_trans`, fixed for all layers; `standard` two-stage only).
     """
 
     def __init__(
@@ -102,10 +106,14 @@ class CoDinoTransformer(nn.Module):
         pre_norm: bool,
         num_co_heads: int,
         activation_checkpoint: bool,
+        decoder_query_pos: str = "ref_point_head",
     ) -> None:
         super().__init__()
         if two_stage_type not in ("standard", "no"):
             raise ValueError(f"two_stage_type must be 'standard' or 'no', got {two_stage_type!r}")
+        if decoder_query_pos == "proposal" and two_stage_type != "standard":
+            raise ValueError("decoder_query_pos='proposal' needs two_stage_type='standard'")
+        self.proposal_pos = decoder_query_pos == "proposal"
         self.hidden_dim = hidden_dim
         self.num_queries = num_queries
         self.two_stage_type = two_stage_type
@@ -118,7 +126,7 @@ class CoDinoTransformer(nn.Module):
         )
         self.decoder = Decoder(
             hidden_dim, nheads, num_feature_levels, dec_n_points, dim_feedforward, dropout,
-            dec_layers, decoder_sa_type, num_classes,
+            dec_layers, decoder_sa_type, num_classes, decoder_query_pos,
         )
         self.query_embed: Optional[nn.Embedding] = None
         self.enc_output: Optional[nn.Linear] = None
@@ -133,8 +141,13 @@ class CoDinoTransformer(nn.Module):
         else:
             self.query_embed = nn.Embedding(num_queries, hidden_dim)
             self._build_reference_embedding(num_queries, fix_refpoints_hw)
-        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * hidden_dim, hidden_dim) for _ in range(num_co_heads)])
-        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(hidden_dim) for _ in range(num_co_heads)])
+        # Co-DINO's positive queries get content only (D); Co-Deformable-DETR's pos + content (2D).
+        aux_dim = 2 * hidden_dim if self.proposal_pos else hidden_dim
+        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * hidden_dim, aux_dim) for _ in range(num_co_heads)])
+        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(aux_dim) for _ in range(num_co_heads)])
+        if self.proposal_pos:
+            self.pos_trans = nn.Linear(2 * hidden_dim, 2 * hidden_dim)
+            self.pos_trans_norm = nn.LayerNorm(2 * hidden_dim)
         self.reset_parameters()
 
     def _build_reference_embedding(self, num_queries: int, fix_refpoints_hw: float) -> None:
@@ -220,10 +233,12 @@ class CoDinoTransformer(nn.Module):
             output_memory = self.enc_output_norm(self.enc_output(output_memory))
             topk = select_topk_proposals(output_memory, proposals, enc_cls_branch, enc_reg_branch, self.num_queries)
             k = topk.content.shape[1]
+            content = topk.content.detach()
+            if self.proposal_pos:  # Deformable DETR: both halves from the detached proposal boxes
+                topk.query_pos, content = box_queries(topk.boxes_unsig.detach().sigmoid(),
+                                                      self.pos_trans, self.pos_trans_norm)
             if self.query_embed is not None:
                 content = self.query_embed.weight[None, :k].expand(batch, -1, -1)
-            else:
-                content = topk.content.detach()
             return content, topk.boxes_unsig.detach(), topk
         content = self.query_embed.weight[None].expand(batch, -1, -1)
         return content, self._learned_references()[None].expand(batch, -1, -1), None
@@ -245,6 +260,7 @@ class CoDinoTransformer(nn.Module):
         memory: EncoderMemory,
         reg_branches: Sequence[nn.Module],
         attn_mask: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Runs the decoder; see `Decoder.forward` for the returned lists.
 
@@ -254,6 +270,7 @@ class CoDinoTransformer(nn.Module):
             memory: the encoder memory.
             reg_branches: the first `dec_layers` box branches.
             attn_mask: `[N, N]` bool self-attention mask (True = blocked) or None.
+            query_pos: `[B, N, D]` fixed positional queries (`decoder_query_pos="proposal"`).
         """
         return self.decoder(
             content,
@@ -265,7 +282,14 @@ class CoDinoTransformer(nn.Module):
             memory.valid_ratios,
             reg_branches,
             attn_mask,
+            query_pos,
         )
+
+    def positive_query_pos(self, boxes: Tensor, head_index: int) -> Optional[Tensor]:
+        """`[B, N, D]` positional queries of positive boxes (`proposal` only; DINO: None)."""
+        if not self.proposal_pos:
+            return None
+        return box_queries(boxes, self.aux_pos_trans[head_index], self.aux_pos_trans_norm[head_index])[0]
 
     def positive_content(self, boxes: Tensor, head_index: int) -> Tensor:
         """Content of customized positive queries: `LayerNorm(Linear(sine_embed(box)))`.
@@ -279,6 +303,8 @@ class CoDinoTransformer(nn.Module):
         Returns:
             `[B, N, D]`.
         """
+        if self.proposal_pos:
+            return box_queries(boxes, self.aux_pos_trans[head_index], self.aux_pos_trans_norm[head_index])[1]
         feats = self.hidden_dim // 2
         embed = sine_embed_boxes(boxes, feats).to(self.aux_pos_trans[head_index].weight.dtype)  # (y, x, w, h)
         # Co-DINO's get_proposal_pos_embed orders the blocks (x, y, w, h): swap so the official

@@ -88,11 +88,14 @@ class TopKProposals:
         boxes_unsig: `[B, K, 4]` refined cxcywh boxes in inverse-sigmoid space, NOT detached (the
             intermediate loss trains the encoder box branch through them).
         content: `[B, K, D]` transformed memory at the selected locations, NOT detached.
+        query_pos: `[B, K, D]` Deformable-DETR positional queries of the (detached) boxes, set by
+            the transformer when its decoder takes them from the proposals, else None.
     """
 
     logits: Tensor
     boxes_unsig: Tensor
     content: Tensor
+    query_pos: Optional[Tensor] = None
 
 
 def select_topk_proposals(

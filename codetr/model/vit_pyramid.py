@@ -22,18 +22,20 @@ from torch import Tensor, nn
 VIT_STRIDE = 16
 
 
-def create_vit(timm_name: str) -> nn.Module:
+def create_vit(timm_name: str, **model_kwargs) -> nn.Module:
     """A randomly initialised timm ViT (no classifier) that accepts any input size.
 
     Args:
         timm_name: a timm VisionTransformer name, e.g. ``vit_large_patch14_dinov2``.
+        **model_kwargs: VisionTransformer arguments overriding the name's (e.g. the SwiGLU MLP
+            of NV-DINOv2).
 
     Returns:
         The timm ``VisionTransformer`` with ``embed_dim``, ``patch_embed.patch_size`` and
         ``forward_intermediates``; its position embedding is interpolated to each input grid.
     """
     vit = timm.create_model(timm_name, pretrained=False, num_classes=0,
-                            dynamic_img_size=True, dynamic_img_pad=True)
+                            dynamic_img_size=True, dynamic_img_pad=True, **model_kwargs)
     if not hasattr(vit, "forward_intermediates") or not hasattr(vit, "embed_dim"):
         raise ValueError(f"timm model {timm_name!r} is not a plain ViT with forward_intermediates")
     # Drop the classification head so that no parameter goes unused in detection training.

@@ -11,13 +11,8 @@ from codetr.spec.errors import SpecError
 from codetr.spec.schema import ExperimentSpec
 from codetr.spec.yaml_io import dump_yaml, load_yaml, load_yaml_text
 
-# Backbone names the spec accepts (TAO's list) that this build cannot construct yet.
-UNAVAILABLE_BACKBONES = {
-    "fan_tiny": "FAN backbones are not available in timm",
-    "fan_small": "FAN backbones are not available in timm",
-    "fan_base": "FAN backbones are not available in timm",
-    "fan_large": "FAN backbones are not available in timm",
-}
+# Backbone names the spec accepts (TAO's list) that this build cannot construct yet: none.
+UNAVAILABLE_BACKBONES: dict[str, str] = {}
 
 
 def parse_override(text: str) -> tuple[str, Any, str]:
@@ -128,6 +123,11 @@ def check_spec(spec: ExperimentSpec) -> None:
     if m.dilation and not m.backbone.startswith("resnet"):
         raise SpecError(f"model.dilation=true is supported for resnet backbones only, "
                         f"not model.backbone={m.backbone}")
+    if m.decoder_query_pos == "proposal" and (m.two_stage_type != "standard" or m.use_dn):
+        raise SpecError(f"model.decoder_query_pos=proposal (Co-Deformable-DETR) takes the "
+                        f"positional queries from the encoder proposals: it needs "
+                        f"model.two_stage_type=standard (got {m.two_stage_type}) and "
+                        f"model.use_dn=false (got {str(m.use_dn).lower()})")
     if not m.loss_types:
         raise SpecError("model.loss_types must name at least one of: labels, boxes")
     if m.hidden_dim % m.nheads:

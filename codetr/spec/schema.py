@@ -51,6 +51,11 @@ class ModelConfig:
     two_stage_type: str = _f("standard", choices=("standard", "no"))
     decoder_sa_type: str = _f("sa", choices=("sa", "ca_label", "ca_content"))
     embed_init_tgt: bool = _f(True)
+    # codetr's key: where the decoder's positional queries come from. ref_point_head = DINO /
+    # Co-DINO (from each layer's refined box); proposal = Deformable DETR / Co-Deformable-DETR
+    # (from the selected encoder proposals, fixed for every layer; needs two_stage_type=standard
+    # and use_dn=false).
+    decoder_query_pos: str = _f("ref_point_head", choices=("ref_point_head", "proposal"))
     fix_refpoints_hw: int = _f(-1)
     pe_temperatureH: int = _f(20, gt=0)
     pe_temperatureW: int = _f(20, gt=0)

@@ -1,0 +1,106 @@
+"""Co-Deformable-DETR: the recipe's model structure, proposal positional queries, training."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from codetr.model.builder import build_model
+from codetr.model.proposal_queries import box_queries, xywh_sine_embed
+from codetr.spec import SpecError, load_spec
+from tiny_detector import loss_fell, train_losses
+
+RECIPE = Path(__file__).resolve().parents[1] / "params" / "co_deformable_detr_r50_1x.yaml"
+PROPOSAL = ["model.decoder_query_pos=proposal", "model.use_dn=false", "model.num_co_heads=1"]
+TRAIN = ["model.backbone=resnet_18", "train.activation_checkpoint=false"]
+
+
+def mmdet_proposal_pos_embed(boxes, num_pos_feats=128, temperature=10000):
+    """mmdet DeformableDetrTransformer.get_proposal_pos_embed, written from its formula, on
+    boxes already in [0, 1]: per coordinate (cx, cy, w, h in that order) interleaved sin/cos."""
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+    pos = boxes[:, :, :, None] * 2 * math.pi / dim_t
+    return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
+
+
+def test_proposal_embedding_matches_mmdet_order():
+    boxes = torch.rand(2, 5, 4)
+    torch.testing.assert_close(xywh_sine_embed(boxes, 128), mmdet_proposal_pos_embed(boxes))
+
+
+def test_recipe_builds_the_co_deformable_detr_structure():
+    spec = load_spec(RECIPE)
+    with torch.device("meta"):
+        model = build_model(spec, num_classes=91, load_pretrained_backbone=False)
+    head = model.query_head
+    tr = head.transformer
+    assert tr.num_queries == 300 and tr.query_embed.weight.shape == (300, 256)  # mixed selection
+    assert isinstance(tr.pos_trans, nn.Linear) and tuple(tr.pos_trans.weight.shape) == (512, 512)
+    assert tuple(tr.pos_trans_norm.weight.shape) == (512,)
+    assert [tuple(m.weight.shape) for m in tr.aux_pos_trans] == [(512, 512)]
+    assert tr.decoder.ref_point_head is None and isinstance(tr.decoder.norm, nn.Identity)
+    assert head.label_embedding is None and not head.use_dn          # no denoising
+    assert len(head.cls_branches) == 7 and len(head.reg_branches) == 7  # 6 layers + proposals
+    assert model.backbone.strides == [8, 16, 32] and model.backbone.num_extra_levels == 1
+    assert tr.level_embeds.shape == (4, 256) and len(model.bbox_head) == 1
+    assert model.position_encoding.temperature_h == model.position_encoding.temperature_w == 10000
+    names = set(model.state_dict())
+    assert "query_head.transformer.pos_trans.weight" in names
+    assert not any(".ref_point_head." in n or "dn_" in n for n in names)
+
+
+def test_spec_rejects_proposal_positions_with_denoising_or_one_stage():
+    with pytest.raises(SpecError, match="use_dn=false"):
+        load_spec(None, ["model.decoder_query_pos=proposal"])
+    with pytest.raises(SpecError, match="two_stage_type=standard"):
+        load_spec(None, ["model.decoder_query_pos=proposal", "model.use_dn=false",
+                         "model.two_stage_type='no'"])
+
+
+@pytest.mark.parametrize("embed_init_tgt", [True, False])
+def test_positional_queries_are_the_proposals_and_fixed(embed_init_tgt):
+    """Every decoder layer sees the same positional queries: the first half of
+    pos_trans_norm(pos_trans(sine(selected proposal))); without mixed selection the content is
+    the second half."""
+    from test_model import TINY, random_batch
+
+    torch.manual_seed(0)
+    spec = load_spec(None, TINY + PROPOSAL + [f"model.embed_init_tgt={str(embed_init_tgt).lower()}"])
+    model = build_model(spec, num_classes=3).train()
+    images, masks, targets = random_batch()
+    tr = model.query_head.transformer
+    seen, selected = [], []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append((args[0], args[1])))
+             for layer in tr.decoder.layers]
+    original = tr.select_queries
+
+    def spy(*args):
+        out = original(*args)
+        selected.append(out)
+        return out
+
+    tr.select_queries = spy
+    out = model(images, masks, targets)
+    for h in hooks:
+        h.remove()
+    content, reference_unsig, topk = selected[0]
+    layers = len(tr.decoder.layers)
+    matching = seen[:layers]  # the matching pass comes first, then the positive queries
+    pos, proposal_content = box_queries(reference_unsig.sigmoid(), tr.pos_trans, tr.pos_trans_norm)
+    for _, query_pos in matching:
+        torch.testing.assert_close(query_pos, pos)
+    if embed_init_tgt:
+        torch.testing.assert_close(content, tr.query_embed.weight[None].expand_as(content))
+    else:
+        torch.testing.assert_close(content, proposal_content)
+    assert "dn_outputs" not in out and out["pos_outputs"]
+
+
+@pytest.mark.parametrize("embed_init_tgt", ["true", "false"])
+def test_tiny_co_deformable_detr_trains(embed_init_tgt):
+    losses = train_losses(TRAIN + PROPOSAL + [f"model.embed_init_tgt={embed_init_tgt}",
+                                      "model.pe_temperatureH=10000", "model.pe_temperatureW=10000"])
+    assert all(math.isfinite(v) for v in losses)
+    assert loss_fell(losses), losses
