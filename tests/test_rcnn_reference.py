@@ -29,7 +29,7 @@ from codetr.model.query_head import QueryHead
 from codetr.model.roi_extractor import roi_levels
 from codetr.model.roi_head import CoStandardRoIHead
 from codetr.model.rpn_head import RPNHead
-from codetr.model.transformer import EncoderMemory, valid_ratios_of
+from codetr.model.encoder_memory import EncoderMemory, valid_ratios_of
 
 STRIDES = [4, 8, 16, 32, 64, 128]
 NUM_CLASSES = 5

@@ -170,7 +170,7 @@ def test_decoder_near_the_border_matches_mmdet(tiny_loaded, mmdet_reference):
     """mmdet's `decoder_stress`: references at sigmoid(+-6..10). With the 1e-5 refinement eps of
     codetr <= e49a9a6 the boxes differed by 1.1e-3 and the logits by 8.7e-3; mmdet's 1e-3
     (`codetr.boxes.REFINE_EPS`) brings them to ~1e-7 / ~1e-6."""
-    from codetr.model.transformer import EncoderMemory
+    from codetr.model.encoder_memory import EncoderMemory
 
     outputs = torch.load(mmdet_reference / "tiny_outputs.pth", weights_only=True)
     stress, lsj = outputs["decoder_stress"], outputs["lsj"]

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from codetr.boxes import REFINE_EPS, inverse_sigmoid
 from codetr.model.denoising import build_denoising_queries
 from codetr.model.mlp import MLP
-from codetr.model.transformer import CoDinoTransformer, EncoderMemory
+from codetr.model.encoder_memory import EncoderMemory
+from codetr.model.transformer import CoDinoTransformer
 
 # Focal-loss prior: every class starts at probability 0.01 (RetinaNet); without it (and without
 # zeroed box deltas) the DETR barely learns.

@@ -12,7 +12,6 @@ receives them in `select_queries` and `decode`, as mmdet's transformer does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -22,36 +21,10 @@ from codetr.boxes import inverse_sigmoid
 from codetr.model.decoder import Decoder
 from codetr.model.deformable_attention import MultiScaleDeformableAttention
 from codetr.model.encoder import Encoder
+from codetr.model.encoder_memory import EncoderMemory, valid_ratios_of
 from codetr.model.position_encoding import sine_embed_boxes
 from codetr.model.proposal_queries import box_queries
 from codetr.model.two_stage import TopKProposals, encoder_proposals, select_topk_proposals
-
-
-@dataclass
-class EncoderMemory:
-    """The encoder output and the geometry needed to read it.
-
-    Attributes:
-        memory: `[B, S, D]` flattened levels (row-major per level, level after level).
-        memory_mask: `[B, S]` bool, True on padding.
-        spatial_shapes: `[L, 2]` int64 `(h, w)` per level.
-        level_start_index: `[L]` int64 offset of each level in `S`.
-        valid_ratios: `[B, L, 2]` `(w_valid / w, h_valid / h)` per level.
-    """
-
-    memory: Tensor
-    memory_mask: Tensor
-    spatial_shapes: Tensor
-    level_start_index: Tensor
-    valid_ratios: Tensor
-
-
-def valid_ratios_of(mask: Tensor) -> Tensor:
-    """`[B, H, W]` padding mask (True = pad) -> `[B, 2]` `(w_valid / W, h_valid / H)`."""
-    _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1)
-    valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
 
 class CoDinoTransformer(nn.Module):
