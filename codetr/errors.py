@@ -24,5 +24,9 @@ class DiskFullError(UserError, OSError):
     """No space left where codetr writes (the message names the file and the free space)."""
 
 
+class OutOfMemoryAdviceError(UserError, RuntimeError):
+    """The run needs more memory than the device has; the message lists the spec keys that cut it."""
+
+
 class InputValueError(UserError, ValueError):
     """A value read from the user's input (data, spec, classmap, colours) is not allowed."""

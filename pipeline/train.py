@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict
 
-import torch
-
 from codetr.fileio import atomic_write_text
+from codetr.safe_load import safe_torch_load
 
 FINAL = "codetr_model.pth"
 SUMMARY_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -32,7 +33,7 @@ SUMMARY_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def summarise(train_dir: Path, seconds: float) -> Dict[str, Any]:
     """The metrics record of a finished run in `train_dir` (reads `codetr_model.pth`)."""
-    ckpt = torch.load(train_dir / FINAL, map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(train_dir / FINAL, "the trained model")
     meta = ckpt.get("codetr", {})
     validation = meta.get("validation") or {}
     chosen = meta.get("weights", "raw")
@@ -51,14 +52,25 @@ def summarise(train_dir: Path, seconds: float) -> Dict[str, Any]:
 
 
 def copy_plots(train_dir: Path, plots: Path) -> int:
-    """Copies DVCLive's step series to `plots` (replacing it); returns the number of files."""
+    """Copies DVCLive's step series to `plots`, replacing it as a whole (a sibling folder is
+    filled, then renamed over it: an interrupted copy never leaves a partial folder); returns the
+    number of series."""
     source = train_dir / "dvclive" / "plots" / "metrics"
-    if plots.exists():
-        shutil.rmtree(plots)
-    if not source.is_dir():
-        plots.mkdir(parents=True)
-        return 0
-    shutil.copytree(source, plots)
+    plots.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=plots.parent, prefix=f".{plots.name}.tmp-"))
+    try:
+        if source.is_dir():
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+        old = None
+        if plots.exists():
+            old = plots.with_name(f".{plots.name}.old-{os.getpid()}")
+            os.replace(plots, old)
+        os.replace(staging, plots)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return sum(1 for _ in plots.rglob("*.tsv"))
 
 

@@ -211,3 +211,18 @@ def test_disk_full_names_the_file_and_leaves_no_partial_output(tmp_path, monkeyp
     with pytest.raises(DiskFullError, match=r"no space left on the device while writing .*last.pth"):
         atomic_write_bytes(target, b"x" * 4096)
     assert not target.exists() and not list(target.parent.iterdir())
+
+
+def test_a_list_as_a_yaml_key_is_a_clean_error(tmp_path, capsys):
+    spec = tmp_path / "odd.yaml"
+    spec.write_text("[a]: 1\n")
+    code, err = run_main(["spec", "-e", str(spec)], capsys)
+    assert code == 2 and "a mapping key must be a plain name" in err, err
+
+
+def test_a_file_that_is_not_onnx_is_a_user_error(tmp_path):
+    from codetr.export.onnx_runtime import OnnxDetector
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(np.random.default_rng(3).bytes(512))
+    with pytest.raises(UserError, match="model.onnx is not an ONNX model onnxruntime can load"):
+        OnnxDetector(bad)

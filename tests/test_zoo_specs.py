@@ -92,9 +92,6 @@ def test_the_full_r50_key_list_maps_onto_the_r50_spec(mmdet_reference):
 
 
 def test_the_full_swin_l_key_list_maps_onto_the_swin_l_spec(mmdet_reference):
-    # Needs the mmdet-compatible Swin (codetr/model/swin.py, mmdet's names under backbone.body.);
-    # timm's Swin has other names and no per-level norms. 713 - 18 dropped = 695 mapped (671 if
-    # the port keeps relative_position_index as a non-persistent buffer).
-    pytest.importorskip("codetr.model.swin")
+    # Through the mmdet-compatible Swin (codetr/model/swin.py, mmdet's names under backbone.body.).
     _check_full_map(mmdet_reference, "keys_co_dino_5scale_swin_l.json",
                     "co_dino_5scale_swin_l_1x.yaml", (NO_RCNN_REASON, INDEX_REASON))

@@ -18,6 +18,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from codetr.spec.errors import SpecError
+
 from codetr.data.collate import Batch, Collator, ImageBatch, _round_up
 
 TEST_PADDINGS = ("mask", "lsj")
@@ -69,7 +71,7 @@ class LSJTestCollator(Collator):
         for i, im in enumerate(images):
             h, w = im.shape[-2:]
             if h > height or w > width:
-                raise ValueError(f"an image of {h}x{w} does not fit the LSJ test canvas "
+                raise SpecError(f"an image of {h}x{w} does not fit the LSJ test canvas "
                                  f"{height}x{width} (dataset.augmentation.random_resize_max_size)")
             out[i, :, :h, :w] = im
         return out, torch.zeros((len(images), height, width), dtype=torch.bool)

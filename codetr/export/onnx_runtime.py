@@ -82,7 +82,11 @@ class OnnxDetector:
             raise SpecError(f"ONNX file not found: {path}")
         self.path = os.fspath(path)
         self.device = torch.device(device)
-        self.session = make_session(path, self.device, threads)
+        try:
+            self.session = make_session(path, self.device, threads)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises InvalidProtobuf, Fail, ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise SpecError(f"{path} is not an ONNX model onnxruntime can load: {first}") from None
         text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if text is None:
             raise SpecError(f"{path} was not written by `codetr export` (no '{METADATA_KEY}' "

@@ -163,7 +163,7 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> LoadReport:
         state_dict = adapt(state_dict)
     matched, report = match_state_dict(module, state_dict, str(path))
     if not matched:
-        raise ValueError(
+        raise InputValueError(
             f"no tensor of {path} matches the backbone ({len(report.mismatched)} shape-mismatched);"
             f" checkpoint keys start {list(state_dict)[:5]}, backbone keys start "
             f"{list(module.state_dict())[:5]}")

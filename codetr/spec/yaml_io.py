@@ -40,6 +40,11 @@ def _mapping_without_duplicates(loader: SpecLoader, node: yaml.MappingNode, deep
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a mapping key must be a plain name, not {key!r}", key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key '{key}' on lines {seen[key]} and {line} "

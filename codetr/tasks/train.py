@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from torch import nn
 
 from codetr.data import LabelMap, build_label_map, load_split_sources
-from codetr.errors import InputValueError, MissingInputError
+from codetr.errors import InputValueError, MissingInputError, OutOfMemoryAdviceError
 from codetr.spec import ExperimentSpec, SpecError, spec_to_dict
 from codetr.spec.load import save_spec
 from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_partial,
@@ -124,7 +124,7 @@ def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postproces
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except torch.OutOfMemoryError as err:
-        raise RuntimeError(f"training ran {OOM_ADVICE}") from err
+        raise OutOfMemoryAdviceError(f"training ran {OOM_ADVICE}") from err
     if dry:
         _info("dry run: the spec, data, model and 2 train/val batches work; nothing was written")
         return 0

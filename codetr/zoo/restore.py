@@ -93,7 +93,7 @@ def restore_official(ckpt: Mapping[str, Any], path: str, spec: ExperimentSpec,
         raise SpecError(f"{path} does not fit the model of this spec (backbone, levels, layers, "
                         f"queries, classes or co-heads differ):\n{report.summary()}")
     model.load_state_dict(mapped, strict=False)
-    return model.to(device).eval(), label_map, spec, "model"
+    return model.to(device).eval(), label_map, spec, "raw"
 
 
 def adapt_for_finetuning(state: Dict[str, Tensor], model: nn.Module, source: str,
