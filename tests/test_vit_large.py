@@ -148,3 +148,13 @@ def test_vit_large_codetr_follows_an_nvdinov2_file(tmp_path):
     report = backbone.load_report
     assert report.missing == [] and report.mismatched == [] and report.unexpected == ["mask_token"]
     assert tuple(backbone.body.blocks[0].mlp.fc2.weight.shape) == (1024, 2736)
+
+
+def test_vit_large_codetr_restores_with_the_mlp_of_its_trained_weights():
+    """A restored model has no pretrained file to look at: its own weights say which MLP it has
+    (the bug: an NV-DINOv2 vit_large_codetr could not be evaluated after training)."""
+    for fc1_out, fc2_in in ((5472, 2736), (4096, 4096)):  # NV-DINOv2's SwiGLU, DINOv2's MLP
+        state = {"backbone.body.blocks.0.mlp.fc1.weight": torch.empty(fc1_out, DIM, device="meta")}
+        with torch.device("meta"):
+            backbone = Backbone("vit_large_codetr", [2, 3], variant_state=state)
+        assert backbone.body.blocks[0].mlp.fc2.weight.shape[1] == fc2_in

@@ -9,6 +9,7 @@ its simple feature pyramid. Every model is created with ``pretrained=False`` (we
 weights come from ``pretrained_path``.
 """
 import math
+from typing import Mapping
 
 import timm
 import torch
@@ -57,16 +58,22 @@ FAN_NAMES = tuple(FAN_ARCHS)  # fan_tiny|small|base|large: codetr/model/fan.py
 NATIVE_CNN_SLOTS = 4  # C2..C5
 
 
-def vit_variant_of_checkpoint(path: str) -> dict[str, object]:
-    """The ViT-L MLP of a checkpoint: NV-DINOv2's SwiGLU if its first MLP has 5472 features.
+def vit_variant_of_state(state: Mapping[str, Tensor]) -> dict[str, object]:
+    """The ViT-L MLP of a state dict: NV-DINOv2's SwiGLU if its first MLP has 5472 features.
 
     TAO builds ``vit_large_codetr`` from either NV-DINOv2 or DINOv2 weights (seed 000), so that
-    name follows the file it is given; the other names are fixed.
+    name follows the weights it is given (the pretrained file, or a trained checkpoint's own
+    weights when it is restored); the other names are fixed.
     """
-    for key, tensor in read_state_dict(path).items():
+    for key, tensor in state.items():
         if key.endswith("blocks.0.mlp.fc1.weight"):
             return dict(VIT_VARIANTS["vit_large_nvdinov2"]) if tensor.shape[0] == 5472 else {}
     return {}
+
+
+def vit_variant_of_checkpoint(path: str) -> dict[str, object]:
+    """`vit_variant_of_state` of a weights file."""
+    return vit_variant_of_state(read_state_dict(path))
 
 
 def timm_model_name(name: str) -> str:
@@ -129,6 +136,8 @@ class Backbone(nn.Module):
         drop_path_rate: swin_* and fan_*: stochastic depth (training only); Swin: linear over
             the blocks up to this value (0.3 as in Co-DINO's Swin-L config); FAN: this value
             for every FAN block (TAO's 0.3).
+        variant_state: the weights a restored model will load: `vit_large_codetr` takes its MLP
+            (DINOv2 or NV-DINOv2) from them when no `pretrained_path` is given.
 
     Attributes:
         body: the trunk (timm features_only model, VisionTransformer, the mmdet-named
@@ -147,7 +156,8 @@ class Backbone(nn.Module):
                  dilation: bool = False, pretrained_path: str | None = None,
                  pyramid_channels: int = 256, timm_name: str | None = None,
                  channels_last: bool = True, activation_checkpoint: bool = False,
-                 drop_path_rate: float = 0.3) -> None:
+                 drop_path_rate: float = 0.3,
+                 variant_state: Mapping[str, Tensor] | None = None) -> None:
         super().__init__()
         slots = _check_slots(return_interm_indices)
         own = name in SWIN_NAMES or name in FAN_NAMES  # built here, not by timm
@@ -175,6 +185,8 @@ class Backbone(nn.Module):
             variant = VIT_VARIANTS.get(name, {})
             if name == "vit_large_codetr" and pretrained_path is not None:
                 variant = vit_variant_of_checkpoint(pretrained_path)
+            elif name == "vit_large_codetr" and variant_state is not None:
+                variant = vit_variant_of_state(variant_state)
             self.body = create_vit(model_name, **variant)
             # timm recomputes each block in backward (its forward_intermediates honours it).
             self.body.set_grad_checkpointing(activation_checkpoint)

@@ -1,6 +1,10 @@
 """Where the spec meets the constructors: the only module that reads `spec.model`."""
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
+from torch import Tensor
+
 from codetr.losses.criterion import SetCriterion
 from codetr.losses.matcher import HungarianMatcher
 from codetr.model.atss_head import CoATSSHead
@@ -15,7 +19,8 @@ from codetr.postprocess.postprocess import PostProcess
 from codetr.spec.schema import ExperimentSpec
 
 
-def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone: bool = True) -> CoDETR:
+def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone: bool = True,
+                trained_state: Optional[Mapping[str, Tensor]] = None) -> CoDETR:
     """The Co-DETR model of `spec.model` with `num_classes` class logits.
 
     Args:
@@ -23,6 +28,8 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         num_classes: class logits (`LabelMap.num_classes`).
         load_pretrained_backbone: load `model.pretrained_backbone_path` (False when the weights
             come from a full checkpoint anyway).
+        trained_state: the weights that will be loaded (a restored checkpoint's), for choices
+            the spec leaves to the weights (`vit_large_codetr`'s MLP).
     """
     m = spec.model
     backbone = Backbone(
@@ -32,6 +39,7 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         dilation=m.dilation,
         pretrained_path=m.pretrained_backbone_path if load_pretrained_backbone else None,
         activation_checkpoint=spec.train.activation_checkpoint,  # Swin/FAN/ViT blocks (with_cp)
+        variant_state=trained_state,
     )
     neck = ChannelMapper(list(backbone.out_channels), m.hidden_dim, backbone.num_extra_levels)
     strides = list(backbone.strides)

@@ -250,8 +250,9 @@ def restore_detector(path: str | os.PathLike, device: torch.device | str = "cpu"
                               f"reads up to {FORMAT_VERSION}: upgrade codetr")
     spec = spec_from_dict(meta["spec"], origin=f"{path} (stored spec)")
     label_map = LabelMap.from_dict(meta["label_map"])
-    model = build_model(spec, label_map.num_classes, load_pretrained_backbone=False)
     state, which = model_state_dict(ckpt)
+    # The trained weights also say which ViT-L MLP `vit_large_codetr` was built with.
+    model = build_model(spec, label_map.num_classes, load_pretrained_backbone=False, trained_state=state)
     require_same_architecture(model, state, str(path))
     model.load_state_dict(state)
     return model.to(device).eval(), label_map, spec, which
