@@ -184,9 +184,9 @@ def test_losses_match_reference_and_reach_the_features():
     for b, target in enumerate(targets):
         h, w = target["size"].tolist()
         gts = ops.box_convert(target["boxes"], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
-        index, labels = atss_assign(flat_anchors, counts, gts, target["labels"],
-                                    valid_hw=(h, w))
-        valid = anchors_inside_image(flat_anchors, (h, w))
+        # Every anchor of the padded batch counts, padding included (mmdet: pad_shape flags).
+        index, labels = atss_assign(flat_anchors, counts, gts, target["labels"])
+        valid = torch.ones(flat_anchors.shape[0], dtype=torch.bool)
         logits = torch.cat([c[b].flatten(1).T for c in cls])
         onehot = torch.zeros_like(logits)
         onehot[index >= 0, labels[index >= 0]] = 1
