@@ -30,7 +30,7 @@ from codetr.model.transformer import EncoderMemory, valid_ratios_of
 STRIDES = [4, 8, 16, 32, 64, 128]
 NUM_CLASSES = 5
 CO_WEIGHT = 12.0  # the official recipe: lambda 2.0 x 6 decoder layers (tiny config = R50 recipe)
-ATSS_NAMES = {"loss_cls": "loss_cls", "loss_bbox": "loss_bbox", "loss_centerness": "loss_centerness"}
+ATSS_NAMES = ("loss_cls", "loss_bbox", "loss_centerness")  # ours and mmdet's (mmdet suffixes "1")
 QUERY_NAMES = (("loss_ce", "loss_cls"), ("loss_bbox", "loss_bbox"), ("loss_giou", "loss_iou"))
 
 
@@ -91,7 +91,8 @@ def test_atss_assignment_is_exact(ref):
     atss, inputs, _, _, _ = _atss_run(ref)
     anchors = torch.cat(atss["anchors"])
     for b, theirs in enumerate(atss["assign"]):
-        # From the pixel gts as mmdet, and from the normalised targets as the model runs.
+        # From the pixel gts, as mmdet (the model's path from normalised targets gives the same
+        # positives: test_atss_positive_coords).
         gt_index, labels = atss_assign(anchors, theirs["num_level_priors"], inputs["gt_bboxes"][b],
                                        inputs["gt_labels"][b])
         assert torch.equal(gt_index + 1, theirs["assigned_gt_inds"]), b
@@ -101,11 +102,11 @@ def test_atss_assignment_is_exact(ref):
 
 def test_atss_losses_per_level(ref):
     atss, _, _, losses, _ = _atss_run(ref)
-    for ours, theirs in ATSS_NAMES.items():
-        expected = torch.stack(atss["losses"][theirs])
-        weight = CO_WEIGHT * ATSS_TERM_WEIGHTS[ours]
+    for name in ATSS_NAMES:
+        expected = torch.stack(atss["losses"][name])
+        weight = CO_WEIGHT * ATSS_TERM_WEIGHTS[name]
         # atol 1e-9: the empty levels are -0.0 / 0.0 in mmdet (sum * 0) and +0.0 here.
-        torch.testing.assert_close(losses[ours] * weight, expected, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(losses[name] * weight, expected, rtol=1e-5, atol=1e-9)
 
 
 def test_atss_positive_coords(ref):

@@ -1,8 +1,8 @@
 """Losses of the collaborative ATSS head and the positive samples it hands to the decoder.
 
 Follows mmdet's `ATSSHead.loss` (used unchanged by Co-DETR's `CoATSSHead`): sigmoid focal loss
-on every anchor of the padded batch, GIoU on the decoded boxes of the positives weighted by their centerness
-target, and a centerness BCE on the positives. Terms are returned UNWEIGHTED (mmdet's Co-DINO
+on every anchor of the padded batch, GIoU on the decoded boxes of the positives weighted by their
+centerness target, and a centerness BCE on the positives. Terms are returned UNWEIGHTED (mmdet's Co-DINO
 config multiplies GIoU by 2 relative to the others; the caller owns all weights).
 """
 from __future__ import annotations
@@ -141,7 +141,8 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
 
     Returns:
         `(losses, positives)`: `losses` has scalar `loss_cls`, `loss_bbox` (GIoU) and
-        `loss_centerness`, unweighted (`[L]` with `per_level`); `positives` has one `PositiveSamples` per image.
+        `loss_centerness`, unweighted (`[L]` with `per_level`); `positives` has one
+        `PositiveSamples` per image.
     """
     cls_flat = _flatten_levels(cls_scores)  # [B, A, C]
     deltas_flat = _flatten_levels(deltas)  # [B, A, 4]
@@ -202,8 +203,9 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
 
 def _level_index(counts: Sequence[int], device: torch.device) -> Tensor:
     """`[A]` int64: the pyramid level of every anchor (levels concatenated in order)."""
+    # output_size given: no device-to-host sync on CUDA.
     return torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                   torch.tensor(list(counts), device=device))
+                                   torch.tensor(list(counts), device=device), output_size=sum(counts))
 
 
 def _per_level(values: Tensor, counts: Sequence[int]) -> Tensor:
