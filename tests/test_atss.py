@@ -184,9 +184,9 @@ def test_losses_match_reference_and_reach_the_features():
     for b, target in enumerate(targets):
         h, w = target["size"].tolist()
         gts = ops.box_convert(target["boxes"], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
-        index, labels = atss_assign(flat_anchors, counts, gts, target["labels"],
-                                    valid_hw=(h, w))
-        valid = anchors_inside_image(flat_anchors, (h, w))
+        # Every anchor of the padded batch counts, padding included (mmdet: pad_shape flags).
+        index, labels = atss_assign(flat_anchors, counts, gts, target["labels"])
+        valid = torch.ones(flat_anchors.shape[0], dtype=torch.bool)
         logits = torch.cat([c[b].flatten(1).T for c in cls])
         onehot = torch.zeros_like(logits)
         onehot[index >= 0, labels[index >= 0]] = 1
@@ -260,3 +260,29 @@ def test_positive_anchors_lie_on_positive_locations():
         assert (centre[:, 0] < w).all() and (centre[:, 1] < h).all()
         # ... whose centre is strictly inside its assigned gt.
         assert (centre > sample.gt_boxes[:, :2]).all() and (centre < sample.gt_boxes[:, 2:]).all()
+
+
+def test_anchors_over_the_batch_padding_are_negatives_and_candidates():
+    """Parity fix 1: mmdet 3.x flags every anchor of the padded batch valid (`pad_shape` is the
+    batch shape), so the anchors over an image's padding are focal-loss negatives and pads for
+    the positive queries. We used to drop them (and keep them out of the ATSS candidates)."""
+    head, feats, targets = _tiny_head_and_batch(requires_grad=False)
+    with torch.no_grad():
+        losses, positives = head.loss_and_positives(feats, STRIDES, targets, per_level=True)
+        cls = head(feats)[0]
+    anchors = head.anchors(feats, STRIDES)
+    flat = torch.cat(anchors)
+    for sample, target in zip(positives, targets):
+        padding = ~anchors_inside_image(flat, target["size"].tolist())
+        assert padding.any()  # both images are smaller than the 128 x 128 batch
+        assert sample.anchors.shape[0] + sample.neg_anchors.shape[0] == flat.shape[0]
+    # The class loss of every level counts all H_l x W_l x B anchors: with all-background
+    # targets, each level is the focal loss of all its logits over the same normaliser (1).
+    empty = [dict(t, boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long)) for t in targets]
+    with torch.no_grad():
+        background, _ = head.loss_and_positives(feats, STRIDES, empty, per_level=True)
+    for level, logits in enumerate(cls):
+        expected = ops.sigmoid_focal_loss(logits, torch.zeros_like(logits), reduction="sum")
+        torch.testing.assert_close(background["loss_cls"][level], expected)
+    torch.testing.assert_close(losses["loss_cls"].sum(),
+                               head.loss_and_positives(feats, STRIDES, targets)[0]["loss_cls"].detach())

@@ -42,10 +42,10 @@ def test_padding_sizes_and_background_labels():
         assert (targets["labels"][i, n:] == NUM_CLASSES).all()
         # Pads are drawn from the image's own negative anchors.
         h, w = sizes[i].tolist()
-        negs = _normalised(sample.neg_anchors, h, w).clamp(0, 1)
+        negs = _normalised(sample.neg_anchors, h, w)
         assert (_nearest(boxes[i, n:], negs)[0] < 1e-6).all()
-    for tensor in (boxes, targets["boxes"]):
-        assert (tensor >= 0).all() and (tensor <= 1).all()
+    # Normalised, not clamped (mmdet): centres inside the image, sizes as drawn.
+    assert (boxes[..., :2] >= 0).all() and (boxes[..., :2] <= 1).all()
 
 
 def test_minimum_and_maximum_number_of_queries():
@@ -58,8 +58,8 @@ def test_minimum_and_maximum_number_of_queries():
     boxes, targets = build_positive_queries(many, sizes, NUM_CLASSES, max_queries=16)
     assert boxes.shape == (2, 16, 4)
     # The subsample keeps distinct positives with their own gts and labels.
-    ref_anchors = _normalised(many[0].anchors, 50, 50).clamp(0, 1)
-    ref_gts = _normalised(many[0].gt_boxes, 50, 50).clamp(0, 1)
+    ref_anchors = _normalised(many[0].anchors, 50, 50)
+    ref_gts = _normalised(many[0].gt_boxes, 50, 50)
     distance, picked = _nearest(boxes[0], ref_anchors)
     assert (distance < 1e-6).all() and picked.unique().numel() == 16
     torch.testing.assert_close(targets["boxes"][0], ref_gts[picked])
@@ -78,8 +78,8 @@ def test_normalisation_and_generator_reproducibility():
     torch.testing.assert_close(first[0], again[0])
     torch.testing.assert_close(first[1]["boxes"], again[1]["boxes"])
     boxes, targets = first
-    torch.testing.assert_close(boxes[0], _normalised(sample.anchors, h, w).clamp(0, 1))
-    torch.testing.assert_close(targets["boxes"][0], _normalised(sample.gt_boxes, h, w).clamp(0, 1))
+    torch.testing.assert_close(boxes[0], _normalised(sample.anchors, h, w))
+    torch.testing.assert_close(targets["boxes"][0], _normalised(sample.gt_boxes, h, w))
 
 
 def test_queries_from_the_head_sit_on_positive_locations():
@@ -110,3 +110,25 @@ def test_queries_from_the_head_sit_on_positive_locations():
         centre = boxes[i, real, :2]
         assert (centre > gt[:, :2]).all() and (centre < gt[:, 2:]).all()
         assert (side_px > 0).all()
+
+
+def test_boxes_larger_than_the_image_are_not_clamped():
+    """Parity fix 2: mmdet's get_aux_targets divides by (w, h, w, h) and stops there; an ATSS
+    anchor of 8 strides is wider than a small image (w > 1). We used to clamp it to 1."""
+    anchor = torch.tensor([[-64.0, -64.0, 64.0, 64.0]])  # 128 px, centred on (0, 0)
+    sample = PositiveSamples(anchors=anchor, labels=torch.tensor([2]),
+                             gt_boxes=torch.tensor([[0.0, 0.0, 40.0, 30.0]]), neg_anchors=anchor + 8)
+    boxes, targets = build_positive_queries([sample], torch.tensor([[96, 80]]), NUM_CLASSES)
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.0, 0.0, 128 / 80, 128 / 96]))
+    torch.testing.assert_close(targets["boxes"][0, 0], torch.tensor([20 / 80, 15 / 96, 40 / 80, 30 / 96]))
+
+
+def test_pads_draw_the_generator_only_when_needed():
+    """Parity fix 3: an image with exactly N positives draws nothing (mmdet calls randperm only
+    to subsample or to pad), so the next image's pads are randperm(#neg)[:N - P] of the seed."""
+    full, short = _samples(12, 80, 80, num_neg=40), _samples(5, 80, 80, num_neg=40)
+    boxes, targets = build_positive_queries([full, short], torch.tensor([[80, 80], [80, 80]]), NUM_CLASSES,
+                                            generator=torch.Generator().manual_seed(301))
+    expected = torch.randperm(40, generator=torch.Generator().manual_seed(301))[:7]
+    torch.testing.assert_close(boxes[1, 5:], _normalised(short.neg_anchors[expected], 80, 80))
+    assert (targets["labels"][1, 5:] == NUM_CLASSES).all() and (targets["labels"][0] < NUM_CLASSES).all()

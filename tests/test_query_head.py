@@ -259,3 +259,35 @@ def test_state_dict_names_follow_co_dino():
     assert sd["transformer.encoder.layers.0.attentions.0.attention_weights.weight"].shape == (160, 256)
     assert sd["transformer.aux_pos_trans.0.weight"].shape == (256, 512)
     assert sd["label_embedding.weight"].shape == (CLASSES, 256)
+
+
+def test_forward_positive_references_are_the_raw_boxes(monkeypatch):
+    """Parity fix 4: as mmdet's forward_aux, the content is embedded from
+    sigmoid(inverse_sigmoid(box)) (clamped into [1e-5, 1 - 1e-5]) but the first reference of the
+    decoder is the box itself, w > 1 included (we used to pass the clamped box to both)."""
+    from codetr.boxes import inverse_sigmoid
+
+    head = _head().train()
+    feats, masks, pos, targets = _inputs()
+    memory = head(feats, masks, pos, targets)["memory"]
+    boxes = torch.tensor([[[0.0, 0.5, 1.6, 0.4], [0.5, 0.5, 0.2, 1.3]]]).expand(B, -1, -1)
+    seen = {}
+    content, decoder = head.transformer.positive_content, head.transformer.decoder.forward
+
+    def spy_content(x, k):
+        seen["content"] = x
+        return content(x, k)
+
+    def spy_decoder(query, reference, *args):
+        seen["reference"] = reference
+        return decoder(query, reference, *args)
+
+    monkeypatch.setattr(head.transformer, "positive_content", spy_content)
+    monkeypatch.setattr(head.transformer.decoder, "forward", spy_decoder)
+    first = head.forward_positive(memory, boxes, 0)
+    assert torch.equal(seen["reference"], boxes)
+    assert torch.equal(seen["content"], inverse_sigmoid(boxes).sigmoid())
+    # The reference matters: the same content over the clamped box predicts other logits.
+    monkeypatch.setattr(head.transformer.decoder, "forward", lambda q, r, *a: decoder(q, r.clamp(0, 1), *a))
+    second = head.forward_positive(memory, boxes, 0)
+    assert not torch.allclose(first[0]["pred_logits"], second[0]["pred_logits"])

@@ -120,3 +120,16 @@ def test_bad_files(tmp_path):
     wrong.write_text("model:\n  num_queries: lots\n")
     with pytest.raises(SpecError, match=r"wrong.yaml: model.num_queries: expected an integer"):
         load_spec(wrong)
+
+
+def test_cls_loss_weight_separates_the_class_loss_from_the_matching_cost():
+    """`model.cls_loss_weight` (not in TAO): null keeps TAO's cls_loss_coef for both; the official
+    Co-DINO recipes say 1.0 (QFL loss_weight) under a matching cost of 2.0."""
+    from codetr.model.builder import build_criterion
+
+    tao = build_criterion(load_spec(None, []), 5)
+    assert tao.cls_loss_coef == tao.matcher.cost_class == 2.0
+    official = build_criterion(load_spec(None, ["model.cls_loss_weight=1.0"]), 5)
+    assert official.cls_loss_coef == 1.0 and official.matcher.cost_class == 2.0
+    with pytest.raises(SpecError, match="model.cls_loss_weight"):
+        load_spec(None, ["model.cls_loss_weight=-1"])

@@ -1,8 +1,8 @@
 """Losses of the collaborative ATSS head and the positive samples it hands to the decoder.
 
 Follows mmdet's `ATSSHead.loss` (used unchanged by Co-DETR's `CoATSSHead`): sigmoid focal loss
-on every valid anchor, GIoU on the decoded boxes of the positives weighted by their centerness
-target, and a centerness BCE on the positives. Terms are returned UNWEIGHTED (mmdet's Co-DINO
+on every anchor of the padded batch, GIoU on the decoded boxes of the positives weighted by their
+centerness target, and a centerness BCE on the positives. Terms are returned UNWEIGHTED (mmdet's Co-DINO
 config multiplies GIoU by 2 relative to the others; the caller owns all weights).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from codetr.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from codetr.losses.atss_assigner import anchors_inside_image, atss_assign
+from codetr.losses.atss_assigner import atss_assign
 from codetr.losses.focal import sigmoid_focal_loss
 
 # mmdet's DeltaXYWHBBoxCoder settings of the ATSS head.
@@ -35,7 +35,8 @@ class PositiveSamples:
         anchors: `[P, 4]` xyxy pixels, the positive anchors.
         labels: `[P]` int64 label indices of the assigned gts.
         gt_boxes: `[P, 4]` xyxy pixels, the assigned gt boxes.
-        neg_anchors: `[M, 4]` xyxy pixels, the valid anchors assigned to the background.
+        neg_anchors: `[M, 4]` xyxy pixels, the anchors assigned to the background, in anchor
+            order (mmdet's padding pool).
     """
     anchors: Tensor
     labels: Tensor
@@ -119,7 +120,7 @@ def _flatten_levels(maps: Sequence[Tensor]) -> Tensor:
 def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
                 centerness: Sequence[Tensor], anchors: Sequence[Tensor],
                 targets: Sequence[dict], num_classes: int, focal_alpha: float = 0.25,
-                gamma: float = 2.0, topk: int = 9
+                gamma: float = 2.0, topk: int = 9, per_level: bool = False
                 ) -> tuple[dict[str, Tensor], list[PositiveSamples]]:
     """ATSS assignment and losses for a batch, plus the positives of every image.
 
@@ -135,10 +136,13 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
         focal_alpha: focal loss alpha.
         gamma: focal loss gamma.
         topk: ATSS candidates per level and gt.
+        per_level: return each term as its `[L]` per-level parts instead (mmdet's per-level
+            log; same normalisers, so they sum to the scalars).
 
     Returns:
         `(losses, positives)`: `losses` has scalar `loss_cls`, `loss_bbox` (GIoU) and
-        `loss_centerness`, unweighted; `positives` has one `PositiveSamples` per image.
+        `loss_centerness`, unweighted (`[L]` with `per_level`); `positives` has one
+        `PositiveSamples` per image.
     """
     cls_flat = _flatten_levels(cls_scores)  # [B, A, C]
     deltas_flat = _flatten_levels(deltas)  # [B, A, 4]
@@ -153,24 +157,25 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
     labels = torch.full((batch, num_anchors), num_classes, dtype=torch.long,
                         device=cls_flat.device)
     matched_gt = anchors_all.new_zeros(batch, num_anchors, 4)
-    valid = torch.zeros(batch, num_anchors, dtype=torch.bool, device=cls_flat.device)
     for b, target in enumerate(targets):
         h, w = (float(v) for v in target["size"])
         gt_xyxy = box_cxcywh_to_xyxy(target["boxes"].to(anchors_all)) \
             * anchors_all.new_tensor([w, h, w, h])
-        gt_index, gt_label = atss_assign(anchors_all, counts, gt_xyxy, target["labels"],
-                                         topk=topk, valid_hw=(h, w))
+        # Every anchor of the padded batch is valid, padding included: mmdet 3.x takes the valid
+        # flags from `pad_shape`, which its data preprocessor sets to the batch shape, so anchors
+        # over the zero padding are ATSS candidates and focal-loss negatives (parity fix 1).
+        gt_index, gt_label = atss_assign(anchors_all, counts, gt_xyxy, target["labels"], topk=topk)
         positive = gt_index >= 0
         labels[b, positive] = gt_label[positive]
         matched_gt[b, positive] = gt_xyxy[gt_index[positive]]
-        valid[b] = anchors_inside_image(anchors_all, (h, w))
     positive = labels < num_classes  # [B, A]
 
-    # All three terms share the positive count of the whole (distributed) batch, as mmdet.
+    # All three terms share the positive count of the whole (distributed) batch, as mmdet; each
+    # level's sum is divided by it (mmdet logs the levels separately; their sum is the loss).
     num_pos = _mean_over_ranks(positive.sum().float()).clamp(min=1.0)
     onehot = F.one_hot(labels, num_classes + 1)[..., :num_classes]  # background -> all zeros
-    focal = sigmoid_focal_loss(cls_flat, onehot, alpha=focal_alpha, gamma=gamma)
-    loss_cls = (focal * valid[..., None]).sum() / num_pos
+    focal = sigmoid_focal_loss(cls_flat, onehot, alpha=focal_alpha, gamma=gamma)  # [B, A, C]
+    cls_per_level = _per_level(focal.sum(dim=(0, 2)), counts) / num_pos
 
     pos_anchors = anchors_all.expand(batch, -1, -1)[positive]  # [P, 4]
     pos_gt = matched_gt[positive]  # [P, 4]
@@ -179,15 +184,35 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
     giou = elementwise_generalized_box_iou(pos_boxes, pos_gt)
     # mmdet clamps this normaliser at 1 too, so a handful of off-centre positives is not blown up.
     ctr_sum = _mean_over_ranks(ctr_target.sum()).clamp(min=1.0)
-    loss_bbox = ((1 - giou) * ctr_target).sum() / ctr_sum
-    loss_centerness = F.binary_cross_entropy_with_logits(
-        ctr_flat[positive].float(), ctr_target, reduction="sum") / num_pos
+    pos_level = _level_index(counts, cls_flat.device).expand(batch, -1)[positive]  # [P]
+    bbox_per_level = _sum_by_level((1 - giou) * ctr_target, pos_level, len(counts)) / ctr_sum
+    ctr_bce = F.binary_cross_entropy_with_logits(ctr_flat[positive].float(), ctr_target, reduction="none")
+    ctr_per_level = _sum_by_level(ctr_bce, pos_level, len(counts)) / num_pos
 
     positives = [
         PositiveSamples(anchors=anchors_all[positive[b]], labels=labels[b, positive[b]],
                         gt_boxes=matched_gt[b, positive[b]],
-                        neg_anchors=anchors_all[valid[b] & ~positive[b]])
+                        neg_anchors=anchors_all[~positive[b]])
         for b in range(batch)
     ]
-    losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_centerness": loss_centerness}
+    losses = {"loss_cls": cls_per_level, "loss_bbox": bbox_per_level, "loss_centerness": ctr_per_level}
+    if not per_level:
+        losses = {name: value.sum() for name, value in losses.items()}
     return losses, positives
+
+
+def _level_index(counts: Sequence[int], device: torch.device) -> Tensor:
+    """`[A]` int64: the pyramid level of every anchor (levels concatenated in order)."""
+    # output_size given: no device-to-host sync on CUDA.
+    return torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                   torch.tensor(list(counts), device=device), output_size=sum(counts))
+
+
+def _per_level(values: Tensor, counts: Sequence[int]) -> Tensor:
+    """`[A]` per-anchor values -> `[L]` sums over each level's anchors."""
+    return torch.stack([part.sum() for part in values.split(list(counts))])
+
+
+def _sum_by_level(values: Tensor, level: Tensor, num_levels: int) -> Tensor:
+    """`[P]` values of positives on levels `level` `[P]` -> `[L]` per-level sums (0 when empty)."""
+    return values.new_zeros(num_levels).index_add(0, level, values)

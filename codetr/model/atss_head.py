@@ -148,7 +148,8 @@ class CoATSSHead(nn.Module):
 
     def loss_and_positives(self, feats: Sequence[Tensor], strides: Sequence[int],
                            targets: Sequence[dict], focal_alpha: float = 0.25,
-                           gamma: float = 2.0) -> tuple[dict[str, Tensor],
+                           gamma: float = 2.0, per_level: bool = False
+                           ) -> tuple[dict[str, Tensor],
                                                          list[PositiveSamples]]:
         """Runs the head and its ATSS losses (training only).
 
@@ -159,6 +160,7 @@ class CoATSSHead(nn.Module):
                 and `size` `[2]` (h, w) (DESIGN.md data contract).
             focal_alpha: focal loss alpha.
             gamma: focal loss gamma.
+            per_level: `[L]` per-level terms instead of scalars (see `atss_losses`).
 
         Returns:
             `(losses, positives)` as `atss_losses`: unweighted `loss_cls`, `loss_bbox`,
@@ -168,4 +170,5 @@ class CoATSSHead(nn.Module):
             raise ValueError(f"expected {self.num_levels} strides, got {len(strides)}")
         cls_scores, deltas, centerness = self(feats)
         return atss_losses(cls_scores, deltas, centerness, self.anchors(feats, strides),
-                           targets, self.num_classes, focal_alpha=focal_alpha, gamma=gamma)
+                           targets, self.num_classes, focal_alpha=focal_alpha, gamma=gamma,
+                           per_level=per_level)

@@ -102,7 +102,10 @@ def build_criterion(spec: ExperimentSpec, num_classes: int) -> SetCriterion:
     m = spec.model
     matcher = HungarianMatcher(cost_class=m.cls_loss_coef, cost_bbox=m.bbox_loss_coef,
                                cost_giou=m.giou_loss_coef, focal_alpha=m.focal_alpha)
-    return SetCriterion(num_classes=num_classes, matcher=matcher, cls_loss_coef=m.cls_loss_coef,
+    # TAO's cls_loss_coef is the matching cost and, as in DINO, the loss weight; Co-DINO weighs its
+    # QFL 1.0 under a cost of 2.0, which `cls_loss_weight` says (README, "Training parity").
+    cls_weight = m.cls_loss_coef if m.cls_loss_weight is None else m.cls_loss_weight
+    return SetCriterion(num_classes=num_classes, matcher=matcher, cls_loss_coef=cls_weight,
                         bbox_loss_coef=m.bbox_loss_coef, giou_loss_coef=m.giou_loss_coef,
                         focal_alpha=m.focal_alpha, loss_types=list(m.loss_types), aux_loss=m.aux_loss,
                         interm_loss_coef=m.interm_loss_coef, no_interm_box_loss=m.no_interm_box_loss,

@@ -4,6 +4,7 @@ An auxiliary head's positive anchors become extra decoder queries whose referenc
 anchor and whose target is the gt the head assigned to it (no Hungarian matching). Every image
 gets the same number N of queries: random subsample when it has more positives, random
 background anchors as padding when fewer (Co-DETR's `get_aux_targets`, non-zero padding).
+Boxes are normalised by the unpadded image size and not clamped, as mmdet.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from codetr.losses.atss_loss import PositiveSamples
 
 
 def _normalise(boxes_xyxy: Tensor, h: float, w: float) -> Tensor:
-    """`[K, 4]` xyxy pixels -> `[K, 4]` cxcywh normalised by (h, w), clamped to [0, 1].
+    """`[K, 4]` xyxy pixels -> `[K, 4]` cxcywh normalised by (h, w), NOT clamped.
 
-    The clamp acts on cxcywh (not xyxy) so a border anchor keeps its centre on its location.
+    As mmdet's `get_aux_targets`: an anchor larger than the image keeps w or h > 1, and the
+    decoder sees it as it is (its refinement's `inverse_sigmoid` clamps to [0, 1] by itself).
     """
     scale = boxes_xyxy.new_tensor([w, h, w, h])
-    return box_xyxy_to_cxcywh(boxes_xyxy / scale).clamp(0.0, 1.0)
+    return box_xyxy_to_cxcywh(boxes_xyxy / scale)
 
 
 def _random_indices(population: int, count: int, generator: Optional[torch.Generator]
@@ -70,7 +72,10 @@ def build_positive_queries(positives: Sequence[PositiveSamples], image_sizes: Te
         if pads.shape[0] == 0:
             # No background anchor to draw from (never in a real image): pad with the image box.
             pads = anchors.new_tensor([[0.0, 0.0, w, h]])
-        pads = pads[_random_indices(pads.shape[0], num_pad, generator).to(pads.device)]
+        # Draw only when padding is needed, as mmdet: an image with exactly N positives leaves the
+        # generator untouched, so the next image's draws are mmdet's for the same seed.
+        pads = (pads[_random_indices(pads.shape[0], num_pad, generator).to(pads.device)]
+                if num_pad > 0 else pads[:0])
 
         boxes = _normalise(torch.cat((anchors, pads)).float(), h, w)
         all_boxes.append(boxes)

@@ -221,16 +221,24 @@ class QueryHead(nn.Module):
 
         Args:
             memory: the encoder memory (gradients flow back into it).
-            pos_boxes: `[B, N, 4]` cxcywh normalised positive boxes: the queries' references.
+            pos_boxes: `[B, N, 4]` cxcywh normalised positive boxes (not clamped: w or h may exceed
+                1): the queries' references.
             head_index: co-head index `k` (selects `aux_pos_trans[k]`).
 
         Returns:
             Per decoder layer `{pred_logits [B, N, C], pred_boxes [B, N, 4] cxcywh}`.
         """
         pos_boxes = pos_boxes.detach()
-        content = self.transformer.positive_content(pos_boxes, head_index)
-        hidden, references = self.transformer.decode(
-            content, inverse_sigmoid(pos_boxes), memory, self.reg_branches[: self.dec_layers], None,
-            self.transformer.positive_query_pos(pos_boxes, head_index),
+        # mmdet's forward_aux embeds sigmoid(inverse_sigmoid(box)) (eps 1e-5: boxes clamped into
+        # [1e-5, 1 - 1e-5]) for the content, but uses the boxes AS THEY ARE as the first
+        # reference: an anchor wider than the image (w > 1) keeps its sampling points and its
+        # query_pos (parity fix 4). The fixed positional queries of `decoder_query_pos="proposal"`
+        # embed the clamped boxes, like the content.
+        clamped = inverse_sigmoid(pos_boxes).sigmoid()
+        content = self.transformer.positive_content(clamped, head_index)
+        hidden, references = self.transformer.decoder(
+            content, pos_boxes, memory.memory, memory.memory_mask, memory.spatial_shapes,
+            memory.level_start_index, memory.valid_ratios, self.reg_branches[: self.dec_layers], None,
+            self.transformer.positive_query_pos(clamped, head_index),
         )
         return [self._predict(lid, hidden[lid], references[lid]) for lid in range(self.dec_layers)]

@@ -70,6 +70,8 @@ class ModelConfig:
     giou_loss_coef: float = _f(2.0, min=0.0)
     focal_alpha: float = _f(0.25, gt=0.0)
     cls_loss_type: str = _f("focal", choices=("focal", "quality_focal"))
+    # Not in TAO: the query-head class-loss weight apart from the matching cost (null: cls_loss_coef).
+    cls_loss_weight: Optional[float] = _f(None, min=0.0)
     aux_loss: bool = _f(True)
     interm_loss_coef: float = _f(1.0, min=0.0)
     no_interm_box_loss: bool = _f(False)
