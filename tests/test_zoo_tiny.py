@@ -139,7 +139,7 @@ def test_restore_detector_builds_from_the_run_spec(mmdet_reference, tmp_path):
     spec.dataset.infer_data_sources = InferDataSource(image_dir=str(tmp_path), classmap=str(classmap))
     model, label_map, _, which = restore_detector(mmdet_reference / "tiny_published_checkpoint.pth",
                                                   "cpu", spec)
-    assert which == "model" and label_map.names[0] == "person" and not model.training
+    assert which == "raw" and label_map.names[0] == "person" and not model.training
     inputs = torch.load(mmdet_reference / "tiny_inputs.pth", weights_only=True)
     ref = torch.load(mmdet_reference / "tiny_outputs.pth", weights_only=True)["nolsj"]
     out, _ = _run(model, inputs, lsj=False)
