@@ -59,13 +59,14 @@ def run(spec: ExperimentSpec) -> int:
     ensure_writable_dir(out_dir, "export results directory")
     ensure_writable_dir(os.path.dirname(os.path.abspath(onnx_file)), "export.onnx_file directory")
     save_spec(spec, out_dir)
-    model, label_map, stored_spec, which = restore_detector(cfg.checkpoint, "cpu")
+    # An official mmdet / Sense-X file has no stored spec: this run's spec builds its model.
+    model, label_map, stored_spec, which = restore_detector(cfg.checkpoint, "cpu", spec)
     height, width = cfg.input_height, cfg.input_width
     meta = export_onnx(model, onnx_file, label_map=label_map, spec_data=spec_to_dict(stored_spec),
                        weights=which, height=height, width=width, batch_size=cfg.batch_size,
                        opset_version=cfg.opset_version, detections=cfg.postprocess,
                        num_select=spec.model.num_select, simplify=cfg.simplify, verbose=cfg.verbose)
-    print(f"exported {cfg.checkpoint} ({'EMA' if which == 'ema' else 'model'} weights) to {onnx_file}")
+    print(f"exported {cfg.checkpoint} ({'EMA' if which == 'ema' else 'raw'} weights) to {onnx_file}")
     session = make_session(onnx_file, "cpu")
     report = {
         "onnx_file": onnx_file, "size_bytes": os.path.getsize(onnx_file), "opset_version": cfg.opset_version,
