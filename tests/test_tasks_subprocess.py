@@ -40,7 +40,11 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkill_then_auto_resume(data, tmp_path):
+def test_sigkill_then_auto_resume(tmp_path):
+    # 20 steps per epoch: on a fast, quiet machine 4 steps per epoch finished the whole run
+    # before the kill arrived (the kill must land mid-run, whatever the machine's speed).
+    data = tmp_path / "shapes"
+    generate(data, num_train=40, num_val=2, num_test=2, image_size=64, seed=1, max_objects=3)
     spec = tiny_spec_dict(data, tmp_path / "res", num_epochs=3)
     out = tmp_path / "res" / "train"
     proc = codetr_train(spec, tmp_path)
@@ -48,8 +52,9 @@ def test_sigkill_then_auto_resume(data, tmp_path):
     while not (out / "model_epoch_000.pth").exists():
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.2)
-    time.sleep(1.0)  # into epoch 1 (4 steps per epoch)
+        time.sleep(0.05)
+    time.sleep(0.2)  # into epoch 1, far from its end (20 steps)
+    assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "codetr_model.pth").exists()
@@ -64,7 +69,7 @@ def test_sigkill_then_auto_resume(data, tmp_path):
                      "codetr_model.pth"}
     ckpts = {p.name: torch.load(p, weights_only=True) for p in out.glob("*.pth")}
     assert [ckpts[f"model_epoch_00{i}.pth"]["epoch"] for i in range(3)] == [0, 1, 2]
-    assert ckpts["codetr_model.pth"]["global_step"] == 12  # 3 epochs x 4 steps, none lost or repeated
+    assert ckpts["codetr_model.pth"]["global_step"] == 60  # 3 epochs x 20 steps, none lost or repeated
     metrics = json.loads((out / "dvclive" / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and "AP" in metrics["val"]
     ap_rows = (out / "dvclive" / "plots" / "metrics" / "val" / "AP.tsv").read_text().splitlines()
