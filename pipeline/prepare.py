@@ -10,6 +10,10 @@
       train: {json_file: ..., image_dir: ...}
       val:   {json_file: ..., image_dir: ...}
       test:  {json_file: ..., image_dir: ...}   # optional; null skips the split
+      categories: [person, car]   # optional: keep only these categories (by name) and the
+                                  # images that have one of them (`codetr.data.subset`)
+      split: {val: 0.25, test: 0.0, seed: 0}   # optional: cut train's file by image into
+                                  # train/val/test (then val and test must not be given)
 
 Output folder (`--out`, declared in dvc.yaml), the same layout for both sources:
 
@@ -39,6 +43,7 @@ import numpy as np
 from codetr.data.classmap import write_classmap
 from codetr.data.coco import load_coco
 from codetr.data.labels import LabelMap
+from codetr.data.subset import SubsetError, select_categories, split_by_image
 from codetr.data.synthetic import generate
 from codetr.fileio import atomic_write_text
 from pipeline.params import load_params, section
@@ -51,12 +56,12 @@ class PrepareError(ValueError):
     """The prepare params or the user's data are unusable; the message says which and why."""
 
 
-def _copy_coco_split(split: str, src: dict, out: Path, images: str) -> None:
-    """Copies one split's JSON to `out/<split>/annotations.json` and places its images."""
-    json_file, image_dir = Path(src["json_file"]), Path(src["image_dir"])
-    source = load_coco(json_file, image_dir)  # validates before anything is placed
+def _place_coco_split(split: str, data: dict, image_dir: Path, out: Path, images: str) -> None:
+    """Writes one split's COCO dict to `out/<split>/annotations.json` and places its images."""
     (out / split).mkdir(parents=True)
-    shutil.copyfile(json_file, out / split / "annotations.json")
+    json_file = out / split / "annotations.json"
+    atomic_write_text(json_file, json.dumps(data))
+    source = load_coco(json_file, image_dir)  # validates before any image is placed
     if images == "none":
         return
     for name in source.file_names:
@@ -66,6 +71,35 @@ def _copy_coco_split(split: str, src: dict, out: Path, images: str) -> None:
             os.symlink((image_dir / name).resolve(), target)
         else:
             shutil.copy2(image_dir / name, target)
+
+
+def _coco_splits(coco: dict) -> Dict[str, tuple]:
+    """The `prepare.coco` section as `{split: (coco_dict, image_dir)}`, subsets applied."""
+    cut = coco.get("split")
+    given = [s for s in SPLITS if coco.get(s)]
+    if "train" not in given:
+        raise PrepareError("prepare.coco.train {json_file, image_dir} is required")
+    if cut is not None and given != ["train"]:
+        raise PrepareError(f"prepare.coco.split cuts the train file into splits; remove "
+                           f"prepare.coco.{' and prepare.coco.'.join(given[1:])} or the split")
+    if cut is not None and not isinstance(cut, dict):
+        raise PrepareError(f"prepare.coco.split must be a mapping like {{val: 0.25, test: 0.0, "
+                           f"seed: 0}}, got {cut!r}")
+    splits = {}
+    for s in given:
+        src = coco[s]
+        json_file, image_dir = Path(src["json_file"]), Path(src["image_dir"])
+        load_coco(json_file, image_dir)  # the user's file validated (file and line) as given
+        data = json.loads(json_file.read_text())
+        if coco.get("categories") is not None:
+            data = select_categories(data, coco["categories"], where="prepare.coco.categories")
+        splits[s] = (data, image_dir)
+    if cut is not None:
+        fractions = {k: v for k, v in cut.items() if k != "seed"}
+        parts = split_by_image(splits["train"][0], fractions, seed=int(cut.get("seed", 0)),
+                               where="prepare.coco.split")
+        splits = {s: (part, splits["train"][1]) for s, part in parts.items()}
+    return splits
 
 
 def _remap_contiguous(out: Path, splits: List[str]) -> Dict[int, int]:
@@ -132,12 +166,15 @@ def run(params: dict, out_dir: str | Path) -> dict:
             images = coco.get("images", "symlink")
             if images not in IMAGE_MODES:
                 raise PrepareError(f"prepare.coco.images must be one of {IMAGE_MODES}, got {images!r}")
-            splits = [s for s in SPLITS if coco.get(s)]
-            if "train" not in splits:
-                raise PrepareError("prepare.coco.train {json_file, image_dir} is required")
+            try:
+                placed = _coco_splits(coco)
+            except SubsetError as err:
+                raise PrepareError(str(err)) from None
+            splits = [s for s in SPLITS if s in placed]
             for s in splits:
-                _copy_coco_split(s, coco[s], tmp, images)
-                image_dirs[s] = tmp / s / "images" if images != "none" else Path(coco[s]["image_dir"])
+                data, image_dir = placed[s]
+                _place_coco_split(s, data, image_dir, tmp, images)
+                image_dirs[s] = tmp / s / "images" if images != "none" else image_dir
         else:
             raise PrepareError(f"prepare.source must be synthetic or coco, got {kind!r}")
         if params.get("contiguous_ids", False):
