@@ -105,11 +105,9 @@ def mmengine_allowlist() -> List[Any]:
 
 
 def allowed_global_names() -> set[str]:
-    """Global names an mmengine checkpoint may use beyond torch's defaults."""
-    names = {HISTORY_BUFFER, "builtins.getattr", "numpy._core.multiarray._reconstruct",
-             "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
-             "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType"}
-    return names
+    """Global names an mmengine checkpoint may use beyond torch's defaults (from the allowlist)."""
+    return {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+            for entry in mmengine_allowlist()}
 
 
 def _unsafe_globals(path: Path) -> List[str] | None:

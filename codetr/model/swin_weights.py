@@ -61,6 +61,15 @@ def concat_to_unfold_norm(vector: Tensor) -> Tensor:
     return vector.reshape(4, -1)[_CONCAT_TO_UNFOLD].transpose(0, 1).reshape(-1)
 
 
+def reorder_merge(tensor: Tensor, kind: str) -> Tensor:
+    """Applies the reordering `rename_key` asked for (``"reduction"``, ``"norm"`` or ``""``)."""
+    if kind == "reduction":
+        return concat_to_unfold_reduction(tensor)
+    if kind == "norm":
+        return concat_to_unfold_norm(tensor)
+    return tensor
+
+
 def swin_layout(keys: list[str]) -> str:
     """``"mmdet"``, ``"original"``, ``"timm"`` or ``"unknown"`` from prefix-stripped key names."""
     if any(k.startswith(("stages.", "patch_embed.projection.")) for k in keys):
@@ -72,9 +81,14 @@ def swin_layout(keys: list[str]) -> str:
     return "timm" if merges and 0 not in merges else "original"
 
 
-def _rename(rest: str, timm_layout: bool) -> tuple[str, str] | None:
+def rename_key(rest: str, timm_layout: bool) -> tuple[str, str] | None:
     """The mmdet name of one original/timm key (None: a derived buffer to drop) and the kind of
-    reordering it needs (``"reduction"``, ``"norm"`` or ``""``)."""
+    reordering it needs (``"reduction"``, ``"norm"`` or ``""``, see `reorder_merge`).
+
+    Args:
+        rest: the key without prefixes (``layers.0.blocks.1.attn.qkv.weight``).
+        timm_layout: timm's layout (patch merging at the start of the next stage).
+    """
     if rest.startswith("patch_embed.proj."):
         return "patch_embed.projection." + rest[len("patch_embed.proj."):], ""
     match = _LAYER.match(rest)
@@ -128,14 +142,11 @@ def to_mmdet_swin_state_dict(state_dict: dict[str, Tensor],
     for key, tensor in state_dict.items():
         prefix, rest = split[key]
         if layout != "mmdet":
-            renamed = _rename(rest, layout == "timm")
+            renamed = rename_key(rest, layout == "timm")
             if renamed is None:
                 continue
             rest, kind = renamed
-            if kind == "reduction":
-                tensor = concat_to_unfold_reduction(tensor)
-            elif kind == "norm":
-                tensor = concat_to_unfold_norm(tensor)
+            tensor = reorder_merge(tensor, kind)
         out[prefix + rest] = _fit_window(rest, tensor, target)
     if layout == "timm":  # timm does not store the index buffers: they are constants of the window
         out.update({k: v.detach().clone() for k, v in target.items()

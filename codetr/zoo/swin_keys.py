@@ -16,6 +16,10 @@ Patch merging: the original concatenates the 2x2 neighbours as x[0::2, 0::2], x[
 x[0::2, 1::2], x[1::2, 1::2] (input channel k*C + c, k = kw*2 + kh); mmdet's `nn.Unfold` puts
 channel c of offset (kh, kw) at c*4 + kh*2 + kw. So mmdet's channel c*4 + p is the original's
 ORDER[p]*C + c, for `reduction.weight`'s columns and the `norm` vectors alike.
+
+The renaming and the channel order are those of `codetr.model.swin_weights` (one converter for
+backbone files and official checkpoints alike); this module applies it under `backbone.` of a
+whole-model state dict.
 """
 from __future__ import annotations
 
@@ -25,19 +29,12 @@ from typing import Dict, Mapping
 import torch
 from torch import Tensor
 
-ORDER = (0, 2, 1, 3)  # mmdet unfold position p = kh*2 + kw -> original concat block k
+from codetr.model.swin_weights import concat_to_unfold_norm, concat_to_unfold_reduction, rename_key, \
+    reorder_merge
+
+PREFIX = "backbone."
 _MARKERS = ("backbone.patch_embed.proj.", "backbone.layers.0.blocks.0.attn.qkv.")
-_RENAMES = (
-    (re.compile(r"^backbone\.patch_embed\.proj\."), "backbone.patch_embed.projection."),
-    (re.compile(r"^backbone\.layers\.(\d+)\.blocks\.(\d+)\.attn\.(?!w_msa\.)"),
-     r"backbone.stages.\1.blocks.\2.attn.w_msa."),
-    (re.compile(r"^backbone\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\."),
-     r"backbone.stages.\1.blocks.\2.ffn.layers.0.0."),
-    (re.compile(r"^backbone\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\."),
-     r"backbone.stages.\1.blocks.\2.ffn.layers.1."),
-    (re.compile(r"^backbone\.layers\.(\d+)\."), r"backbone.stages.\1."),
-)
-_MERGE = re.compile(r"^backbone\.stages\.\d+\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)$")
+_STAGE = re.compile(r"^layers\.(\d+)\.")
 
 
 def has_original_swin_names(keys) -> bool:
@@ -52,23 +49,25 @@ def unfold_order(tensor: Tensor) -> Tensor:
     Args:
         tensor: `reduction.weight` `[2C, 4C]` (columns re-ordered) or `norm.*` `[4C]`.
     """
-    channels = tensor.shape[-1] // 4
-    blocks = tensor.reshape(*tensor.shape[:-1], 4, channels)  # [..., k, c]: original k*C + c
-    ordered = blocks[..., list(ORDER), :]  # [..., p, c]
-    return ordered.transpose(-1, -2).reshape(tensor.shape)  # [..., c, p] -> c*4 + p
+    return concat_to_unfold_reduction(tensor) if tensor.dim() == 2 else concat_to_unfold_norm(tensor)
 
 
 def original_swin_to_mmdet(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """Renames an original-name Swin backbone to mmdet's names and re-orders the merge channels.
 
-    Keys outside `backbone.` and non-Swin keys pass unchanged; the order of the keys is kept.
+    Keys outside `backbone.` pass unchanged; the order of the keys is kept. The shift masks
+    (`attn_mask`, derived buffers) keep their place under the stage's mmdet name, so the import
+    report lists them as dropped.
     """
     out: Dict[str, Tensor] = {}
     for key, value in state.items():
-        name = key
-        for pattern, repl in _RENAMES:
-            name = pattern.sub(repl, name, count=1)
-        if _MERGE.match(name) and isinstance(value, torch.Tensor):
-            value = unfold_order(value)
-        out[name] = value
+        if not key.startswith(PREFIX):
+            out[key] = value
+            continue
+        rest = key[len(PREFIX):]
+        renamed = rename_key(rest, timm_layout=False)
+        name, kind = renamed if renamed is not None else (_STAGE.sub(r"stages.\1.", rest), "")
+        if isinstance(value, torch.Tensor):
+            value = reorder_merge(value, kind)
+        out[PREFIX + name] = value
     return out
