@@ -170,6 +170,32 @@ def test_gen_trt_engine_exits_2_without_cuda_or_tensorrt(setup, tmp_path, monkey
     assert not engine.exists() and not (tmp_path / "r").exists()
 
 
+def test_gen_trt_engine_batch_profile_and_opset_notes(setup, tmp_path, monkeypatch, capsys):
+    """batch_size > 0 and a fixed-batch file set the profile, and say so; opset is informational."""
+    from codetr.export.metadata import ExportMetadata
+    from codetr.export.onnx_export import read_metadata
+
+    _, spec_file, _, onnx_file = setup
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # stop right after the checks
+    args = ["gen_trt_engine", "-e", str(spec_file), f"gen_trt_engine.onnx_file={onnx_file}",
+            f"gen_trt_engine.results_dir={tmp_path / 'r'}"]
+    assert main(args + ["gen_trt_engine.batch_size=2", "gen_trt_engine.opset_version=16"]) == 2
+    out = capsys.readouterr().out
+    assert "engine batch 2: gen_trt_engine.batch_size=2 fixes it" in out
+    assert "uses ONNX opset 17; gen_trt_engine.opset_version=16 is informational" in out
+    assert main(args) == 2
+    assert "engine batch" not in capsys.readouterr().out  # dynamic file, batch_size -1: min/opt/max
+    meta = read_metadata(onnx_file)
+    fixed = ExportMetadata(**{**meta.__dict__, "batch_size": 3})
+    import codetr.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "read_metadata", lambda _: fixed)
+    assert main(args) == 2
+    assert "engine batch 3: the ONNX file has the fixed batch size 3" in capsys.readouterr().out
+    assert main(args + ["gen_trt_engine.batch_size=2"]) == 2
+    assert "exported with the fixed batch size 3" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")
 def test_tensorrt_engine_matches_onnxruntime(setup, tmp_path):
     pytest.importorskip("tensorrt")

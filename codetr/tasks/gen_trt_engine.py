@@ -17,6 +17,7 @@ import sys
 import torch
 
 from codetr.fileio import atomic_write_bytes
+from codetr.export.tensorrt_engine import EngineProfile  # no tensorrt import at module level
 from codetr.spec import ExperimentSpec, SpecError
 from codetr.spec.load import save_spec
 from codetr.tasks.runtime import ensure_writable_dir
@@ -27,6 +28,42 @@ EXIT_USAGE = 2
 def _fail(message: str) -> int:
     print(f"error: codetr gen_trt_engine: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _profile(spec: ExperimentSpec, meta) -> EngineProfile:
+    """The engine's batch profile: the file's fixed batch, `batch_size` > 0, or min/opt/max.
+
+    Raises:
+        SpecError: `batch_size` > 0 that differs from the fixed batch the file was exported with.
+    """
+    cfg, trt_cfg = spec.gen_trt_engine, spec.gen_trt_engine.tensorrt
+    fixed = meta.batch_size if meta is not None and meta.batch_size > 0 else None
+    if fixed is not None and cfg.batch_size > 0 and cfg.batch_size != fixed:
+        raise SpecError(f"gen_trt_engine.batch_size={cfg.batch_size}, but {cfg.onnx_file} was "
+                        f"exported with the fixed batch size {fixed}: set {fixed} or -1, or export "
+                        "again with export.batch_size=-1 (dynamic)")
+    batch = fixed or (cfg.batch_size if cfg.batch_size > 0 else None)
+    if batch is None:
+        return EngineProfile(trt_cfg.min_batch_size, trt_cfg.opt_batch_size, trt_cfg.max_batch_size)
+    why = (f"the ONNX file has the fixed batch size {batch}" if fixed
+           else f"gen_trt_engine.batch_size={batch} fixes it (TAO's rule)")
+    print(f"gen_trt_engine: engine batch {batch}: {why}; tensorrt.min/opt/max_batch_size "
+          "are not used")
+    return EngineProfile(batch, batch, batch)
+
+
+def _note_opset(onnx_file: str, opset_version: int) -> None:
+    """`opset_version` is TAO's informational field: the engine takes the file's own opset.
+
+    A value that differs from the file's default-domain opset is pointed out, not enforced.
+    """
+    import onnx
+
+    model = onnx.load(onnx_file, load_external_data=False)
+    opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if opsets and opsets[0] != opset_version:
+        print(f"gen_trt_engine: {onnx_file} uses ONNX opset {opsets[0]}; "
+              f"gen_trt_engine.opset_version={opset_version} is informational and not applied")
 
 
 def run(spec: ExperimentSpec) -> int:
@@ -47,6 +84,8 @@ def run(spec: ExperimentSpec) -> int:
             (cfg.input_height, cfg.input_width) != (meta.input_height, meta.input_width):
         raise SpecError(f"gen_trt_engine.input_height/input_width = {cfg.input_height}x{cfg.input_width}, "
                         f"but {cfg.onnx_file} was exported for {meta.input_height}x{meta.input_width}")
+    profile = _profile(spec, meta)
+    _note_opset(cfg.onnx_file, cfg.opset_version)
     if not torch.cuda.is_available():
         return _fail("TensorRT needs a CUDA GPU and none is visible on this machine; run it where "
                      "one is (the ONNX file itself runs on a CPU with onnxruntime: "
@@ -59,15 +98,12 @@ def run(spec: ExperimentSpec) -> int:
     except ImportError:
         return _fail("the tensorrt package is not installed: pip install 'codetr[tensorrt]' "
                      "(NVIDIA's wheels; it needs a CUDA driver)")
-    from codetr.export.tensorrt_engine import EngineProfile, build_engine
+    from codetr.export.tensorrt_engine import build_engine
 
     out_dir = spec.task_results_dir("gen_trt_engine")
     ensure_writable_dir(out_dir, "gen_trt_engine results directory")
     save_spec(spec, out_dir)
     engine_file = cfg.trt_engine or os.path.join(out_dir, "codetr_model.engine")
-    profile = EngineProfile(trt_cfg.min_batch_size, trt_cfg.opt_batch_size, trt_cfg.max_batch_size)
-    if cfg.batch_size > 0:  # TAO: a fixed batch size for the engine
-        profile = EngineProfile(cfg.batch_size, cfg.batch_size, cfg.batch_size)
     with torch.cuda.device(cfg.gpu_id):
         engine = build_engine(cfg.onnx_file, profile, trt_cfg.data_type, trt_cfg.workspace_size,
                               cfg.verbose)
