@@ -6,9 +6,7 @@ this CPU's kernels differ from the reference machine's in the last bits (RPN log
 boxes 1 ulp = 1.5e-5 px at 128 px), so outputs use atol 1e-5 (README's suggestion), boxes in
 pixels atol 1e-4 (a few ulps), losses rtol 1e-5; assignments, labels and indices are exact.
 """
-import functools
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,20 +28,16 @@ from codetr.model.roi_extractor import roi_levels
 from codetr.model.roi_head import CoStandardRoIHead
 from codetr.model.rpn_head import RPNHead
 from codetr.model.encoder_memory import EncoderMemory, valid_ratios_of
+from tests.zoo_fixtures import CO_HEAD_STRIDES, NUM_CLASSES, reference_file, reference_targets
 
-STRIDES = [4, 8, 16, 32, 64, 128]
-NUM_CLASSES = 5
+STRIDES = CO_HEAD_STRIDES
 # The official config's loss weights of the tiny reference (1.0 * 6 layers * lambda 2 = 12).
 RPN_WEIGHT, ROI_CLS_WEIGHT, ROI_BBOX_WEIGHT = 12.0, 12.0, 120.0
 
 
-@functools.lru_cache(maxsize=1)
 def _load(folder: str):
-    root = Path(folder)
-    inputs = torch.load(root / "rcnn_inputs.pth", weights_only=True)
-    outputs = torch.load(root / "rcnn_outputs.pth", weights_only=True)
-    state = torch.load(root / "tiny_state_dict.pth", weights_only=True)
-    return inputs, outputs, state
+    return tuple(reference_file(folder, name)
+                 for name in ("rcnn_inputs.pth", "rcnn_outputs.pth", "tiny_state_dict.pth"))
 
 
 @pytest.fixture
@@ -150,13 +144,6 @@ def test_roi_features_and_outputs_for_fixed_boxes(ref):
     torch.testing.assert_close(deltas, ev["bbox_pred"], rtol=0, atol=1e-5)
 
 
-def _targets(inputs):
-    """DESIGN.md targets (cxcywh normalised by the unpadded size) of the fixed ground truth."""
-    out = []
-    for boxes, labels, (h, w) in zip(inputs["gt_bboxes"], inputs["gt_labels"], inputs["img_shape"]):
-        out.append({"boxes": box_xyxy_to_cxcywh(boxes / torch.tensor([w, h, w, h])), "labels": labels,
-                    "size": torch.tensor([h, w])})
-    return out
 
 
 def test_rpn_training_assignment_and_losses(ref):
@@ -223,7 +210,7 @@ def test_full_pass_from_targets(ref):
     tr = outputs["train"]
     rpn.sampler = InjectedSampler((s["pos_inds"], s["neg_inds"]) for s in tr["rpn_sampling"])
     roi.sampler = InjectedSampler((s["pos_inds"], s["neg_inds"]) for s in tr["roi_sampling"])
-    losses, positives = faster_rcnn_losses(rpn, roi, inputs["maps"], _targets(inputs))
+    losses, positives = faster_rcnn_losses(rpn, roi, inputs["maps"], reference_targets(inputs))
     expected = {
         "loss_rpn_cls": sum(tr["rpn_losses_per_level"]["loss_rpn_cls"]) / RPN_WEIGHT,
         "loss_rpn_bbox": sum(tr["rpn_losses_per_level"]["loss_rpn_bbox"]) / RPN_WEIGHT,
@@ -244,7 +231,7 @@ def test_positive_query_pass_uses_projection_zero(mmdet_reference, monkeypatch):
     README's decoder hidden states differ by 3e-6); heads 0 and 1 differ by > 1e-3.
     """
     inputs, outputs, state = _load(str(mmdet_reference))
-    padding = torch.load(mmdet_reference / "tiny_inputs.pth", weights_only=True)["padding_mask"]
+    padding = reference_file(str(mmdet_reference), "tiny_inputs.pth")["padding_mask"]
     head = QueryHead(num_classes=5, hidden_dim=64, nheads=8, num_feature_levels=5, enc_layers=2,
                      dec_layers=3, dim_feedforward=128, dropout=0.0, enc_n_points=4, dec_n_points=4,
                      num_queries=30, two_stage_type="standard", embed_init_tgt=True,
@@ -277,6 +264,6 @@ def test_positive_query_pass_uses_projection_zero(mmdet_reference, monkeypatch):
         with torch.no_grad():
             layers = head.forward_positive(memory, aux["aux_coords"], projection)
         pos = {"layers": layers, "targets": {"labels": aux["aux_labels"], "boxes": aux["aux_targets"]}}
-        losses = criterion(dict(layers[-1], pos_outputs=[pos]), _targets(inputs))
+        losses = criterion(dict(layers[-1], pos_outputs=[pos]), reference_targets(inputs))
         close = [torch.allclose(losses[k], v, rtol=5e-5, atol=0) for k, v in expected.items()]
         assert all(close) if matches else not any(close), (projection, losses)

@@ -9,16 +9,12 @@ measured 4e-8 on the ATSS logits, 2e-6 after the three decoder layers of the pos
 mmdet's loss values carry its config weights (ATSS x12 / x24 / x12; query head 1 / 5 / 2); ours
 are compared after the same weights (ATSS: `co_head_loss_weight` 12 times `ATSS_TERM_WEIGHTS`).
 """
-import functools
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from codetr.boxes import box_xyxy_to_cxcywh
 from codetr.losses.atss_assigner import atss_assign
-from codetr.losses.atss_loss import atss_losses
 from codetr.losses.criterion import SetCriterion
 from codetr.losses.matcher import HungarianMatcher
 from codetr.model.atss_head import CoATSSHead
@@ -26,22 +22,18 @@ from codetr.model.codetr import ATSS_TERM_WEIGHTS
 from codetr.model.positive_queries import build_positive_queries
 from codetr.model.query_head import QueryHead
 from codetr.model.transformer import EncoderMemory, valid_ratios_of
+from tests.zoo_fixtures import CO_HEAD_STRIDES, NUM_CLASSES, reference_file, reference_targets
 
-STRIDES = [4, 8, 16, 32, 64, 128]
-NUM_CLASSES = 5
+STRIDES = CO_HEAD_STRIDES
 CO_WEIGHT = 12.0  # the official recipe: lambda 2.0 x 6 decoder layers (tiny config = R50 recipe)
 ATSS_NAMES = ("loss_cls", "loss_bbox", "loss_centerness")  # ours and mmdet's (mmdet suffixes "1")
 QUERY_NAMES = (("loss_ce", "loss_cls"), ("loss_bbox", "loss_bbox"), ("loss_giou", "loss_iou"))
 
 
-@functools.lru_cache(maxsize=1)
 def _load(folder: str):
-    root = Path(folder)
-    train = torch.load(root / "train_losses.pth", weights_only=True)
-    inputs = torch.load(root / "rcnn_inputs.pth", weights_only=True)
-    state = torch.load(root / "tiny_state_dict.pth", weights_only=True)
-    padding = torch.load(root / "tiny_inputs.pth", weights_only=True)["padding_mask"]
-    return train, inputs, state, padding
+    train, inputs, state, images = (reference_file(folder, name) for name in (
+        "train_losses.pth", "rcnn_inputs.pth", "tiny_state_dict.pth", "tiny_inputs.pth"))
+    return train, inputs, state, images["padding_mask"]
 
 
 @pytest.fixture
@@ -56,13 +48,6 @@ def _atss_head(state):
     return head.train()
 
 
-def _targets(inputs):
-    """DESIGN.md targets (cxcywh normalised by `img_shape`) of the fixed ground truth."""
-    out = []
-    for boxes, labels, (h, w) in zip(inputs["gt_bboxes"], inputs["gt_labels"], inputs["img_shape"]):
-        out.append({"boxes": box_xyxy_to_cxcywh(boxes / torch.tensor([w, h, w, h])), "labels": labels,
-                    "size": torch.tensor([h, w])})
-    return out
 
 
 def _atss_run(ref):
@@ -70,7 +55,7 @@ def _atss_run(ref):
     head = _atss_head(state)
     with torch.no_grad():
         outputs = head(inputs["maps"])
-        losses, positives = head.loss_and_positives(inputs["maps"], STRIDES, _targets(inputs),
+        losses, positives = head.loss_and_positives(inputs["maps"], STRIDES, reference_targets(inputs),
                                                     per_level=True)
     return train["atss"], inputs, outputs, losses, positives
 
@@ -146,7 +131,7 @@ def test_query_head_hungarian_assignment_per_layer(ref):
     train, inputs, _, _ = ref
     query = train["query"]
     matcher = HungarianMatcher(2.0, 5.0, 2.0, 0.25)
-    targets = _targets(inputs)
+    targets = reference_targets(inputs)
     groups = [(query["all_layers_cls_scores"][l], query["all_layers_bbox_preds"][l],
                query["matched_gt_per_layer"][l]) for l in range(3)]
     groups.append((query["enc_cls_scores"], query["enc_bbox_preds"], query["matched_gt_enc"]))
@@ -165,7 +150,7 @@ def test_query_head_one_to_one_losses(ref):
               for l in range(3)]
     outputs = dict(layers[-1], aux_outputs=layers[:-1],
                    interm_outputs={"pred_logits": query["enc_cls_scores"], "pred_boxes": query["enc_bbox_preds"]})
-    losses = _criterion()(outputs, _targets(inputs))
+    losses = _criterion()(outputs, reference_targets(inputs))
     theirs = query["losses"]
     for ours_name, name in QUERY_NAMES:
         for suffix, prefix in (("", ""), ("_0", "d0."), ("_1", "d1."), ("_interm", "enc_")):
@@ -209,7 +194,7 @@ def test_positive_query_pass_for_the_atss_head(ref):
         torch.testing.assert_close(layer["pred_logits"], aux["all_cls_scores"][l], rtol=0, atol=1e-5)
         torch.testing.assert_close(layer["pred_boxes"], aux["all_bbox_preds"][l], rtol=0, atol=1e-5)
     pos = {"layers": layers, "targets": targets}
-    losses = _criterion()(dict(layers[-1], pos_outputs=[pos]), _targets(inputs))
+    losses = _criterion()(dict(layers[-1], pos_outputs=[pos]), reference_targets(inputs))
     for l, prefix in enumerate(("d0.", "d1.", "")):
         for ours, name in QUERY_NAMES:
             torch.testing.assert_close(losses[f"{ours}_pos0_{l}"], aux["losses"][f"{prefix}{name}_aux"],

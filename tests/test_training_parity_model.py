@@ -14,22 +14,16 @@ by ~3e-6 (forward parity); measured: at most 7.6e-7 relative over the 24 terms.
 import pytest
 import torch
 
-from codetr.boxes import box_xyxy_to_cxcywh
 from codetr.model.builder import build_criterion
 from codetr.zoo import checkpoint_flavour, import_official
-from tests.zoo_fixtures import NUM_CLASSES, plain_state_dict, tiny_model, tiny_spec
+from tests.zoo_fixtures import (NUM_CLASSES, plain_state_dict, reference_file, reference_targets,
+                                tiny_model, tiny_spec)
 
 OFFICIAL_WEIGHTS = dict(co_head_loss_weight=12.0, cls_loss_type="quality_focal",
                         cls_loss_coef=2.0, cls_loss_weight=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0)
 QUERY_NAMES = (("loss_ce", "loss_cls"), ("loss_bbox", "loss_bbox"), ("loss_giou", "loss_iou"))
 
 
-def _targets(inputs):
-    out = []
-    for boxes, labels, (h, w) in zip(inputs["gt_bboxes"], inputs["gt_labels"], inputs["img_shape"]):
-        out.append({"boxes": box_xyxy_to_cxcywh(boxes / torch.tensor([w, h, w, h])), "labels": labels,
-                    "size": torch.tensor([h, w])})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +43,14 @@ def our_losses():
     for module in model.backbone.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.eval()
-    images = torch.load(REFERENCE / "tiny_inputs.pth", weights_only=True)
-    rcnn = torch.load(REFERENCE / "rcnn_inputs.pth", weights_only=True)
-    targets = _targets(rcnn)
+    images = reference_file(str(REFERENCE), "tiny_inputs.pth")
+    rcnn = reference_file(str(REFERENCE), "rcnn_inputs.pth")
+    targets = reference_targets(rcnn)
     torch.manual_seed(301)  # mmdet's seed before the ATSS head's get_aux_targets (300 + head 1)
     with torch.no_grad():
         out = model(images["batch_inputs"], images["padding_mask"], targets)
     losses = build_criterion(tiny_spec(**OFFICIAL_WEIGHTS), NUM_CLASSES)(out, targets)
-    reference = torch.load(REFERENCE / "train_losses.pth", weights_only=True)["full_codetr"]["losses"]
+    reference = reference_file(str(REFERENCE), "train_losses.pth")["full_codetr"]["losses"]
     return losses, reference
 
 

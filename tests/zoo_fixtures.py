@@ -1,10 +1,12 @@
 """The tiny official Co-DINO of ../shared/reference/mmdet-codino as a codetr spec, and helpers."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
+from codetr.boxes import box_xyxy_to_cxcywh
 from codetr.model.builder import build_model
 from codetr.spec.load import spec_from_dict
 
@@ -23,6 +25,8 @@ TINY_SPEC = {
     "dataset": {"num_classes": 5, "contiguous_labels": True},
 }
 NUM_CLASSES = 5
+# The co-heads' 6 maps: the 5 encoder levels and the extra downsampled one (strides in pixels).
+CO_HEAD_STRIDES = [4, 8, 16, 32, 64, 128]
 # The same folder as the `mmdet_reference` fixture of conftest.py (module-scoped fixtures here).
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mmdet-codino"
 
@@ -42,3 +46,23 @@ def tiny_model(**model_overrides) -> torch.nn.Module:
 def plain_state_dict(reference: Path) -> dict:
     """tiny_state_dict.pth: the fp16 official weights (int64 counters), as the reference ran them."""
     return torch.load(reference / "tiny_state_dict.pth", map_location="cpu", weights_only=True)
+
+
+@functools.lru_cache(maxsize=8)
+def reference_file(folder: str, name: str):
+    """One file of the reference folder (`rcnn_inputs.pth`, `train_losses.pth`, ...), cached."""
+    return torch.load(Path(folder) / name, map_location="cpu", weights_only=True)
+
+
+def reference_targets(inputs: dict) -> list[dict]:
+    """DESIGN.md targets of the reference's fixed ground truth (`rcnn_inputs.pth`).
+
+    Returns:
+        Per image `{"boxes": [N, 4] cxcywh normalised by the unpadded `img_shape`, "labels": [N],
+        "size": [h, w]}`.
+    """
+    out = []
+    for boxes, labels, (h, w) in zip(inputs["gt_bboxes"], inputs["gt_labels"], inputs["img_shape"]):
+        out.append({"boxes": box_xyxy_to_cxcywh(boxes / torch.tensor([w, h, w, h])), "labels": labels,
+                    "size": torch.tensor([h, w])})
+    return out
