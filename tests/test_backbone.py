@@ -176,7 +176,7 @@ def test_load_reports_mismatch_and_rejects_bad_files(tmp_path):
     assert report.mismatched == [("0.weight", (5, 3, 3, 3), (4, 3, 3, 3))]
     assert "1.bias" in report.missing and "0.weight" not in report.missing
     torch.testing.assert_close(module[0].bias.data, state["0.bias"])
-    assert "shape-mismatched" in report.summary()
+    assert "shape mismatch, skipped" in report.summary()
     torch.save({"foo.weight": torch.randn(2)}, tmp_path / "b.pth")
     with pytest.raises(ValueError, match="no tensor"):
         load_backbone_weights(module, tmp_path / "b.pth")

@@ -17,7 +17,8 @@ from timm.layers import SwiGLUPacked
 from torch import Tensor, nn
 
 from codetr.model.fan import FAN_ARCHS, build_fan
-from codetr.model.pretrained import LoadReport, load_backbone_weights, read_state_dict
+from codetr.load_report import LoadReport
+from codetr.model.pretrained import load_backbone_weights, read_state_dict
 from codetr.model.swin import SWIN_ARCHS, SwinTransformer
 from codetr.model.vit_pyramid import SimpleFeaturePyramid, create_vit, vit_feature_map, vit_strides
 

@@ -7,7 +7,6 @@ and timm ``features_only`` models rename top-level sequentials (``layers.0.`` ->
 """
 import importlib.util
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -15,44 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from codetr.errors import InputValueError, MissingInputError
+from codetr.load_report import LoadReport
 from codetr.safe_load import UnsafeCheckpointError, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("state_dict", "model", "module")
 STRIP_PREFIXES = ("module.", "model.", "backbone.", "body.", "_orig_mod.")
-_SHOWN = 10  # keys listed per category in the summary
-
-
-@dataclass
-class LoadReport:
-    """What :func:`load_backbone_weights` did.
-
-    Attributes:
-        path: the checkpoint file.
-        loaded: module keys that received a tensor.
-        missing: module keys left at their initial values (BN ``num_batches_tracked`` excluded).
-        unexpected: checkpoint keys that match no module key.
-        mismatched: ``(module key, checkpoint shape, module shape)`` for same-name tensors whose
-            shapes differ (not loaded).
-    """
-
-    path: str
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """A human-readable multi-line summary (at most 10 keys per category)."""
-        lines = [f"loaded {len(self.loaded)} tensors from {self.path}"]
-        mismatched = [f"{k}: {a} vs {b}" for k, a, b in self.mismatched]
-        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                            ("shape-mismatched", mismatched)):
-            if keys:
-                more = f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
-                lines.append(f"{len(keys)} {title}: {', '.join(keys[:_SHOWN])}{more}")
-        return "\n".join(lines)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -88,7 +56,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise InputValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not tensors:
-        raise InputValueError(f"{path} holds no tensors (top-level keys: {list(obj)[:_SHOWN]})")
+        raise InputValueError(f"{path} holds no tensors (top-level keys: {list(obj)[:10]})")
     return tensors
 
 
@@ -122,7 +90,7 @@ def match_state_dict(module: nn.Module, state_dict: dict[str, Tensor],
         has been loaded yet.
     """
     target = module.state_dict()
-    report = LoadReport(path=str(path))
+    report = LoadReport(source=str(path))
     matched: dict[str, Tensor] = {}
     for key, tensor in state_dict.items():
         name = next((c for c in _candidates(key) if c in target and c not in matched), None)

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 
 from codetr.errors import UserError
 from codetr.fileio import atomic_torch_save
+from codetr.load_report import LoadReport
 from codetr.safe_load import UnsafeCheckpointError, safe_torch_load
 
 FORMAT_VERSION = 1
@@ -128,36 +129,6 @@ def model_state_dict(ckpt: Dict[str, Any], prefer_ema: bool = True) -> Tuple[Dic
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return dict(ckpt), "raw"
     raise CheckpointError(f"no model weights found in the checkpoint (keys: {sorted(ckpt)[:10]})")
-
-
-@dataclasses.dataclass
-class LoadReport:
-    """What a (partial) state-dict load did."""
-    loaded: List[str]
-    missing: List[str]
-    unexpected: List[str]
-    mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]  # key, checkpoint, model shape
-
-    @property
-    def ok(self) -> bool:
-        """True when every key matched in name and shape."""
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def summary(self, limit: int = 10) -> str:
-        """A few lines naming what did not load."""
-        def show(keys: List[str]) -> str:
-            more = f" ... (+{len(keys) - limit})" if len(keys) > limit else ""
-            return ", ".join(keys[:limit]) + more
-        lines = [f"loaded {len(self.loaded)} tensors"]
-        if self.missing:
-            lines.append(f"missing in the checkpoint ({len(self.missing)}): {show(self.missing)}")
-        if self.unexpected:
-            lines.append(f"unexpected in the checkpoint ({len(self.unexpected)}): "
-                         f"{show(self.unexpected)}")
-        if self.mismatched:
-            shown = [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched]
-            lines.append(f"shape mismatch, skipped ({len(shown)}): {show(shown)}")
-        return "\n".join(lines)
 
 
 def compare_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> LoadReport:

@@ -5,7 +5,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
-Shape = Tuple[int, ...]
+from codetr.load_report import Shape, show_keys
 
 
 @dataclass
@@ -40,8 +40,7 @@ class ImportReport:
     def summary(self, limit: int = 6) -> str:
         """At most about 25 lines: the counts, the drop reasons, and a few keys of each problem."""
         def keys(items: List[str]) -> str:
-            more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
-            return ", ".join(items[:limit]) + more
+            return show_keys(items, limit)
 
         lines = [f"official Co-DINO checkpoint ({self.flavour}): {self.source}",
                  f"  mapped: {len(self.mapped)} tensors"]
