@@ -44,8 +44,11 @@ def best_epoch(live: Dict[str, Dict[str, Series]], train_record: Optional[dict])
 
 def validation_table(live: Dict[str, Dict[str, Series]],
                      train_record: Optional[dict] = None) -> Optional[List[List[str]]]:
-    """Rows of cells (first row = header): epoch, step, AP/AP50 of each set of weights, the ranked
-    weights and their AP, and `model_best.pth` on the best epoch's row. None without val series."""
+    """Rows of cells (first row = header): epoch, AP/AP50 of each set of weights, the ranked
+    weights and their AP, and `model_best.pth` on the best epoch's row. None without val series.
+
+    No step column: DVCLive's step of a validation is Lightning's logging step, one less than the
+    optimizer step the log line and `codetr.best` give; the epoch is the same in all three."""
     val = live.get("val", {})
     if "AP" not in val:
         return None
@@ -58,13 +61,13 @@ def validation_table(live: Dict[str, Dict[str, Series]],
     steps = sorted(values["AP"])
     epochs = epoch_of_steps(steps, live.get("", {}).get("epoch"))
     best = best_epoch(live, train_record)
-    header = ["epoch", "step"] + [title for title, _ in columns]
+    header = ["epoch"] + [title for title, _ in columns]
     if ranked:
         header.append("ranked")
     header.append("best")
     rows = [header]
     for step, epoch in zip(steps, epochs):
-        row = [str(epoch), str(int(step))] + [_fmt(values[key].get(step)) for _, key in columns]
+        row = [str(epoch)] + [_fmt(values[key].get(step)) for _, key in columns]
         if ranked:
             weights = "ema" if ranked_ema.get(step, 0.0) >= 0.5 else "raw"
             row.append(f"{weights} {_fmt(ranked.get(step))}" if step in ranked else "n/a")

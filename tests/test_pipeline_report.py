@@ -148,10 +148,10 @@ def test_validation_per_epoch_and_the_epoch_of_model_best(outputs):
     _run(root)
     md = (root / "results" / "report" / "report.md").read_text()
     section = md.split("## Validation per epoch")[1].split("## ")[0]
-    assert "| epoch | step | AP (EMA) | AP50 (EMA) | AP (raw) | AP50 (raw) | ranked | best |" in section
-    assert "| 1 | 1 | 0.100 | 0.200 | 0.120 | 0.200 | raw 0.120 |  |" in section
+    assert "| epoch | AP (EMA) | AP50 (EMA) | AP (raw) | AP50 (raw) | ranked | best |" in section
+    assert "| 1 | 0.100 | 0.200 | 0.120 | 0.200 | raw 0.120 |  |" in section
     # the train record's best (epoch 3) wins over the series' last best/epoch (4)
-    assert "| 3 | 21 | 0.433 | 0.700 | 0.550 | 0.800 | raw 0.550 | model_best.pth |" in section
+    assert "| 3 | 0.433 | 0.700 | 0.550 | 0.800 | raw 0.550 | model_best.pth |" in section
     assert section.count("model_best.pth") == 1 and "(figures/map.png)" in section
     training = md.split("## Training")[1]
     assert "best_epoch | best_AP | stopped_early" in training and "| 3 | 0.55 | 1 |" in training
@@ -160,11 +160,10 @@ def test_validation_per_epoch_and_the_epoch_of_model_best(outputs):
 def test_validation_table_without_ema_or_best_records():
     live = {"val": {"AP": ([9.0, 19.0], [0.2, 0.1]), "AP50": ([9.0, 19.0], [0.4, 0.3])}}
     assert report.report_validation.validation_table(live) == [
-        ["epoch", "step", "AP", "AP50", "best"], ["1", "9", "0.200", "0.400", ""],
-        ["2", "19", "0.100", "0.300", ""]]
+        ["epoch", "AP", "AP50", "best"], ["1", "0.200", "0.400", ""], ["2", "0.100", "0.300", ""]]
     assert report.report_validation.validation_table({"train": {}}) is None
     # a resumed run logs an epoch's step twice: the later value is shown once
     live["val"]["AP"] = ([9.0, 19.0, 19.0], [0.2, 0.1, 0.15])
     live["val"]["best/epoch"] = ([9.0, 19.0, 19.0], [1.0, 1.0, 2.0])
     assert report.report_validation.validation_table(live)[1:] == [
-        ["1", "9", "0.200", "0.400", ""], ["2", "19", "0.150", "0.300", "model_best.pth"]]
+        ["1", "0.200", "0.400", ""], ["2", "0.150", "0.300", "model_best.pth"]]
