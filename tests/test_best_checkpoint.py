@@ -206,12 +206,18 @@ def test_without_validation_model_best_is_the_final_model(run, capsys):
     assert "no validation ran" in capsys.readouterr().out
 
 
-def test_a_fresh_run_removes_the_best_of_an_earlier_run(run, capsys):
+def test_model_best_belongs_to_the_run_in_the_folder(run, capsys):
     code, out, _ = run([0.9], num_epochs=1)
     (out / "last.pth").unlink()  # the next run starts afresh in the same folder
     code, out, _ = run([0.1], num_epochs=1)
     assert code == 0 and _best(out / "model_best.pth")["AP"] == 0.1
     assert "of an earlier run in this folder" in capsys.readouterr().out
+    # resumed, but the file is gone: the next validation writes one, though worse than 0.1
+    (out / "model_best.pth").unlink()
+    code, out, _ = run([0.05], num_epochs=2)
+    assert code == 0 and _best(out / "model_best.pth") == {
+        "epoch": 2, "step": 2, "weights": "raw", "AP": 0.05, "AP50": pytest.approx(0.25)}
+    assert "model_best.pth is missing: the next validation writes it" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "two", True])

@@ -63,7 +63,11 @@ class BestCheckpoint(L.Callback):
         # after any restore: validations counted so far belong to the checkpoint, not to this run
         self._seen = int(getattr(pl_module, "validations", 0))
         if not os.path.isfile(self.path):
-            pass
+            if self.best is not None:  # resumed into a folder without it (deleted, or another folder)
+                _info(f"{self.path} is missing: the next validation writes it (the resumed "
+                      f"checkpoint's best, AP {self.best['AP']:.4f} at epoch {self.best['epoch']}, "
+                      "is not in this folder)")
+                self.best = None
         elif not self.resumed:
             if trainer.is_global_zero:
                 os.remove(self.path)

@@ -4,8 +4,8 @@ Outputs in `<results_dir>/train` (`spec.task_results_dir("train")`):
 `model_epoch_<NNN>.pth` every `checkpoint_interval` epochs (NNN = 0-based epoch), `last.pth`
 after every epoch, `model_best.pth` (the best validation so far, `best_checkpoint.py`), the final
 `codetr_model.pth`, `experiment_spec.yaml` and the logs (`dvclive/`, or `csv/` when DVCLive
-cannot run). A rerun with the same results_dir resumes from
-`last.pth`; `train.resume_training_checkpoint_path` overrides it.
+cannot run). A rerun with the same results_dir resumes from `last.pth`;
+`train.resume_training_checkpoint_path` overrides it.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from torch import nn
 
 from codetr.data import LabelMap, build_label_map, load_split_sources
 from codetr.errors import InputValueError, MissingInputError, OutOfMemoryAdviceError
+from codetr.fileio import atomic_write_bytes
 from codetr.spec import ExperimentSpec, SpecError, spec_to_dict
 from codetr.spec.load import save_spec
-from codetr.fileio import atomic_write_bytes
 from codetr.tasks.best_checkpoint import BEST, BestCheckpoint
 from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_partial,
                                      model_state_dict, require_same_architecture)
