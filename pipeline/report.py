@@ -5,10 +5,12 @@
 
 Reads (each part is optional: a missing input gives a "not available" note, not a failure):
 - `<data>/stats.json` (prepare): images and boxes per split and class;
-- `<train>/dvclive/plots/metrics/{train,val}/**.tsv` (DVCLive): loss and mAP curves;
+- `<train>/dvclive/plots/metrics/{train,val}/**.tsv` (DVCLive): loss and mAP curves, the
+  per-epoch validation table (`pipeline.report_validation`);
 - `<evaluate>/metrics.json`, `pr_curve.csv` (recall,precision), `per_class_ap.csv` (name,AP,AP50);
 - `<inference>/images_annotated/*` (inference): the first `max_images`, sorted by name;
-- `<metrics>/train.json` (train): steps, epochs, training time, the chosen weights;
+- `<metrics>/train.json` (train): steps, epochs, training time, the chosen weights, the epoch
+  of `model_best.pth` and whether the run stopped early;
 - `<export>/export_report.json` (export, optional `--export`): the ONNX file, its size, its
   onnxruntime latency and its parity with PyTorch;
 - the params file, shown in full, and where the run came from (`pipeline.provenance`: git
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from codetr.fileio import atomic_write_bytes, atomic_write_text
-from pipeline import report_figures
+from pipeline import report_figures, report_validation
 from pipeline.params import load_params, section
 from pipeline.provenance import provenance
 
@@ -74,12 +76,8 @@ def steps_to_epochs(series: report_figures.Series,
     Lightning logs `epoch` (0-based) at the same global steps as the metrics; a validation value
     at step s belongs to the last epoch logged at a step <= s, and is drawn at that epoch + 1.
     """
-    pairs = sorted(zip(*epochs))
-    xs = []
-    for step in series[0]:
-        before = [e for st, e in pairs if st <= step]
-        xs.append((before[-1] if before else 0.0) + 1.0)
-    return xs, list(series[1])
+    return ([float(e) for e in report_validation.epoch_of_steps(list(series[0]), epochs)],
+            list(series[1]))
 
 
 def collect(data_dir: Path, train_dir: Path, evaluate_dir: Path, inference_dir: Path,
@@ -113,14 +111,17 @@ def make_figures(found: dict, columns: int) -> Dict[str, bytes]:
               if n.rsplit("/", 1)[-1] == "loss"}
     if losses:
         figs["loss.png"] = report_figures.curves(losses, "step", "loss", log_y=True)
+    # val/ranked and val/best repeat these values: the table shows them, the figure marks the best
     maps = {f"{g}/{n}": s for g, series in live.items() for n, s in series.items()
-            if n.rsplit("/", 1)[-1] in ("AP", "AP50", "AP75")}
+            if n.rsplit("/", 1)[-1] in ("AP", "AP50", "AP75") and not n.startswith(("ranked/", "best/"))}
     epochs = live.get("", {}).get("epoch")
     if maps and epochs:
         maps = {name: steps_to_epochs(s, epochs) for name, s in maps.items()}
     if maps:
+        best = report_validation.best_epoch(live, found.get("train_record")) if epochs else None
         figs["map.png"] = report_figures.curves(maps, "epoch" if epochs else "step",
-                                                "mAP (validation)")
+                                                "mAP (validation)", vline=best,
+                                                vline_label="model_best.pth")
     if found["images"]:
         figs["predictions.jpg"] = report_figures.image_grid(found["images"], columns)
     return figs
@@ -141,8 +142,13 @@ def tables(found: dict) -> Dict[str, List[List[str]]]:
         out["provenance"] = _table(["", ""], [[k, str(v)] for k, v in found["provenance"].items()])
     run = found.get("train_record")
     if run:
-        keys = [k for k in ("steps", "epochs", "train_seconds", "val_ema_AP", "val_raw_AP", "ema_chosen") if k in run]
+        run = {**run, **{f"best_{k}": v for k, v in (run.get("best") or {}).items() if k in ("epoch", "AP")}}
+        keys = [k for k in ("steps", "epochs", "train_seconds", "val_ema_AP", "val_raw_AP", "ema_chosen",
+                            "best_epoch", "best_AP", "stopped_early") if k in run]
         out["training"] = _table(keys, [[str(run[k]) for k in keys]])
+    per_epoch = report_validation.validation_table(found["live"], run)
+    if per_epoch:
+        out["validation"] = per_epoch
     m = found["metrics"]
     if m:
         out["metrics"] = _table(list(METRIC_KEYS), [[_fmt(m.get(k)) for k in METRIC_KEYS]])
@@ -194,7 +200,7 @@ SECTIONS = (  # (title, table key, figure file)
     ("AP per class", "per_class", "per_class_ap.png"),
     ("Precision-recall", None, "pr_curve.png"),
     ("Training loss", None, "loss.png"),
-    ("Validation mAP", None, "map.png"),
+    ("Validation per epoch", "validation", "map.png"),
     ("Predictions", None, "predictions.jpg"),
     ("Deployment (ONNX)", "export", None),
     ("Data", "data", None),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -51,11 +51,14 @@ def pr_curve(recall: Sequence[float], precision: Sequence[float]) -> bytes:
     return _png(fig)
 
 
-def curves(series: Dict[str, Series], xlabel: str, ylabel: str, log_y: bool = False) -> bytes:
-    """Line plot of several named series on one axis."""
+def curves(series: Dict[str, Series], xlabel: str, ylabel: str, log_y: bool = False,
+           vline: Optional[float] = None, vline_label: str = "") -> bytes:
+    """Line plot of several named series on one axis; `vline`: a dashed marker at that x."""
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, label=name, marker="o" if len(xs) <= 30 else None, markersize=3)
+    if vline is not None:
+        ax.axvline(vline, color="#777", linestyle="--", linewidth=1, label=vline_label or None)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_y and all(v > 0 for _, ys in series.values() for v in ys):

@@ -7,10 +7,14 @@ clone without the cache:
 
 - `<metrics>` (JSON): the last validation of the weights `codetr_model.pth` hands over
   (`val`: AP, AP50, AP75, APs, APm, APl), the AP of both the EMA and the raw weights when EMA is
-  on, which of them was chosen (1 = EMA), optimizer steps, epochs and training seconds. Loss
-  terms are curves, not metrics: they are in the plots.
+  on, which of them was chosen (1 = EMA), `best` (the validation `model_best.pth` is from:
+  epoch, step, AP, AP50 and `ema` 1/0 for the weights ranked; absent when no validation ran),
+  `stopped_early` (1/0, with `train.early_stopping_patience` set), optimizer steps, epochs and
+  training seconds. Loss terms are curves, not metrics: they are in the plots.
 - `<plots>/`: DVCLive's per-step series (`train/*.tsv` losses and learning rates, `val/*.tsv`
-  COCO metrics per epoch), copied out of `results/train/dvclive/plots/metrics`.
+  COCO metrics per epoch of the EMA (`val/`) and raw (`val/raw/`) weights, `val/ranked/` the AP of
+  the weights a checkpoint hands over and `val/best/` the best so far with its epoch), copied out
+  of `results/train/dvclive/plots/metrics`.
 """
 from __future__ import annotations
 
@@ -45,6 +49,14 @@ def summarise(train_dir: Path, seconds: float) -> Dict[str, Any]:
             record[f"val_{tag}_AP"] = round(float(validation[tag]["AP"]), 4)
     if len(validation) > 1:
         record["ema_chosen"] = int(chosen == "ema")
+    best = meta.get("best")
+    if best:
+        record["best"] = {"epoch": int(best["epoch"]), "step": int(best["step"]),
+                          "AP": round(float(best["AP"]), 4), "AP50": round(float(best["AP50"]), 4),
+                          "ema": int(best["weights"] == "ema")}
+    stopping = meta.get("early_stopping") or {}
+    if stopping.get("patience"):
+        record["stopped_early"] = int(bool(stopping.get("stopped")))
     # The final file is saved after fit: its `epoch` counts the completed epochs.
     record.update(steps=int(ckpt.get("global_step", 0)), epochs=int(ckpt.get("epoch", 0)),
                   train_seconds=round(seconds, 1))
@@ -85,7 +97,7 @@ def run(params: Path, train_dir: Path, metrics: Path, plots: Path) -> int:
     record = summarise(train_dir, time.perf_counter() - start)
     atomic_write_text(metrics, json.dumps(record, indent=2) + "\n")
     count = copy_plots(train_dir, plots)
-    print(f"train: {metrics} ({', '.join(f'{k} {v}' for k, v in record.items() if k != 'val')}); "
+    print(f"train: {metrics} ({', '.join(f'{k} {v}' for k, v in record.items() if not isinstance(v, dict))}); "
           f"{count} plot series in {plots}")
     return 0
 

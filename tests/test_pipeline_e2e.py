@@ -63,6 +63,7 @@ def _check_outputs(repo: Path) -> None:
     assert json.loads((repo / "data" / "stats.json").read_text())["splits"]["train"]["images"] == 20
     assert (repo / "models" / "backbone" / "source.json").is_file()
     assert (repo / "results" / "train" / "codetr_model.pth").is_file()
+    assert (repo / "results" / "train" / "model_best.pth").is_file()  # what evaluate reads
     metrics = json.loads((repo / "results" / "evaluate" / "metrics.json").read_text())
     assert {"AP", "AP50", "per_class"} <= set(metrics)
     assert len(list((repo / "results" / "inference" / "labels").glob("*.txt"))) == 4

@@ -43,6 +43,16 @@ def outputs(tmp_path):
     (live / "train" / "loss_giou_dn.tsv").write_text("step\tloss_giou_dn\n1\t0.5\n")
     (live / "val" / "AP.tsv").write_text("step\tAP\n" + "".join(
         f"{s}\t{v:.4f}\n" for s, v in zip(steps[::10], np.linspace(0.1, 0.6, 4))))
+    (live / "val" / "raw").mkdir()
+    for name, values in (("raw/AP", [0.12, 0.3, 0.55, 0.5]), ("raw/AP50", [0.2, 0.5, 0.8, 0.7]),
+                         ("AP50", [0.2, 0.4, 0.7, 0.9])):
+        (live / "val" / f"{name}.tsv").write_text(f"step\t{name.split('/')[-1]}\n" + "".join(
+            f"{s}\t{v}\n" for s, v in zip(steps[::10], values)))
+    for name, values in (("ranked/AP", [0.12, 0.3, 0.55, 0.6]), ("ranked/ema", [0, 1, 0, 1]),
+                         ("best/epoch", [1, 2, 3, 4])):
+        (live / "val" / name.split("/")[0]).mkdir(exist_ok=True)
+        (live / "val" / f"{name}.tsv").write_text(f"step\t{name.split('/')[-1]}\n" + "".join(
+            f"{s}\t{v}\n" for s, v in zip(steps[::10], values)))
     ann = tmp_path / "results" / "inference" / "images_annotated"
     ann.mkdir(parents=True)
     for i in range(5):
@@ -50,7 +60,8 @@ def outputs(tmp_path):
     (tmp_path / "results" / "metrics").mkdir(parents=True)
     (tmp_path / "results" / "metrics" / "train.json").write_text(json.dumps(
         {"val": {"AP": 0.5}, "val_ema_AP": 0.5, "val_raw_AP": 0.4, "ema_chosen": 1, "steps": 40,
-         "epochs": 4, "train_seconds": 81.5}))
+         "epochs": 4, "train_seconds": 81.5,
+         "best": {"epoch": 3, "step": 30, "AP": 0.55, "AP50": 0.8, "ema": 0}, "stopped_early": 1}))
     exp = tmp_path / "results" / "export"
     exp.mkdir(parents=True)
     (exp / "export_report.json").write_text(json.dumps({
@@ -130,3 +141,29 @@ def test_dvclive_reader(outputs):
 def test_validation_steps_map_to_completed_epochs():
     epochs = ([1.0, 5.0, 10.0, 11.0, 20.0], [0.0, 0.0, 0.0, 1.0, 1.0])
     assert report.steps_to_epochs(([10.0, 20.0], [0.3, 0.5]), epochs) == ([1.0, 2.0], [0.3, 0.5])
+
+
+def test_validation_per_epoch_and_the_epoch_of_model_best(outputs):
+    root, _ = outputs
+    _run(root)
+    md = (root / "results" / "report" / "report.md").read_text()
+    section = md.split("## Validation per epoch")[1].split("## ")[0]
+    assert "| epoch | AP (EMA) | AP50 (EMA) | AP (raw) | AP50 (raw) | ranked | best |" in section
+    assert "| 1 | 0.100 | 0.200 | 0.120 | 0.200 | raw 0.120 |  |" in section
+    # the train record's best (epoch 3) wins over the series' last best/epoch (4)
+    assert "| 3 | 0.433 | 0.700 | 0.550 | 0.800 | raw 0.550 | model_best.pth |" in section
+    assert section.count("model_best.pth") == 1 and "(figures/map.png)" in section
+    training = md.split("## Training")[1]
+    assert "best_epoch | best_AP | stopped_early" in training and "| 3 | 0.55 | 1 |" in training
+
+
+def test_validation_table_without_ema_or_best_records():
+    live = {"val": {"AP": ([9.0, 19.0], [0.2, 0.1]), "AP50": ([9.0, 19.0], [0.4, 0.3])}}
+    assert report.report_validation.validation_table(live) == [
+        ["epoch", "AP", "AP50", "best"], ["1", "0.200", "0.400", ""], ["2", "0.100", "0.300", ""]]
+    assert report.report_validation.validation_table({"train": {}}) is None
+    # a resumed run logs an epoch's step twice: the later value is shown once
+    live["val"]["AP"] = ([9.0, 19.0, 19.0], [0.2, 0.1, 0.15])
+    live["val"]["best/epoch"] = ([9.0, 19.0, 19.0], [1.0, 1.0, 2.0])
+    assert report.report_validation.validation_table(live)[1:] == [
+        ["1", "0.200", "0.400", ""], ["2", "0.150", "0.300", "model_best.pth"]]

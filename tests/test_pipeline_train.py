@@ -28,6 +28,21 @@ def test_summary_holds_what_people_diff(tmp_path):
                       "steps": 40, "epochs": 3, "train_seconds": 12.3}
 
 
+def test_summary_names_the_best_validation_and_early_stopping(tmp_path):
+    _fake_run(tmp_path / "train", weights="raw")
+    path = tmp_path / "train" / "codetr_model.pth"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["codetr"]["best"] = {"epoch": 2, "step": 20, "weights": "ema", "AP": 0.41234, "AP50": 0.6}
+    ckpt["codetr"]["early_stopping"] = {"patience": 2, "stale": 2, "stopped": True}
+    torch.save(ckpt, path)
+    record = train_stage.summarise(tmp_path / "train", 1.0)
+    assert record["best"] == {"epoch": 2, "step": 20, "AP": 0.4123, "AP50": 0.6, "ema": 1}
+    assert record["stopped_early"] == 1
+    ckpt["codetr"]["best"], ckpt["codetr"]["early_stopping"] = None, {"patience": 0, "stale": 3}
+    torch.save(ckpt, path)  # no validation ran, early stopping off: neither key
+    assert not {"best", "stopped_early"} & set(train_stage.summarise(tmp_path / "train", 1.0))
+
+
 def test_run_writes_metrics_and_plots_after_the_cli(tmp_path, monkeypatch):
     calls = []
 

@@ -66,7 +66,7 @@ def test_sigkill_then_auto_resume(tmp_path):
     assert "resuming from" in log and "last.pth" in log
     names = {p.name for p in out.glob("*.pth")}
     assert names == {"model_epoch_000.pth", "model_epoch_001.pth", "model_epoch_002.pth", "last.pth",
-                     "codetr_model.pth"}
+                     "codetr_model.pth", "model_best.pth"}
     ckpts = {p.name: torch.load(p, weights_only=True) for p in out.glob("*.pth")}
     assert [ckpts[f"model_epoch_00{i}.pth"]["epoch"] for i in range(3)] == [0, 1, 2]
     assert ckpts["codetr_model.pth"]["global_step"] == 60  # 3 epochs x 20 steps, none lost or repeated
@@ -85,5 +85,7 @@ def test_two_cpu_processes_ddp(data, tmp_path):
     assert "No GPU found: running on the CPU with 2 processes" in log
     ckpts = all_checkpoints_load(tmp_path / "ddp" / "train")
     final = torch.load(tmp_path / "ddp" / "train" / "codetr_model.pth", weights_only=True)
-    assert len(ckpts) == 3 and final["global_step"] == 2  # 8 images / (2 processes x batch 2)
+    assert len(ckpts) == 4 and final["global_step"] == 2  # 8 images / (2 processes x batch 2)
+    # model_best.pth from the one validation, written and logged once (by the first process)
+    assert final["codetr"]["best"]["epoch"] == 1 and log.count("new best val AP") == 1
     assert all(torch.isfinite(v).all() for v in final["state_dict"].values() if v.is_floating_point())

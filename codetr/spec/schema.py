@@ -195,6 +195,7 @@ class TrainConfig:
     is_dry_run: bool = _f(False)
     enable_ema: bool = _f(False)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    early_stopping_patience: Optional[int] = _f(None, min=0)  # validations; null/0: off
 
 
 @dataclass

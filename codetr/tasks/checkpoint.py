@@ -4,7 +4,9 @@ A checkpoint is Lightning's own checkpoint dict (`state_dict`, `optimizer_states
 `lr_schedulers`, `loops`, `callbacks`, `epoch`, `global_step`, ...) converted to plain data, plus
 
 - `codetr`: {`format_version`, `spec` (the resolved spec as plain data), `label_map`
-  (`LabelMap.to_dict()`)}, so evaluate and inference rebuild the model from the file alone;
+  (`LabelMap.to_dict()`), `weights`, `validation`, `best` and `early_stopping` (the best
+  validation so far and the count of validations without improvement, `best_checkpoint.py`)},
+  so evaluate and inference rebuild the model from the file alone;
 - `ema`: `ModelEMA.state_dict()` when EMA is enabled;
 - `rng`: the random generators' states (tensors and ints), restored on resume.
 

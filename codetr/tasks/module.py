@@ -220,11 +220,12 @@ class CoDETRModule(L.LightningModule):
 
     # ---- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint["codetr"] = {"format_version": FORMAT_VERSION, "spec": self.spec_dict,
-                                "label_map": self.label_map.to_dict(),
-                                "weights": self.final_weights(),
-                                "validation": {tag: dict(m) for tag, m in self.val_metrics.items()},
-                                "best_val_ap": self.best_val_ap, "validations": self.validations}
+        # update, not replace: callbacks (BestCheckpoint) add their records first
+        checkpoint.setdefault("codetr", {}).update(
+            {"format_version": FORMAT_VERSION, "spec": self.spec_dict,
+             "label_map": self.label_map.to_dict(), "weights": self.final_weights(),
+             "validation": {tag: dict(m) for tag, m in self.val_metrics.items()},
+             "best_val_ap": self.best_val_ap, "validations": self.validations})
         checkpoint["rng"] = capture_rng_state()
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()

@@ -2,9 +2,10 @@
 
 Outputs in `<results_dir>/train` (`spec.task_results_dir("train")`):
 `model_epoch_<NNN>.pth` every `checkpoint_interval` epochs (NNN = 0-based epoch), `last.pth`
-after every epoch, the final `codetr_model.pth`, `experiment_spec.yaml` and the logs
-(`dvclive/`, or `csv/` when DVCLive cannot run). A rerun with the same results_dir resumes from
-`last.pth`; `train.resume_training_checkpoint_path` overrides it.
+after every epoch, `model_best.pth` (the best validation so far, `best_checkpoint.py`), the final
+`codetr_model.pth`, `experiment_spec.yaml` and the logs (`dvclive/`, or `csv/` when DVCLive
+cannot run). A rerun with the same results_dir resumes from `last.pth`;
+`train.resume_training_checkpoint_path` overrides it.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from torch import nn
 
 from codetr.data import LabelMap, build_label_map, load_split_sources
 from codetr.errors import InputValueError, MissingInputError, OutOfMemoryAdviceError
+from codetr.fileio import atomic_write_bytes
 from codetr.spec import ExperimentSpec, SpecError, spec_to_dict
 from codetr.spec.load import save_spec
+from codetr.tasks.best_checkpoint import BEST, BestCheckpoint
 from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_partial,
                                      model_state_dict, require_same_architecture)
 from codetr.tasks.datamodule import CoDETRDataModule
@@ -107,8 +110,9 @@ def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postproces
         val_ground_truth=datamodule.ground_truth("val") if has_val else None, verbose=t.verbose)
     callbacks: List[L.Callback] = []
     logger = False
+    best = BestCheckpoint(train_dir, t.early_stopping_patience, resumed=resume is not None)
     if not dry:
-        callbacks.append(checkpoint_callback(train_dir, t.checkpoint_interval))
+        callbacks += [best, checkpoint_callback(train_dir, t.checkpoint_interval)]
         logger = build_logger(train_dir, resume=resume is not None)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
@@ -130,13 +134,21 @@ def fit(spec: ExperimentSpec, model: nn.Module, criterion: nn.Module, postproces
         return 0
     # weights_only=False: the full state (optimizer, loops), so the final file can resume too.
     trainer.save_checkpoint(os.path.join(train_dir, FINAL), weights_only=False)
-    report_end(module, os.path.join(train_dir, FINAL))
+    if trainer.is_global_zero and not os.path.isfile(best.path):
+        # no validation ran: model_best.pth is then the final model (record `codetr.best: null`),
+        # so that a pipeline reading model_best.pth works with any data and validation_interval
+        with open(os.path.join(train_dir, FINAL), "rb") as f:
+            atomic_write_bytes(best.path, f.read())
+        _info(f"no validation ran (no val data, or validation_interval > num_epochs): {BEST} "
+              f"is a copy of {FINAL}")
+    report_end(module, os.path.join(train_dir, FINAL), best)
     return 0
 
 
-def report_end(module: CoDETRModule, final_path: str) -> None:
-    """The last lines of a run: the last validation, which weights were saved and why, and a
-    warning as the very last line when validation AP never left zero."""
+def report_end(module: CoDETRModule, final_path: str, best: Optional[BestCheckpoint] = None) -> None:
+    """The last lines of a run: the last validation, which weights were saved and why, the best
+    validation (model_best.pth) and why the run stopped early, and a warning as the very last
+    line when validation AP never left zero."""
     for tag, metrics in module.val_metrics.items():
         _info(f"last validation ({tag} weights): "
               + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -146,6 +158,12 @@ def report_end(module: CoDETRModule, final_path: str) -> None:
                if module.ema_final_weights == "best" and len(module.val_metrics) == 2
                else f"train.ema.final_weights: {module.ema_final_weights}")
         _info(f"{final_path} hands the {chosen} weights to evaluate/inference ({why})")
+    if best is not None and best.best:
+        b = best.best
+        _info(f"{best.path}: epoch {b['epoch']}, step {b['step']}, {b['weights']} weights, "
+              f"val AP {b['AP']:.4f} AP50 {b['AP50']:.4f}")
+    if best is not None and best.stop_reason:
+        _info(f"the run stopped early: {best.stop_reason}")
     if module.validations and module.best_val_ap <= 0.0:
         where = f"all {module.validations} validations" if module.validations > 1 else "its only validation"
         _info(f"warning: validation AP stayed 0.000 in {where}: the "
