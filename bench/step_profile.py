@@ -14,7 +14,12 @@ script only: ATSS head + assigner + loss, positive-query decoder pass, matcher, 
 queries, criterion).
 
     .venv/bin/python bench/step_profile.py [--rounds 12] [--variants ours,ours_no_co,peer]
-        [--profile] [--batch 4]
+        [--profile] [--parts] [--batch 4]
+
+`--parts`: process-CPU milliseconds (forward + backward into a detached encoder memory) of the
+ATSS head's convolutions, head + assigner + loss, the positive queries' own decoder pass
+(`forward_positive`, mmdet's layout) against the extra cost of decoding them in the matching
+queries' call, and the matcher per image (the loop it replaced) against the batched matcher.
 """
 from __future__ import annotations
 
@@ -141,6 +146,83 @@ def profile_table(variant: Variant, steps: int, rows: int) -> str:
     return "\n".join(lines)
 
 
+def _cpu_ms(fn, repeats: int) -> float:
+    """Median process-CPU milliseconds of `fn` after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append((time.process_time() - start) * 1e3)
+    return statistics.median(times)
+
+
+def co_head_parts(variant: Variant, repeats: int) -> dict[str, float]:
+    """CPU ms (forward + backward into the detached memory) of the co-head's parts, and of the
+    matcher per image (the loop it replaced) vs for the whole batch, on one training batch."""
+    from scipy.optimize import linear_sum_assignment
+
+    from codetr.model.positive_queries import build_positive_queries
+
+    model, b = variant.model, variant.batch()
+    with torch.no_grad():
+        feats = model.neck(model.backbone(b.images))
+        masks = [torch.nn.functional.interpolate(b.masks[None].float(), size=f.shape[-2:]).bool()[0]
+                 for f in feats]
+        pos = [model.position_encoding(m) for m in masks]
+        prepared = model.query_head.prepare(feats, masks, pos, b.targets)
+    memory = prepared["memory"]
+    memory.memory.requires_grad_(True)
+    prepared = {**prepared, "content": prepared["content"].detach()}
+    head, strides = model.bbox_head[0], model.level_strides + [model.level_strides[-1] * 2]
+    sizes = torch.stack([t["size"] for t in b.targets])
+
+    def convs() -> None:
+        out = head(model.query_head.aux_feature_maps(memory))
+        sum(x.sum() for group in out for x in group).backward()
+
+    def head_and_loss() -> None:
+        losses, _ = head.loss_and_positives(model.query_head.aux_feature_maps(memory), strides,
+                                            b.targets)
+        sum(losses.values()).backward()
+
+    with torch.no_grad():
+        _, positives = head.loss_and_positives(model.query_head.aux_feature_maps(memory), strides,
+                                               b.targets)
+    boxes, _ = build_positive_queries(positives, sizes, model.query_head.num_classes)
+
+    def total(outputs) -> torch.Tensor:
+        return sum(o["pred_logits"].sum() + o["pred_boxes"].sum() for o in outputs)
+
+    def separate() -> None:
+        total(model.query_head.forward_positive(memory, boxes, 0)).backward()
+
+    def main_only() -> None:
+        out, _ = model.query_head.finish(prepared)
+        total([out] + out["aux_outputs"]).backward()
+
+    def joint() -> None:
+        out, layers = model.query_head.finish(prepared, [boxes])
+        total([out] + out["aux_outputs"] + layers[0]).backward()
+
+    matcher = variant.criterion.matcher
+    out, _ = model.query_head.finish(prepared)
+    logits, pred = out["pred_logits"].detach(), out["pred_boxes"].detach()
+
+    def per_image() -> None:  # the matcher before: one cost matrix and host copy per image
+        for i, t in enumerate(b.targets):
+            cost = matcher.cost_matrix(logits[i], pred[i], t["labels"], t["boxes"])
+            linear_sum_assignment(cost.cpu().numpy())
+
+    res = {"ATSS head convs": _cpu_ms(convs, repeats), "ATSS head + assign + loss":
+           _cpu_ms(head_and_loss, repeats), "positive queries, own pass": _cpu_ms(separate, repeats)}
+    res["main decoder alone"] = _cpu_ms(main_only, repeats)
+    res["main decoder + positives, one call"] = _cpu_ms(joint, repeats)
+    res["matcher, per image (before)"] = _cpu_ms(per_image, repeats)
+    res["matcher, whole batch"] = _cpu_ms(lambda: matcher(logits, pred, b.targets), repeats)
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -150,6 +232,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=4)
     parser.add_argument("--rows", type=int, default=22)
+    parser.add_argument("--parts", action="store_true",
+                        help="CPU ms of the co-head's parts and of the matcher (first variant)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data_root = prepare_data(PARAMS, REPO / "bench" / "out", 1000, 100)
@@ -170,6 +254,9 @@ def main() -> None:
         print(f"  ours / ours_no_co = {med['ours'] / med['ours_no_co']:.3f}")
     if "ours_no_co" in med and "peer" in med:
         print(f"  ours_no_co / peer = {med['ours_no_co'] / med['peer']:.3f}")
+    if args.parts:
+        for name, ms in co_head_parts(variants[0], max(args.rounds, 5)).items():
+            print(f"  part {name:<36} {ms:8.2f} ms (process CPU, median; fwd+bwd but the matcher)")
     if args.profile:
         for v in variants:
             print(profile_table(v, args.profile_steps, args.rows))
