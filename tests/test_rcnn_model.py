@@ -91,9 +91,11 @@ def test_numbering_rcnn_first_then_atss(monkeypatch):
     model = build_model(spec, num_classes=3).train()
     assert len(model.query_head.transformer.aux_pos_trans) == 2
     seen = []
-    original = model.query_head.forward_positive
-    monkeypatch.setattr(model.query_head, "forward_positive",
-                        lambda memory, boxes, k: seen.append(k) or original(memory, boxes, k))
+    # The positive queries of every head are embedded with their own aux_pos_trans[k] (then
+    # decoded in the matching queries' decoder call, codetr/model/joint_queries.py).
+    original = model.query_head.transformer.positive_content
+    monkeypatch.setattr(model.query_head.transformer, "positive_content",
+                        lambda boxes, k: seen.append(k) or original(boxes, k))
     images, masks, targets = random_batch()
     out = model(images, masks, targets)
     assert seen == [0, 1]

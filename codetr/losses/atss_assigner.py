@@ -82,11 +82,15 @@ def atss_assign(anchors_xyxy: Tensor, num_anchors_per_level: Sequence[int],
     # fewer than k valid anchors, which `k` below excludes.
     distances = distances.masked_fill(~valid[:, None], float("inf"))
 
-    # One host sync for all levels' valid counts.
-    valid_counts = torch.stack([v.sum() for v in valid.split(list(num_anchors_per_level))])
+    # The valid counts bound k per level: one host sync for all levels, none at all when every
+    # anchor is valid (the training path: `atss_losses` passes no valid_hw).
+    if valid_hw is None:
+        valid_counts = list(num_anchors_per_level)
+    else:
+        valid_counts = torch.stack([v.sum() for v in valid.split(list(num_anchors_per_level))]).tolist()
     candidates = []
     start = 0
-    for level_count, level_valid_count in zip(num_anchors_per_level, valid_counts.tolist()):
+    for level_count, level_valid_count in zip(num_anchors_per_level, valid_counts):
         k = min(topk, level_valid_count)
         if k > 0:
             level_dist = distances[start:start + level_count]
@@ -117,7 +121,7 @@ def atss_assign(anchors_xyxy: Tensor, num_anchors_per_level: Sequence[int],
     pos_ious.scatter_(0, candidate_idx, candidate_ious.masked_fill(~is_pos, float("-inf")))
     best_iou, best_gt = pos_ious.max(dim=1)  # [A]
     positive = best_iou > float("-inf")
-    assigned[positive] = best_gt[positive]
-    labels = torch.full_like(assigned, -1)
-    labels[positive] = gt_labels.to(device=device, dtype=torch.long)[best_gt[positive]]
+    # torch.where instead of boolean-mask writes: the same values without a nonzero() sync.
+    assigned = torch.where(positive, best_gt, assigned)
+    labels = torch.where(positive, gt_labels.to(device=device, dtype=torch.long)[best_gt], -1)
     return assigned, labels

@@ -158,16 +158,19 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
                         device=cls_flat.device)
     matched_gt = anchors_all.new_zeros(batch, num_anchors, 4)
     for b, target in enumerate(targets):
-        h, w = (float(v) for v in target["size"])
-        gt_xyxy = box_cxcywh_to_xyxy(target["boxes"].to(anchors_all)) \
-            * anchors_all.new_tensor([w, h, w, h])
+        # (w, h, w, h) from the (h, w) size on the device: no host sync per image.
+        scale = target["size"].to(anchors_all).flip(0).repeat(2)
+        gt_xyxy = box_cxcywh_to_xyxy(target["boxes"].to(anchors_all)) * scale
         # Every anchor of the padded batch is valid, padding included: mmdet 3.x takes the valid
         # flags from `pad_shape`, which its data preprocessor sets to the batch shape, so anchors
         # over the zero padding are ATSS candidates and focal-loss negatives (parity fix 1).
         gt_index, gt_label = atss_assign(anchors_all, counts, gt_xyxy, target["labels"], topk=topk)
+        if gt_xyxy.shape[0] == 0:
+            continue
+        # torch.where instead of boolean-mask indexing: the same values, no nonzero() sync.
         positive = gt_index >= 0
-        labels[b, positive] = gt_label[positive]
-        matched_gt[b, positive] = gt_xyxy[gt_index[positive]]
+        labels[b] = torch.where(positive, gt_label, labels[b])
+        matched_gt[b] = torch.where(positive[:, None], gt_xyxy[gt_index.clamp(min=0)], matched_gt[b])
     positive = labels < num_classes  # [B, A]
 
     # All three terms share the positive count of the whole (distributed) batch, as mmdet; each

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.boxes import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
+from codetr.losses.assignment import (Assignment, denoising_assignment,  # noqa: F401
+                                      hungarian_assignment, positive_assignment)
 from codetr.losses.focal import quality_focal_loss, sigmoid_focal_loss
 from codetr.losses.matcher import HungarianMatcher
 
@@ -24,9 +26,6 @@ LOSS_TYPES = ("labels", "boxes")
 # focal: DINO / TAO (one-hot targets, alpha); quality_focal: Co-DINO (IoU targets, beta 2).
 CLS_LOSS_TYPES = ("focal", "quality_focal")
 
-# (batch_idx [K], query_idx [K], tgt_labels [K], tgt_boxes [K, 4] cxcywh): query
-# (batch_idx[k], query_idx[k]) is supervised by class tgt_labels[k] and box tgt_boxes[k].
-Assignment = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 def _global_count(count: Tensor) -> Tensor:
@@ -138,7 +137,7 @@ class SetCriterion(nn.Module):
         return losses
 
     def loss_terms(self, pred_logits: Tensor, pred_boxes: Tensor, assignment: Assignment,
-                   normalizer: Tensor, with_boxes: bool) -> dict[str, Tensor]:
+                   normalizer: Tensor, with_boxes: bool, num_layers: int = 1) -> dict[str, Tensor]:
         """Unweighted loss terms of one group of queries under a fixed assignment.
 
         Args:
@@ -147,12 +146,18 @@ class SetCriterion(nn.Module):
             assignment: which query is supervised by which gt (see `Assignment`).
             normalizer: scalar the sums are divided by (number of gt boxes / positives).
             with_boxes: compute `loss_bbox` and `loss_giou` (if "boxes" is in loss_types).
+            num_layers: `L` layers stacked on the batch axis (`[L*B, Q, ...]`, layer-major, the
+                assignment's entries layer-major too, equally many per layer): each term is
+                then `[L]`, one sum per layer.
 
         Returns:
             `loss_ce` (focal or quality focal loss summed over queries and classes), `loss_bbox`
             (L1 summed over coordinates) and `loss_giou` (sum of 1 - GIoU), each divided by
-            `normalizer`.
+            `normalizer` (scalars, or `[L]` with `num_layers`).
         """
+        def total(values: Tensor) -> Tensor:
+            return values.sum() if num_layers == 1 else values.reshape(num_layers, -1).sum(1)
+
         if pred_logits.shape[-1] != self.num_classes:
             raise ValueError(f"pred_logits has {pred_logits.shape[-1]} classes, the criterion "
                              f"was built for {self.num_classes}")
@@ -171,11 +176,11 @@ class SetCriterion(nn.Module):
             else:
                 targets[batch_idx, query_idx, tgt_labels] = 1.0
                 loss = sigmoid_focal_loss(logits, targets, self.focal_alpha, gamma=2.0)
-            terms["loss_ce"] = loss.sum() / normalizer
+            terms["loss_ce"] = total(loss) / normalizer
         if "boxes" in self.loss_types and with_boxes:
-            terms["loss_bbox"] = F.l1_loss(src, tgt, reduction="none").sum() / normalizer
+            terms["loss_bbox"] = total(F.l1_loss(src, tgt, reduction="none")) / normalizer
             giou = elementwise_generalized_box_iou(src_xyxy, tgt_xyxy)
-            terms["loss_giou"] = (1 - giou).sum() / normalizer
+            terms["loss_giou"] = total(1 - giou) / normalizer
         return terms
 
     def _add(self, losses: dict[str, Tensor], terms: dict[str, Tensor], suffix: str,
@@ -211,9 +216,31 @@ class SetCriterion(nn.Module):
             if group["pred_logits"].shape[1] < int(meta["pad_size"]):
                 raise ValueError(f"dn_outputs has {group['pred_logits'].shape[1]} queries, "
                                  f"dn_meta says pad_size {meta['pad_size']}")
-            terms = self.loss_terms(group["pred_logits"], group["pred_boxes"], assignment,
-                                    normalizer, True)
+        per_layer = self._shared_assignment_terms([g for g, _ in layers], assignment, normalizer)
+        for terms, (_, suffix) in zip(per_layer, layers):
             self._add(losses, terms, suffix, 1.0)
+
+    def _shared_assignment_terms(self, groups: list[dict[str, Tensor]], assignment: Assignment,
+                                 normalizer: Tensor) -> list[dict[str, Tensor]]:
+        """`loss_terms` of several decoder layers that share one assignment, in one pass.
+
+        The layers are stacked on the batch axis (and the assignment repeated with the batch
+        offset), so ~25 small ops run once instead of once per layer; each layer's terms are
+        the same sums (up to summation order).
+        """
+        if len(groups) == 1:
+            return [self.loss_terms(groups[0]["pred_logits"], groups[0]["pred_boxes"], assignment,
+                                    normalizer, True)]
+        num, batch = len(groups), groups[0]["pred_logits"].shape[0]
+        batch_idx, query_idx, labels, boxes = assignment
+        offset = (torch.arange(num, device=batch_idx.device) * batch).repeat_interleave(
+            len(batch_idx), output_size=num * len(batch_idx))
+        stacked = (batch_idx.repeat(num) + offset, query_idx.repeat(num), labels.repeat(num),
+                   boxes.repeat(num, 1))
+        terms = self.loss_terms(torch.cat([g["pred_logits"] for g in groups]),
+                                torch.cat([g["pred_boxes"] for g in groups]), stacked,
+                                normalizer, True, num_layers=num)
+        return [{name: value[k] for name, value in terms.items()} for k in range(num)]
 
     def _positive(self, losses: dict[str, Tensor], pos: dict, head: int) -> None:
         """Losses of one co-head's customized positive queries, every decoder layer."""
@@ -223,72 +250,7 @@ class SetCriterion(nn.Module):
                                                 device=assignment[0].device))
         last = len(layers) - 1
         chosen = range(len(layers)) if self.aux_loss else [last]
-        for layer in chosen:
-            group = layers[layer]
-            terms = self.loss_terms(group["pred_logits"], group["pred_boxes"], assignment,
-                                    normalizer, True)
+        per_layer = self._shared_assignment_terms([layers[k] for k in chosen], assignment,
+                                                  normalizer)
+        for layer, terms in zip(chosen, per_layer):
             self._add(losses, terms, f"_pos{head}_{layer}", 1.0)
-
-
-def hungarian_assignment(indices: list[tuple[Tensor, Tensor]], targets: list[dict[str, Tensor]],
-                         device: torch.device) -> Assignment:
-    """Flattens per-image matcher indices into an `Assignment` on `device`."""
-    batch_idx, query_idx, labels, boxes = [], [], [], []
-    for i, ((pred_idx, tgt_idx), target) in enumerate(zip(indices, targets)):
-        pred_idx, tgt_idx = pred_idx.to(device), tgt_idx.to(device)
-        batch_idx.append(torch.full_like(pred_idx, i))
-        query_idx.append(pred_idx)
-        labels.append(target["labels"][tgt_idx])
-        boxes.append(target["boxes"][tgt_idx])
-    return _concat(batch_idx, query_idx, labels, boxes, device)
-
-
-def denoising_assignment(dn_meta: dict, targets: list[dict[str, Tensor]],
-                         device: torch.device) -> Assignment:
-    """The fixed assignment of the denoising queries (docs/DESIGN.md layout).
-
-    Query `g * 2M + j` is the positive copy of gt j in group g and is supervised by gt j; query
-    `g * 2M + M + j` (negative copy) and the padding slots `j >= n_i` stay background.
-
-    Args:
-        dn_meta: `{"num_groups": G, "max_gt": M, "pad_size": G * 2M}`.
-        targets: B dicts with `labels` `[n_i]`, `boxes` `[n_i, 4]` cxcywh; n_i <= M.
-        device: where the index tensors go.
-    """
-    groups, max_gt = int(dn_meta["num_groups"]), int(dn_meta["max_gt"])
-    group_start = torch.arange(groups, device=device) * (2 * max_gt)  # [G]
-    batch_idx, query_idx, labels, boxes = [], [], [], []
-    for i, target in enumerate(targets):
-        n = len(target["labels"])
-        if n > max_gt:
-            raise ValueError(f"image {i} has {n} gt boxes but dn_meta max_gt is {max_gt}")
-        gt = torch.arange(n, device=device)
-        query_idx.append((group_start[:, None] + gt[None, :]).flatten())  # [G * n], group-major
-        batch_idx.append(torch.full((groups * n,), i, dtype=torch.int64, device=device))
-        labels.append(target["labels"].repeat(groups))
-        boxes.append(target["boxes"].repeat(groups, 1))
-    return _concat(batch_idx, query_idx, labels, boxes, device)
-
-
-def positive_assignment(pos_targets: dict[str, Tensor], num_classes: int) -> Assignment:
-    """The assignment of customized positive queries: every non-background slot is positive.
-
-    Args:
-        pos_targets: `labels` `[B, N]` int64 (num_classes = background) and `boxes` `[B, N, 4]`
-            cxcywh normalised (ignored on background slots).
-        num_classes: the background label.
-    """
-    labels, boxes = pos_targets["labels"], pos_targets["boxes"]
-    positive = labels != num_classes  # [B, N]
-    batch_idx, query_idx = positive.nonzero(as_tuple=True)
-    return batch_idx, query_idx, labels[positive], boxes[positive]
-
-
-def _concat(batch_idx: list[Tensor], query_idx: list[Tensor], labels: list[Tensor],
-            boxes: list[Tensor], device: torch.device) -> Assignment:
-    """Concatenates per-image pieces; an empty batch gives empty tensors of the right dtype."""
-    if not batch_idx:
-        empty = torch.empty(0, dtype=torch.int64, device=device)
-        return empty, empty, empty, torch.empty(0, 4, device=device)
-    return (torch.cat(batch_idx), torch.cat(query_idx), torch.cat(labels).long(),
-            torch.cat(boxes))

@@ -87,17 +87,23 @@ class HungarianMatcher(nn.Module):
         if len(targets) != pred_logits.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {pred_logits.shape[0]}")
         empty = torch.empty(0, dtype=torch.int64)
-        costs = [
-            self.cost_matrix(pred_logits[i], pred_boxes[i], t["labels"], t["boxes"])
-            if len(t["labels"]) > 0 else None
-            for i, t in enumerate(targets)
-        ]
+        sizes = [len(t["labels"]) for t in targets]
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in targets]
+        # One cost matrix of every query against every gt of the batch (elementwise the same
+        # numbers as per image: each entry depends on one query and one gt), then each image's
+        # block: a few large ops and one device-to-host copy instead of B of each.
+        batch, num_queries = pred_logits.shape[:2]
+        cost = self.cost_matrix(pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1),
+                                torch.cat([t["labels"] for t in targets]),
+                                torch.cat([t["boxes"] for t in targets]))
+        blocks = cost.view(batch, num_queries, -1).cpu().split(sizes, dim=-1)
         indices = []
-        for cost in costs:
-            if cost is None:
+        for i, block in enumerate(blocks):
+            if sizes[i] == 0:
                 indices.append((empty, empty))
                 continue
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            rows, cols = linear_sum_assignment(block[i].numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64),
                             torch.as_tensor(cols, dtype=torch.int64)))
         return indices

@@ -142,9 +142,19 @@ class CoATSSHead(nn.Module):
         return cls_scores, deltas, centerness
 
     def anchors(self, feats: Sequence[Tensor], strides: Sequence[int]) -> list[Tensor]:
-        """Per level `[H_l * W_l, 4]` xyxy pixel anchors matching `feats` (`[B, D, H_l, W_l]`)."""
-        sizes = [(f.shape[-2], f.shape[-1]) for f in feats]
-        return grid_anchors(sizes, strides, self.octave_base_scale, device=feats[0].device)
+        """Per level `[H_l * W_l, 4]` xyxy pixel anchors matching `feats` (`[B, D, H_l, W_l]`).
+
+        Cached per (map sizes, strides, device): a fixed training size builds them once. The
+        cache is a plain attribute (not state), a few entries for multi-scale training.
+        """
+        sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in feats)
+        key = (sizes, tuple(int(s) for s in strides), str(feats[0].device))
+        cache = self.__dict__.setdefault("_anchor_cache", {})
+        if key not in cache:
+            if len(cache) >= 32:  # multi-scale training: keep the cache bounded
+                cache.clear()
+            cache[key] = grid_anchors(sizes, strides, self.octave_base_scale, device=feats[0].device)
+        return cache[key]
 
     def loss_and_positives(self, feats: Sequence[Tensor], strides: Sequence[int],
                            targets: Sequence[dict], focal_alpha: float = 0.25,

@@ -88,19 +88,33 @@ class CoDETR(nn.Module):
         feats = self.neck(self.backbone(images))
         level_masks = [F.interpolate(masks[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in feats]
         level_pos = [self.position_encoding(m).to(f.dtype) for m, f in zip(level_masks, feats)]
-        out = self.query_head(feats, level_masks, level_pos, targets)
-        memory = out.pop("memory")
-        if self.training and targets is not None and (len(self.bbox_head) > 0 or self.rpn_head is not None):
-            out.update(self._collaborative(memory, targets))
+        prepared = self.query_head.prepare(feats, level_masks, level_pos, targets)
+        if not (self.training and targets is not None and (len(self.bbox_head) > 0 or self.rpn_head is not None)):
+            out = self.query_head.finish(prepared)[0]
+            out.pop("memory")
+            return out
+        co_losses, pos_boxes, pos_targets = self._collaborative(prepared["memory"], targets)
+        # The positive queries of every co-head share the matching queries' decoder call
+        # (codetr/model/joint_queries.py): the same results as separate passes, less overhead.
+        out, pos_layers = self.query_head.finish(prepared, pos_boxes)
+        out.pop("memory")
+        out["co_losses"] = co_losses
+        out["pos_outputs"] = [{"layers": layers, "targets": t} for layers, t in zip(pos_layers, pos_targets)]
         return out
 
-    def _collaborative(self, memory, targets: Sequence[dict[str, Tensor]]) -> dict[str, Any]:
-        """One-to-many co-head supervision of the encoder and the positive-query decoder passes."""
+    def _collaborative(self, memory, targets: Sequence[dict[str, Tensor]]
+                       ) -> tuple[dict[str, Tensor], list[Tensor], list[dict[str, Tensor]]]:
+        """One-to-many co-head supervision of the encoder, and each head's positive queries.
+
+        Returns:
+            `(co_losses, pos_boxes, pos_targets)`: the weighted co-head terms (suffix `_co{k}`),
+            per co-head k (R-CNN first) the `[B, N_k, 4]` cxcywh positive boxes and their
+            targets (`build_positive_queries`).
+        """
         maps = self.query_head.aux_feature_maps(memory)
         strides = self.level_strides + [self.level_strides[-1] * 2]
         sizes = torch.stack([t["size"] for t in targets]).to(maps[0].device)
         co_losses: dict[str, Tensor] = {}
-        pos_outputs = []
         heads: list[tuple[dict[str, Tensor], list, dict[str, float]]] = []
         if self.rpn_head is not None:  # positive-query head 0, as in mmdet
             heads.append((*faster_rcnn_losses(self.rpn_head, self.roi_head[0], maps, targets),
@@ -108,10 +122,11 @@ class CoDETR(nn.Module):
         for head in self.bbox_head:
             heads.append((*head.loss_and_positives(maps, strides, targets, focal_alpha=self.focal_alpha),
                           ATSS_TERM_WEIGHTS))
+        pos_boxes, pos_targets = [], []
         for k, (losses, positives, weights) in enumerate(heads):
             for name, value in losses.items():
                 co_losses[f"{name}_co{k}"] = value * weights[name] * self.co_head_loss_weight
-            pos_boxes, pos_targets = build_positive_queries(positives, sizes, self.query_head.num_classes)
-            layers = self.query_head.forward_positive(memory, pos_boxes, k)
-            pos_outputs.append({"layers": layers, "targets": pos_targets})
-        return {"co_losses": co_losses, "pos_outputs": pos_outputs}
+            boxes, boxes_targets = build_positive_queries(positives, sizes, self.query_head.num_classes)
+            pos_boxes.append(boxes)
+            pos_targets.append(boxes_targets)
+        return co_losses, pos_boxes, pos_targets

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from codetr.boxes import REFINE_EPS, inverse_sigmoid
 from codetr.model.denoising import build_denoising_queries
 from codetr.model.mlp import MLP
+from codetr.model.joint_queries import block_attn_mask, concat_groups, split_groups
 from codetr.model.encoder_memory import EncoderMemory
 from codetr.model.transformer import CoDinoTransformer
 
@@ -155,6 +156,23 @@ class QueryHead(nn.Module):
             proposals), and `dn_outputs` `{pred_logits [B, pad, C], pred_boxes, aux_outputs,
             dn_meta}` when `use_dn` and the batch has at least one gt box.
         """
+        return self.finish(self.prepare(mlvl_feats, mlvl_masks, mlvl_pos, targets))[0]
+
+    def prepare(
+        self,
+        mlvl_feats: Sequence[Tensor],
+        mlvl_masks: Sequence[Tensor],
+        mlvl_pos: Sequence[Tensor],
+        targets: Optional[Sequence[dict[str, Tensor]]] = None,
+    ) -> dict[str, Any]:
+        """First half of `forward`: encoder, query selection, denoising queries (no decoder).
+
+        The co-heads run on its memory and hand their positive queries to `finish`.
+
+        Returns:
+            `{memory, content [B, N, D], reference_unsig [B, N, 4], topk, dn, training}`
+            (N = denoising pad + matching queries; `topk` / `dn` None when absent).
+        """
         memory = self.transformer.encode(mlvl_feats, mlvl_masks, mlvl_pos)
         enc_cls = self.cls_branches[-1] if self.two_stage_type == "standard" else None
         enc_reg = self.reg_branches[-1] if self.two_stage_type == "standard" else None
@@ -166,31 +184,68 @@ class QueryHead(nn.Module):
                 targets, self.label_embedding, self.num_classes, content.shape[1], self.dn_number,
                 self.dn_label_noise_ratio, self.dn_box_noise_scale,
             )
-        attn_mask = None
         if dn is not None:
             content = torch.cat([dn.content, content], 1)
             reference_unsig = torch.cat([dn.reference_unsig, reference_unsig], 1)
-            attn_mask = dn.attn_mask
-        hidden, references = self.transformer.decode(
-            content, reference_unsig, memory, self.reg_branches[: self.dec_layers], attn_mask,
-            None if topk is None else topk.query_pos,
+        return {"memory": memory, "content": content, "reference_unsig": reference_unsig,
+                "topk": topk, "dn": dn, "training": training}
+
+    def finish(self, prepared: dict[str, Any], positive_boxes: Sequence[Tensor] = ()
+               ) -> tuple[dict[str, Any], list[list[dict[str, Tensor]]]]:
+        """Second half of `forward`: one decoder call for all query groups, then the branches.
+
+        Args:
+            prepared: `prepare`'s output.
+            positive_boxes: per co-head k (training only) `[B, N_k, 4]` cxcywh normalised
+                positive boxes, as `forward_positive` takes them; decoded in the same call as
+                the matching queries, each group attending only to itself
+                (`codetr/model/joint_queries.py`), so the results equal `forward_positive`'s up
+                to floating-point summation order.
+
+        Returns:
+            `(out, positive_layers)`: `out` as `forward`; `positive_layers[k]` as
+            `forward_positive(memory, positive_boxes[k], k)`.
+        """
+        memory, topk, dn = prepared["memory"], prepared["topk"], prepared["dn"]
+        training = prepared["training"]
+        reference = prepared["reference_unsig"].sigmoid()
+        groups = [(prepared["content"], reference, None if topk is None else topk.query_pos)]
+        for k, boxes in enumerate(positive_boxes):
+            boxes = boxes.detach()
+            # As forward_positive: clamped boxes embedded, raw boxes as the first reference.
+            clamped = inverse_sigmoid(boxes).sigmoid()
+            groups.append((self.transformer.positive_content(clamped, k), boxes,
+                           self.transformer.positive_query_pos(clamped, k)))
+        sizes = [g[0].shape[1] for g in groups]
+        attn_mask = None if dn is None else dn.attn_mask
+        if len(groups) > 1:
+            attn_mask = block_attn_mask(sizes, attn_mask, reference.device)
+        query_pos = concat_groups([g[2] for g in groups])
+        hidden, references = self.transformer.decoder(
+            torch.cat([g[0] for g in groups], 1), torch.cat([g[1] for g in groups], 1),
+            memory.memory, memory.memory_mask, memory.spatial_shapes, memory.level_start_index,
+            memory.valid_ratios, self.reg_branches[: self.dec_layers], attn_mask, query_pos,
         )
         # At inference only the last layer's predictions are needed.
-        layers = range(self.dec_layers) if training else [self.dec_layers - 1]
-        per_layer = [self._predict(lid, hidden[lid], references[lid]) for lid in layers]
+        layers = range(self.dec_layers) if training or positive_boxes else [self.dec_layers - 1]
+        joint = [self._predict(lid, hidden[lid], references[lid]) for lid in layers]
+        per_group = [{k: split_groups(v, sizes) for k, v in p.items()} for p in joint]
+        per_layer = [{k: v[0] for k, v in p.items()} for p in per_group]
+        positive_layers = [[{k: v[g] for k, v in p.items()} for p in per_group]
+                           for g in range(1, len(groups))]
         pad = 0 if dn is None else dn.meta["pad_size"]
         matching = [{k: v[:, pad:] for k, v in p.items()} for p in per_layer]
         out: dict[str, Any] = dict(matching[-1])
         out["memory"] = memory
         if not training:
-            return out
+            return out, positive_layers
         out["aux_outputs"] = matching[:-1]
         if topk is not None:
             out["interm_outputs"] = {"pred_logits": topk.logits, "pred_boxes": topk.boxes_unsig.sigmoid()}
         if dn is not None:
             denoising = [{k: v[:, :pad] for k, v in p.items()} for p in per_layer]
             out["dn_outputs"] = dict(denoising[-1], aux_outputs=denoising[:-1], dn_meta=dict(dn.meta))
-        return out
+        return out, positive_layers
 
     def aux_feature_maps(self, memory: EncoderMemory) -> list[Tensor]:
         """The memory as maps for the co-heads: the L levels plus one stride-2 downsampled level.

@@ -1,0 +1,266 @@
+"""Training-step cost of the default model with / without its ATSS co-head and of the HF peer,
+measured alternately in one process, plus where the time goes.
+
+Each variant (`ours` = `params.yaml`, `ours_no_co` = `model.num_co_heads=0`, `peer` = the HF
+`DeformableDetrForObjectDetection` of `bench/peer_hf.py` trained by our criterion) gets its own
+model, optimizer and data loader over `bench/learning.py`'s generated copy of the default data
+set. Rounds alternate the variants step by step (ours, ours_no_co, peer, ours, ...) so a change
+of the machine's load hits all of them alike; the clock is the process CPU time of one thread.
+The step is the trainer's: forward with targets, every loss, backward, gradient clipping, AdamW.
+
+`--profile` adds a `torch.profiler` table per variant (self CPU time by op) and the forward
+time of the named parts (`record_function` wrappers put around the part's entry point by this
+script only: ATSS head + assigner + loss, positive-query decoder pass, matcher, denoising
+queries, criterion).
+
+    .venv/bin/python bench/step_profile.py [--rounds 12] [--variants ours,ours_no_co,peer]
+        [--profile] [--parts] [--batch 4]
+
+`--parts`: process-CPU milliseconds (forward + backward into a detached encoder memory) of the
+ATSS head's convolutions, head + assigner + loss, the positive queries' own decoder pass
+(`forward_positive`, mmdet's layout) against the extra cost of decoding them in the matching
+queries' call, and the matcher per image (the loop it replaced) against the batched matcher.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from codetr.data.build import (build_collator, build_dataloader, build_dataset,  # noqa: E402
+                               build_label_map)
+from codetr.tasks.optim import build_optimizer, build_param_groups  # noqa: E402
+from learning import bench_spec, build_detector, prepare_data  # noqa: E402
+
+PARAMS = REPO / "params.yaml"
+
+
+class Variant:
+    """One detector with its criterion, optimizer and an endless stream of training batches."""
+
+    def __init__(self, name: str, data_root: Path, batch: int) -> None:
+        self.name = name
+        spec = bench_spec(PARAMS, data_root, None, name,
+                          [f"dataset.batch_size={batch}", "model.pretrained_backbone_path=null"])
+        torch.manual_seed(0)
+        labels = build_label_map(spec)
+        self.loader = build_dataloader(build_dataset(spec, "train", labels), batch, 0, True,
+                                       build_collator(spec, "train"), drop_last=True, seed=0)
+        self.model, self.criterion, _ = build_detector(name, spec, labels.num_classes)
+        self.model.train()
+        optim = spec.train.optim
+        self.optimizer = build_optimizer(build_param_groups(self.model, optim), optim)
+        self.clip = spec.train.clip_grad_norm
+        self._batches = iter(self.loader)
+        self.times: list[float] = []
+
+    def batch(self):
+        """The next training batch (the loader restarts when it runs out)."""
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self._batches = iter(self.loader)
+            return next(self._batches)
+
+    def step(self, b) -> float:
+        """One training step on batch `b`; returns the loss."""
+        loss = sum(self.criterion(self.model(b.images, b.masks, b.targets), b.targets).values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def timed_step(self) -> None:
+        """One step, its process CPU time appended to `times` (data loading not counted)."""
+        b = self.batch()
+        t0 = time.process_time()
+        self.step(b)
+        self.times.append(time.process_time() - t0)
+
+
+def _wrap(owner, attr: str, label: str) -> None:
+    """Puts `record_function(label)` around `owner.attr` (a function or bound method)."""
+    fn = getattr(owner, attr)
+
+    def wrapped(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    setattr(owner, attr, wrapped)
+
+
+def label_parts(variant: Variant) -> None:
+    """Named profiler ranges around the parts the issue asks about (forward side only)."""
+    import codetr.losses.atss_loss as atss_loss
+    import codetr.model.query_head as query_head
+    from codetr.losses import criterion as criterion_mod
+
+    model, crit = variant.model, variant.criterion
+    if hasattr(model, "bbox_head"):
+        for head in model.bbox_head:
+            _wrap(head, "loss_and_positives", "part: ATSS head+assign+loss")
+        _wrap(model.query_head, "forward_positive", "part: positive-query decoder pass")
+    inner = getattr(crit, "criterion", crit)
+    _wrap(inner.matcher, "forward", "part: Hungarian matcher")
+    _wrap(inner, "forward", "part: criterion (incl. matcher)")
+    if not getattr(atss_loss.atss_assign, "_wrapped", False):
+        _wrap(atss_loss, "atss_assign", "part: ATSS assigner")
+        atss_loss.atss_assign._wrapped = True
+        _wrap(query_head, "build_denoising_queries", "part: denoising queries")
+    del criterion_mod
+
+
+def profile_table(variant: Variant, steps: int, rows: int) -> str:
+    """Self-CPU-time op table and named parts of `steps` profiled steps."""
+    label_parts(variant)
+    batches = [variant.batch() for _ in range(steps)]
+    variant.step(variant.batch())  # warm-up with the wrappers in place
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            variant.step(b)
+    averages = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in averages)
+    parts = sorted((e for e in averages if e.key.startswith("part: ")),
+                   key=lambda e: -e.cpu_time_total)
+    lines = [f"--- {variant.name}: {steps} profiled steps, {total / 1e3 / steps:.1f} ms self CPU "
+             f"per step ---", f"{'op':<44} {'self ms/step':>12} {'share':>6}"]
+    for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        if e.key.startswith("part: "):
+            continue
+        lines.append(f"{e.key[:44]:<44} {e.self_cpu_time_total / 1e3 / steps:>12.1f} "
+                     f"{e.self_cpu_time_total / total:>6.1%}")
+    lines.append(f"{'part (forward, incl. children)':<44} {'ms/step':>12} {'share':>6}")
+    for e in parts:
+        lines.append(f"{e.key[6:50]:<44} {e.cpu_time_total / 1e3 / steps:>12.1f} "
+                     f"{e.cpu_time_total / total:>6.1%}")
+    return "\n".join(lines)
+
+
+def _cpu_ms(fn, repeats: int) -> float:
+    """Median process-CPU milliseconds of `fn` after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append((time.process_time() - start) * 1e3)
+    return statistics.median(times)
+
+
+def co_head_parts(variant: Variant, repeats: int) -> dict[str, float]:
+    """CPU ms (forward + backward into the detached memory) of the co-head's parts, and of the
+    matcher per image (the loop it replaced) vs for the whole batch, on one training batch."""
+    from scipy.optimize import linear_sum_assignment
+
+    from codetr.model.positive_queries import build_positive_queries
+
+    model, b = variant.model, variant.batch()
+    with torch.no_grad():
+        feats = model.neck(model.backbone(b.images))
+        masks = [torch.nn.functional.interpolate(b.masks[None].float(), size=f.shape[-2:]).bool()[0]
+                 for f in feats]
+        pos = [model.position_encoding(m) for m in masks]
+        prepared = model.query_head.prepare(feats, masks, pos, b.targets)
+    memory = prepared["memory"]
+    memory.memory.requires_grad_(True)
+    prepared = {**prepared, "content": prepared["content"].detach()}
+    head, strides = model.bbox_head[0], model.level_strides + [model.level_strides[-1] * 2]
+    sizes = torch.stack([t["size"] for t in b.targets])
+
+    def convs() -> None:
+        out = head(model.query_head.aux_feature_maps(memory))
+        sum(x.sum() for group in out for x in group).backward()
+
+    def head_and_loss() -> None:
+        losses, _ = head.loss_and_positives(model.query_head.aux_feature_maps(memory), strides,
+                                            b.targets)
+        sum(losses.values()).backward()
+
+    with torch.no_grad():
+        _, positives = head.loss_and_positives(model.query_head.aux_feature_maps(memory), strides,
+                                               b.targets)
+    boxes, _ = build_positive_queries(positives, sizes, model.query_head.num_classes)
+
+    def total(outputs) -> torch.Tensor:
+        return sum(o["pred_logits"].sum() + o["pred_boxes"].sum() for o in outputs)
+
+    def separate() -> None:
+        total(model.query_head.forward_positive(memory, boxes, 0)).backward()
+
+    def main_only() -> None:
+        out, _ = model.query_head.finish(prepared)
+        total([out] + out["aux_outputs"]).backward()
+
+    def joint() -> None:
+        out, layers = model.query_head.finish(prepared, [boxes])
+        total([out] + out["aux_outputs"] + layers[0]).backward()
+
+    matcher = variant.criterion.matcher
+    out, _ = model.query_head.finish(prepared)
+    logits, pred = out["pred_logits"].detach(), out["pred_boxes"].detach()
+
+    def per_image() -> None:  # the matcher before: one cost matrix and host copy per image
+        for i, t in enumerate(b.targets):
+            cost = matcher.cost_matrix(logits[i], pred[i], t["labels"], t["boxes"])
+            linear_sum_assignment(cost.cpu().numpy())
+
+    res = {"ATSS head convs": _cpu_ms(convs, repeats), "ATSS head + assign + loss":
+           _cpu_ms(head_and_loss, repeats), "positive queries, own pass": _cpu_ms(separate, repeats)}
+    res["main decoder alone"] = _cpu_ms(main_only, repeats)
+    res["main decoder + positives, one call"] = _cpu_ms(joint, repeats)
+    res["matcher, per image (before)"] = _cpu_ms(per_image, repeats)
+    res["matcher, whole batch"] = _cpu_ms(lambda: matcher(logits, pred, b.targets), repeats)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--variants", default="ours,ours_no_co,peer")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-steps", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=22)
+    parser.add_argument("--parts", action="store_true",
+                        help="CPU ms of the co-head's parts and of the matcher (first variant)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data_root = prepare_data(PARAMS, REPO / "bench" / "out", 1000, 100)
+    variants = [Variant(name, data_root, args.batch) for name in args.variants.split(",")]
+    for _ in range(args.warmup):
+        for v in variants:
+            v.step(v.batch())
+    for _ in range(args.rounds):
+        for v in variants:
+            v.timed_step()
+    base = statistics.median(variants[0].times)
+    print(f"batch {args.batch}, 1 thread, process CPU time, {args.rounds} alternating rounds "
+          f"(median s/step; ratio to {variants[0].name} and to each other)")
+    med = {v.name: statistics.median(v.times) for v in variants}
+    for v in variants:
+        print(f"  {v.name:<12} {med[v.name]:.3f} s/step  x{med[v.name] / base:.3f}")
+    if "ours" in med and "ours_no_co" in med:
+        print(f"  ours / ours_no_co = {med['ours'] / med['ours_no_co']:.3f}")
+    if "ours_no_co" in med and "peer" in med:
+        print(f"  ours_no_co / peer = {med['ours_no_co'] / med['peer']:.3f}")
+    if args.parts:
+        for name, ms in co_head_parts(variants[0], max(args.rounds, 5)).items():
+            print(f"  part {name:<36} {ms:8.2f} ms (process CPU, median; fwd+bwd but the matcher)")
+    if args.profile:
+        for v in variants:
+            print(profile_table(v, args.profile_steps, args.rows))
+
+
+if __name__ == "__main__":
+    main()

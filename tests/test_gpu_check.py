@@ -1,0 +1,69 @@
+"""bench/gpu_check.py --dry: every row of the GPU check's table runs (tiny sizes, CPU).
+
+One subprocess (Triton's interpreter must be chosen before Triton is imported, which the test
+process has already done). Checked: the table's columns and its rows (3 dtypes each for the
+deformable-attention paths and the training step, DDP over gloo, onnxruntime, TensorRT skipped
+with its reason on a CPU-only machine), finite losses, and the Triton kernels' fp32 error
+against the grid_sample reference (<= 1e-5 relative: both compute in fp32, only summation order
+differs; measured ~4e-7).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check") / "rows.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--json", str(out)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_one_table_with_the_columns(dry_run):
+    stdout, rows = dry_run
+    table = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert table[0] == "| check | config | dtype | ms | max_err | peak_MiB | status | note |"
+    assert len(table) == 2 + len(rows)  # header, rule, one line per row
+    assert all(line.count("|") == 9 for line in table)
+
+
+def test_rows(dry_run):
+    _, rows = dry_run
+    by = {(r["check"], r["dtype"]): r for r in rows}
+    for dtype in ("fp32", "fp16", "bf16"):
+        assert by[("msda_ref", dtype)]["status"] == "ok"
+        assert by[("train_step", dtype)]["status"] == "ok"
+        assert "all finite" in by[("train_step", dtype)]["note"]
+        triton_row = by[("msda_triton", dtype)]
+        assert triton_row["status"] in ("ok", "skipped")
+    if by[("msda_triton", "fp32")]["status"] == "ok":
+        assert by[("msda_triton", "fp32")]["max_err"] <= 1e-5
+        assert by[("msda_triton", "bf16")]["max_err"] <= 2e-2
+    assert by[("ddp_step", "fp32")]["status"] == "ok"
+    assert "gloo" in by[("ddp_step", "fp32")]["note"]
+    ort = by[("onnxruntime", "fp32")]
+    assert ort["status"] == "ok" and ort["max_err"] <= 1e-4
+    trt = by[("tensorrt", "fp32")]
+    if not torch.cuda.is_available():
+        assert trt["status"] == "skipped" and trt["note"] == "no CUDA device"
+    assert len(rows) == 6 + 3 + 1 + 2
+
+
+def test_without_a_gpu_the_real_check_refuses():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the real check would run")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "--dry" in result.stderr
