@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from codetr.ops.msda_shapes import level_maps, level_shapes, msda_sizes
+
 
 def multi_scale_deformable_attention_export(
     value: Tensor,
@@ -22,18 +24,15 @@ def multi_scale_deformable_attention_export(
 ) -> Tensor:
     """See ``codetr.ops.msda.multi_scale_deformable_attention_pytorch`` (same shapes, result)."""
     del level_start_index
-    bs, _, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    value_list = value.split([h * w for h, w in shapes], dim=1)
+    n = msda_sizes(value, sampling_locations)
     sampling_grids = 2 * sampling_locations - 1
     # [B, Nq, H, L, P] -> [B*H, 1, Nq, L, P]
-    weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries, num_levels, num_points)
+    weights = attention_weights.transpose(1, 2).reshape(
+        n.batch * n.num_heads, 1, n.num_queries, n.num_levels, n.num_points)
     output = None
-    for level, (h, w) in enumerate(shapes):
-        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(bs * num_heads, head_dim, h, w)
+    for level, value_l in enumerate(level_maps(value, level_shapes(spatial_shapes))):
         grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [B*H, Nq, P, 2]
         sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
         part = (sampled * weights[:, :, :, level]).sum(-1)  # [B*H, D, Nq]
         output = part if output is None else output + part
-    return output.view(bs, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
+    return output.view(n.batch, n.num_heads * n.head_dim, n.num_queries).transpose(1, 2).contiguous()
