@@ -39,7 +39,23 @@ class MultiScaleDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
+        # Eval only (`fuse_query_projections`): both query projections stacked, not saved.
+        self.register_buffer("fused_query_weight", None, persistent=False)
+        self.register_buffer("fused_query_bias", None, persistent=False)
         self.reset_parameters()
+
+    @torch.no_grad()
+    def fuse_query_projections(self) -> None:
+        """Eval-time fusion: `sampling_offsets` and `attention_weights` read the same query, so
+        one GEMM with their weights stacked computes both (`codetr.model.eval_fold`). Dropped by
+        `train()`: the stacked copy would not follow the weights' updates."""
+        self.fused_query_weight = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])
+        self.fused_query_bias = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])
+
+    def train(self, mode: bool = True) -> "MultiScaleDeformableAttention":
+        if mode:
+            self.fused_query_weight = self.fused_query_bias = None
+        return super().train(mode)
 
     def reset_parameters(self) -> None:
         """Deformable DETR's init: offsets start on a ring of `num_heads` directions.
@@ -94,8 +110,13 @@ class MultiScaleDeformableAttention(nn.Module):
         if key_padding_mask is not None:
             value = value.masked_fill(key_padding_mask[..., None], 0.0)
         value = value.view(bs, num_value, heads, self.embed_dim // heads)
-        offsets = self.sampling_offsets(query).view(bs, num_query, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(bs, num_query, heads, levels * points)
+        if self.fused_query_weight is not None:
+            both = nn.functional.linear(query, self.fused_query_weight, self.fused_query_bias)
+            offsets, weights = both.split([heads * levels * points * 2, heads * levels * points], -1)
+        else:
+            offsets, weights = self.sampling_offsets(query), self.attention_weights(query)
+        offsets = offsets.reshape(bs, num_query, heads, levels, points, 2)
+        weights = weights.reshape(bs, num_query, heads, levels * points)
         weights = weights.softmax(-1).view(bs, num_query, heads, levels, points)
         if reference_points.shape[-1] == 2:
             # Offsets are in cells of each level: divide by (w_l, h_l).
