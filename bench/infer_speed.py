@@ -13,8 +13,8 @@ back, as in the learning bench). Ours runs as `codetr evaluate/inference` run it
 
 The two models run the same image alternately, `--runs` times each after a warm-up; with one
 thread the clock is the process CPU time (robust to other jobs), else the wall clock. Also
-printed: the FLOPs of one forward of each (`torch.utils.flop_counter`: matmuls and convolutions;
-grid_sample, softmax and element-wise ops are not counted), the rate they reach against a big
+printed: the FLOPs of one forward of each (torch.profiler's `with_flops` estimates: matmuls and
+convolutions; grid_sample, softmax and element-wise ops count 0), the rate they reach against a big
 fp32 matmul measured in the same run, and our forward's top ops (`torch.profiler`, self CPU time).
 
     python bench/infer_speed.py [--runs 5] [--threads 1] [--models tao,default] [--no-fold]
@@ -80,15 +80,6 @@ def matmul_rate(clock: Callable[[], float], size: int = 2048, runs: int = 3) -> 
     return 2 * size ** 3 / best
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call as torch's flop counter sees them (matmul, conv, bmm, addmm, ...)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def alternate(fns: dict[str, Callable[[], object]], runs: int, clock: Callable[[], float]) -> dict[str, float]:
     """Median seconds per call of each function, called in turn (one warm-up call each)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -102,19 +93,25 @@ def alternate(fns: dict[str, Callable[[], object]], runs: int, clock: Callable[[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def profile_table(fn: Callable[[], object], rows: int) -> str:
-    """Top ops of one call by self CPU time: name, ms, share, calls."""
-    from torch.profiler import ProfilerActivity, profile
+def profile(fn: Callable[[], object], rows: int) -> tuple[int, str]:
+    """FLOPs of one call and its top ops by self CPU time (name, ms, share, calls).
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    FLOPs are torch.profiler's estimates (``with_flops``: matmul, addmm, bmm, convolution);
+    grid_sample, softmax and element-wise ops count 0.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         fn()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
+    flops = sum(e.flops for e in events)
     lines = [f"    {'op':34s} {'self ms':>9s} {'share':>6s} {'calls':>6s}"]
     for e in events[:rows]:
         lines.append(f"    {e.key[:34]:34s} {e.self_cpu_time_total / 1e3:9.1f} "
                      f"{100 * e.self_cpu_time_total / total:5.1f}% {e.count:6d}")
-    return "\n".join(lines)
+    return flops, "\n".join(lines)
 
 
 def main() -> int:
@@ -149,8 +146,9 @@ def main() -> int:
             return peer(pixel_values=image, pixel_mask=pixel_mask)
 
         fns = {"ours": run_ours, "hf peer": run_peer}
-        flops = {k: count_flops(fn) for k, fn in fns.items()}
         result = alternate(fns, args.runs, clock)
+        profiles = {k: profile(fn, args.profile_rows) for k, fn in fns.items()}
+        flops = {k: v[0] for k, v in profiles.items()}
         params = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in (("ours", ours), ("hf peer", peer))}
         print(f"\n{name}: {spec.model.backbone}, {spec.model.num_queries} queries, {h}x{w}, "
               f"{spec.model.enc_layers}+{spec.model.dec_layers} layers, hidden {spec.model.hidden_dim}"
@@ -160,8 +158,8 @@ def main() -> int:
             gf = flops[k] / 1e9
             print(f"    {k:8s} {params[k]:8.1f} {1e3 * sec:9.1f} {sec / result['hf peer']:5.2f}x "
                   f"{gf:7.1f} {gf / sec:8.1f} {flops[k] / sec / rate:8.0%}")
-        print(f"  ours, top ops (one forward):\n{profile_table(run_ours, args.profile_rows)}")
-        print(f"  hf peer, top ops (one forward):\n{profile_table(run_peer, args.profile_rows)}")
+        for k, (_, table) in profiles.items():
+            print(f"  {k}, top ops of one forward (torch.profiler, self CPU time):\n{table}")
     return 0
 
 
