@@ -93,8 +93,9 @@ def alternate(fns: dict[str, Callable[[], object]], runs: int, clock: Callable[[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def profile(fn: Callable[[], object], rows: int) -> tuple[int, str]:
-    """FLOPs of one call and its top ops by self CPU time (name, ms, share, calls).
+def profile(fn: Callable[[], object], rows: int, calls: int) -> tuple[int, str]:
+    """FLOPs of one call and its top ops by self CPU time per call (name, ms, share, calls),
+    over ``calls`` calls.
 
     FLOPs are torch.profiler's estimates (``with_flops``: matmul, addmm, bmm, convolution);
     grid_sample, softmax and element-wise ops count 0.
@@ -103,14 +104,15 @@ def profile(fn: Callable[[], object], rows: int) -> tuple[int, str]:
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        fn()
+        for _ in range(calls):
+            fn()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    flops = sum(e.flops for e in events)
+    flops = sum(e.flops for e in events) // calls
     lines = [f"    {'op':34s} {'self ms':>9s} {'share':>6s} {'calls':>6s}"]
     for e in events[:rows]:
-        lines.append(f"    {e.key[:34]:34s} {e.self_cpu_time_total / 1e3:9.1f} "
-                     f"{100 * e.self_cpu_time_total / total:5.1f}% {e.count:6d}")
+        lines.append(f"    {e.key[:34]:34s} {e.self_cpu_time_total / 1e3 / calls:9.1f} "
+                     f"{100 * e.self_cpu_time_total / total:5.1f}% {e.count // calls:6d}")
     return flops, "\n".join(lines)
 
 
@@ -121,6 +123,8 @@ def main() -> int:
     parser.add_argument("--models", default="tao,default")
     parser.add_argument("--no-fold", action="store_true", help="ours without eval folding")
     parser.add_argument("--profile-rows", type=int, default=12)
+    parser.add_argument("--profile-calls", type=int, default=0,
+                        help="forwards per profile (default: 1 at 640x640, 10 at smaller sizes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter
@@ -147,7 +151,8 @@ def main() -> int:
 
         fns = {"ours": run_ours, "hf peer": run_peer}
         result = alternate(fns, args.runs, clock)
-        profiles = {k: profile(fn, args.profile_rows) for k, fn in fns.items()}
+        calls = args.profile_calls or (1 if h * w >= 640 * 640 else 10)
+        profiles = {k: profile(fn, args.profile_rows, calls) for k, fn in fns.items()}
         flops = {k: v[0] for k, v in profiles.items()}
         params = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in (("ours", ours), ("hf peer", peer))}
         print(f"\n{name}: {spec.model.backbone}, {spec.model.num_queries} queries, {h}x{w}, "
@@ -159,7 +164,7 @@ def main() -> int:
             print(f"    {k:8s} {params[k]:8.1f} {1e3 * sec:9.1f} {sec / result['hf peer']:5.2f}x "
                   f"{gf:7.1f} {gf / sec:8.1f} {flops[k] / sec / rate:8.0%}")
         for k, (_, table) in profiles.items():
-            print(f"  {k}, top ops of one forward (torch.profiler, self CPU time):\n{table}")
+            print(f"  {k}, top ops per forward (torch.profiler, self CPU time, {calls} forwards):\n{table}")
     return 0
 
 
