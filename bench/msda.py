@@ -7,24 +7,40 @@ keys), hidden 256, 8 heads (D = 32), 4 points, batch 1. ``--quick`` uses a 256x2
 about 2 pixels of each level, as after the offsets' bias init; attention is softmaxed.
 
 Prints milliseconds per iteration for forward and forward+backward of every path that runs
-on the device (reference ``pytorch``, gather ``cpu``, ``triton`` on CUDA only), the ratio
-against the reference measured in the same run, and each path's max abs difference from it.
-On CPU with one thread the clock is the process's CPU time (robust to other jobs).
+on the device (reference ``pytorch``, level-major ``levels``, gather ``cpu``, ``triton`` on CUDA
+only), the ratio against the reference measured in the same run, and each path's max abs
+difference from it. On CPU with one thread the clock is the process's CPU time (robust to other
+jobs). ``--tao`` uses the TAO-sized encoder at 640x640 (strides 8..64, 8,500 queries).
 
-    python bench/msda.py [--quick] [--threads 1] [--device cpu|cuda]
+``--step`` measures the paths where they run for real: full training steps of the default
+``params.yaml`` model (forward with targets, every loss, backward, AdamW; random init, real
+batches of ``bench/learning.py``'s synthetic data) and eval forwards of it, the backend switched
+by ``CODETR_MSDA_BACKEND`` before each call and the paths taken in turn, so every path sees the
+same machine load.
+
+    python bench/msda.py [--quick | --tao | --default-model] [--threads 1] [--device cpu|cuda]
+    python bench/msda.py --step [--steps 8] [--batch 4] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from codetr.ops.msda import (
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from codetr.ops.msda import (  # noqa: E402
+    BACKEND_ENV,
     multi_scale_deformable_attention_cpu,
+    multi_scale_deformable_attention_levels,
     multi_scale_deformable_attention_pytorch,
     multi_scale_deformable_attention_triton,
     triton_available,
@@ -86,6 +102,60 @@ def bench_path(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: 
     return time_ms(forward, iters, device, clock), time_ms(forward_backward, iters, device, clock), out
 
 
+def step_compare(backends: list[str], steps: int, batch: int, clock: Callable[[], float]) -> None:
+    """Training-step and eval-forward seconds of the default model per MSDA backend, alternating."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from learning import bench_spec, prepare_data
+
+    from codetr.data.build import build_collator, build_dataloader, build_dataset, build_label_map
+    from codetr.model.builder import build_criterion, build_model
+    from codetr.tasks.optim import build_optimizer, build_param_groups
+
+    params = REPO / "params.yaml"
+    root = prepare_data(params, REPO / "bench" / "out", max(4 * batch, 64), 8)
+    spec = bench_spec(params, root, None, "ours", [f"dataset.batch_size={batch}",
+                                                   "model.pretrained_backbone_path=null"])
+    torch.manual_seed(0)
+    labels = build_label_map(spec)
+    loader = build_dataloader(build_dataset(spec, "train", labels), batch, 0, True,
+                              build_collator(spec, "train"), drop_last=True, seed=0)
+    model = build_model(spec, labels.num_classes)
+    criterion = build_criterion(spec, labels.num_classes)
+    optimizer = build_optimizer(build_param_groups(model, spec.train.optim), spec.train.optim)
+    batches = [next(iter(loader)) for _ in range(2)]
+
+    def train_step(i: int) -> None:
+        b = batches[i % len(batches)]
+        model.train()
+        loss = sum(criterion(model(b.images, b.masks, b.targets), b.targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def eval_forward(i: int) -> None:
+        b = batches[i % len(batches)]
+        model.eval()
+        with torch.no_grad():
+            model(b.images, b.masks)
+
+    print(f"default model, batch {batch}, {steps} alternating calls per path after one warm-up each, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for label, fn in (("train step", train_step), ("eval forward", eval_forward)):
+        times: dict[str, list[float]] = {b: [] for b in backends}
+        for i in range(steps + 1):
+            for backend in backends:
+                os.environ[BACKEND_ENV] = backend
+                start = clock()
+                fn(i)
+                if i:  # the first round warms every path up
+                    times[backend].append(clock() - start)
+        os.environ.pop(BACKEND_ENV, None)
+        ref = statistics.median(times[backends[0]])
+        for backend in backends:
+            med = statistics.median(times[backend])
+            print(f"  {label:12s} {backend:8s} {1e3 * med:8.1f} ms  ({med / ref:.2f}x {backends[0]})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256x256 image instead of 512x512")
@@ -95,22 +165,34 @@ def main() -> None:
     parser.add_argument("--default-model", action="store_true",
                         help="the encoder of params.yaml's CPU model: 128x128, strides 8/16/32, "
                              "hidden 128 (D = 16), batch 8")
+    parser.add_argument("--tao", action="store_true",
+                        help="the TAO-sized encoder: 640x640, strides 8/16/32/64, hidden 256, batch 1")
+    parser.add_argument("--step", action="store_true",
+                        help="training steps and eval forwards of the default model per backend")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # One CPU thread: process CPU time is the latency without the time other jobs on a
     # shared machine take the core away; otherwise wall clock.
     single_cpu = args.device == "cpu" and args.threads == 1
     clock, clock_name = (time.process_time, "process CPU time") if single_cpu else (time.perf_counter, "wall clock")
+    if args.step:
+        step_compare(["pytorch", "levels", "cpu"], args.steps, args.batch, clock)
+        return
     image_size = 256 if args.quick else 512
     strides, head_dim, batch = STRIDES, 32, 1
     if args.default_model:
         image_size, strides, head_dim, batch = 128, (8, 16, 32), 16, 8
+    if args.tao:
+        image_size, strides = 640, (8, 16, 32, 64)
     inputs = make_inputs(image_size, num_heads=8, head_dim=head_dim, num_points=4, device=args.device,
                          strides=strides, batch=batch)
     num_queries = inputs[0].shape[1]
     grad_out = torch.randn(batch, num_queries, 8 * head_dim, device=args.device)
     paths: dict[str, Callable[..., Tensor]] = {
         "pytorch": multi_scale_deformable_attention_pytorch,
+        "levels": multi_scale_deformable_attention_levels,
         "cpu": multi_scale_deformable_attention_cpu,
     }
     if args.device == "cuda" and triton_available():

@@ -144,8 +144,9 @@ def test_tao_sized_model_parity(tmp_path, height, width, batches):
 
 
 def test_export_attention_path_equals_the_reference(monkeypatch):
-    from codetr.ops.msda import multi_scale_deformable_attention_pytorch, select_backend
-    from codetr.ops.msda_export import multi_scale_deformable_attention_export
+    from codetr.ops.msda import PATHS, multi_scale_deformable_attention_pytorch, select_backend
+
+    multi_scale_deformable_attention_export = PATHS["export"]
 
     g = torch.Generator().manual_seed(0)
     shapes = torch.tensor([[6, 8], [3, 4], [2, 2]])

@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention: reference vs a naive loop, CPU and Triton paths vs reference.
+"""Multi-scale deformable attention: reference vs a naive loop; level-major, gather and Triton paths vs reference.
 
 Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors, in a
 subprocess started with ``TRITON_INTERPRET=1`` (the variable must be set before Triton is
@@ -19,6 +19,7 @@ import torch
 from codetr.ops import (
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_cpu,
+    multi_scale_deformable_attention_levels,
     multi_scale_deformable_attention_pytorch,
     select_backend,
 )
@@ -96,9 +97,13 @@ def test_reference_matches_naive_loop(case):
     expected = naive_msda(*inputs)
     assert_close(multi_scale_deformable_attention_pytorch(*inputs).double(), expected)
     assert_close(multi_scale_deformable_attention_cpu(*inputs).double(), expected)
+    assert_close(multi_scale_deformable_attention_levels(*inputs).double(), expected)
 
 
-@pytest.mark.parametrize("fn", [multi_scale_deformable_attention_pytorch, multi_scale_deformable_attention_cpu])
+FAST_PATHS = [multi_scale_deformable_attention_cpu, multi_scale_deformable_attention_levels]
+
+
+@pytest.mark.parametrize("fn", [multi_scale_deformable_attention_pytorch, *FAST_PATHS])
 def test_gradcheck_float64(fn):
     value, shapes, starts, loc, attn = make_inputs(1, 3, 2, 3, 2, [(3, 4), (2, 3)], dtype=torch.float64)
     # No point on a pixel centre: the bilinear kink there makes finite differences one-sided.
@@ -107,12 +112,13 @@ def test_gradcheck_float64(fn):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("fn", FAST_PATHS)
 @pytest.mark.parametrize("case", CASES)
-def test_cpu_path_matches_reference(case):
+def test_cpu_paths_match_reference(case, fn):
     inputs = make_inputs(*case)
     grad_out = torch.randn(case[0], case[1], case[2] * case[3])
     expected = forward_and_grads(multi_scale_deformable_attention_pytorch, inputs, grad_out)
-    actual = forward_and_grads(multi_scale_deformable_attention_cpu, inputs, grad_out)
+    actual = forward_and_grads(fn, inputs, grad_out)
     for got, want in zip(actual, expected):
         assert_close(got, want)
 
@@ -121,7 +127,7 @@ def test_outside_points_read_zero_and_get_zero_location_grads():
     value, shapes, starts, loc, attn = make_inputs(1, 5, 2, 4, 2, [(4, 6), (3, 3)])
     # Beyond the half-pixel padding ring every corner lies outside the map.
     loc = torch.where(torch.rand_like(loc) < 0.5, -0.6 - torch.rand_like(loc), 1.6 + torch.rand_like(loc))
-    for fn in (multi_scale_deformable_attention_pytorch, multi_scale_deformable_attention_cpu):
+    for fn in (multi_scale_deformable_attention_pytorch, *FAST_PATHS):
         out, grad_value, grad_loc, grad_attn = forward_and_grads(fn, (value, shapes, starts, loc, attn))
         assert out.abs().max() == 0 and grad_value.abs().max() == 0
         assert grad_loc.abs().max() == 0 and grad_attn.abs().max() == 0
@@ -130,8 +136,9 @@ def test_outside_points_read_zero_and_get_zero_location_grads():
 def test_dispatch_follows_device_argument_and_env(monkeypatch):
     inputs = make_inputs(*CASES[1])
     monkeypatch.delenv("CODETR_MSDA_BACKEND", raising=False)
-    assert select_backend(inputs[0]) == "pytorch"  # CPU: grid_sample measured fastest
-    assert select_backend(inputs[0].half()) == "pytorch"
+    assert select_backend(inputs[0]) == "levels"  # CPU: measured fastest (BENCHMARKS.md)
+    assert select_backend(inputs[0].half()) == "levels"
+    assert select_backend(inputs[0].to("meta")) == "pytorch"  # neither CPU nor CUDA
     assert select_backend(inputs[0], "cpu") == "cpu"
     monkeypatch.setenv("CODETR_MSDA_BACKEND", "cpu")
     assert select_backend(inputs[0]) == "cpu"
@@ -141,6 +148,7 @@ def test_dispatch_follows_device_argument_and_env(monkeypatch):
     expected = multi_scale_deformable_attention_pytorch(*inputs)
     assert_close(multi_scale_deformable_attention(*inputs, backend="cpu"), expected)
     assert_close(multi_scale_deformable_attention(*inputs, backend="pytorch"), expected)
+    assert_close(multi_scale_deformable_attention(*inputs, backend="levels"), expected)
 
 
 # ----------------------------------------------------------------------------- Triton

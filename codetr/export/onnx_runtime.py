@@ -153,13 +153,19 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu",
     """`restore_detector` for `.pth` checkpoints (codetr's, or official ones built from the run's
     `spec`), `OnnxDetector` for `.onnx` files.
 
+    A restored PyTorch model is folded for eval (`codetr.model.eval_fold`: BatchNorm into its
+    convolution, fused query projections; same outputs within 1e-5).
+
     Returns:
         (detector, LabelMap, the spec it was trained with, 'ema' | 'raw').
     """
     if not is_onnx_file(path):
+        from codetr.model.eval_fold import fold_for_eval
         from codetr.tasks.checkpoint import restore_detector
 
-        return restore_detector(path, device, spec)
+        model, label_map, trained_spec, which = restore_detector(path, device, spec)
+        fold_for_eval(model)
+        return model, label_map, trained_spec, which
     detector = OnnxDetector(path, device)
     meta = detector.meta
     spec = spec_from_dict(meta.spec, origin=f"{path} (stored spec)")

@@ -39,7 +39,23 @@ class MultiScaleDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
+        # Eval only (`fuse_query_projections`): both query projections stacked, not saved.
+        self.register_buffer("fused_query_weight", None, persistent=False)
+        self.register_buffer("fused_query_bias", None, persistent=False)
         self.reset_parameters()
+
+    @torch.no_grad()
+    def fuse_query_projections(self) -> None:
+        """Eval-time fusion: `sampling_offsets` and `attention_weights` read the same query, so
+        one GEMM with their weights stacked computes both (`codetr.model.eval_fold`). Dropped by
+        `train()`: the stacked copy would not follow the weights' updates."""
+        self.fused_query_weight = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])
+        self.fused_query_bias = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])
+
+    def train(self, mode: bool = True) -> "MultiScaleDeformableAttention":
+        if mode:
+            self.fused_query_weight = self.fused_query_bias = None
+        return super().train(mode)
 
     def reset_parameters(self) -> None:
         """Deformable DETR's init: offsets start on a ring of `num_heads` directions.
@@ -92,25 +108,34 @@ class MultiScaleDeformableAttention(nn.Module):
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value)
         if key_padding_mask is not None:
-            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+            # In place on value_proj's fresh output (addmm's backward does not read it).
+            value.masked_fill_(key_padding_mask[..., None], 0.0)
         value = value.view(bs, num_value, heads, self.embed_dim // heads)
-        offsets = self.sampling_offsets(query).view(bs, num_query, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(bs, num_query, heads, levels * points)
+        if self.fused_query_weight is not None:
+            both = nn.functional.linear(query, self.fused_query_weight, self.fused_query_bias)
+            offsets, weights = both.split([heads * levels * points * 2, heads * levels * points], -1)
+        else:
+            offsets, weights = self.sampling_offsets(query), self.attention_weights(query)
+        weights = weights.reshape(bs, num_query, heads, levels * points)
         weights = weights.softmax(-1).view(bs, num_query, heads, levels, points)
+        # locations = reference + offsets * scale, as one multiply-add over [B, Nq, H, L*P*2]:
+        # the per-(level, point, xy) factors are expanded to that last axis first, because a
+        # broadcast over a trailing axis of 2 runs ~10x slower on the CPU.
+        offsets = offsets.reshape(bs, num_query, heads, levels * points * 2)
         if reference_points.shape[-1] == 2:
             # Offsets are in cells of each level: divide by (w_l, h_l).
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(query.dtype)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
-            )
+            scale = (1.0 / normalizer)[:, None, :].expand(levels, points, 2).reshape(-1)  # [L*P*2]
+            base = reference_points[:, :, :, None, :]
         elif reference_points.shape[-1] == 4:
-            locations = (
-                reference_points[:, :, None, :, None, :2]
-                + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5
-            )
+            # Offsets are in units of half the box size / P.
+            scale = (reference_points[:, :, :, None, 2:] * (0.5 / points)).expand(
+                bs, num_query, levels, points, 2).reshape(bs, num_query, 1, -1)
+            base = reference_points[:, :, :, None, :2]
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
+        base = base.expand(bs, num_query, levels, points, 2).reshape(bs, num_query, 1, -1)
+        locations = torch.addcmul(base, offsets, scale).view(bs, num_query, heads, levels, points, 2)
         # Sample in float32 (as Deformable DETR's kernel does under AMP): bf16 locations would be
         # off by up to a cell on large maps, and under autocast the inputs' dtypes would differ.
         output = multi_scale_deformable_attention(

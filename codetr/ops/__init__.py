@@ -1,7 +1,8 @@
-"""Custom tensor ops: multi-scale deformable attention (reference, CPU gather path, Triton, dispatch)."""
+"""Custom tensor ops: multi-scale deformable attention (reference, level-major CPU path, gather path, Triton, dispatch)."""
 from codetr.ops.msda import (
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_cpu,
+    multi_scale_deformable_attention_levels,
     multi_scale_deformable_attention_pytorch,
     multi_scale_deformable_attention_triton,
     select_backend,
@@ -10,6 +11,7 @@ from codetr.ops.msda import (
 __all__ = [
     "multi_scale_deformable_attention",
     "multi_scale_deformable_attention_cpu",
+    "multi_scale_deformable_attention_levels",
     "multi_scale_deformable_attention_pytorch",
     "multi_scale_deformable_attention_triton",
     "select_backend",

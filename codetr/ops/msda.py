@@ -5,9 +5,11 @@ feature levels and sums the bilinear samples weighted by ``attention_weights``.
 Argument order follows mmcv's ``MultiScaleDeformableAttnFunction`` so weights and
 call sites port one-to-one.
 
-Paths: ``pytorch`` (this file, the reference), ``cpu`` (gather-based, ``msda_cpu.py``),
-``export`` (grid_sample per level for ONNX graphs, ``msda_export.py``; always taken while
-``torch.onnx.export`` runs) and ``triton`` (``msda_triton.py``, CUDA tensors; CPU tensors
+Paths: ``pytorch`` (this file, the reference), ``levels`` (the reference's math in a
+level-major layout without the stack, ``msda_levels.py``: the CPU default), ``cpu``
+(gather-based, ``msda_cpu.py``),
+``export`` (the ``levels`` formulation, always taken while ``torch.onnx.export`` runs: only
+standard ONNX ops) and ``triton`` (``msda_triton.py``, CUDA tensors; CPU tensors
 only under ``TRITON_INTERPRET=1``). The dispatcher picks one per call; ``backend=`` or the
 ``CODETR_MSDA_BACKEND`` environment variable forces one.
 """
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from codetr.ops.msda_cpu import multi_scale_deformable_attention_cpu
-from codetr.ops.msda_export import multi_scale_deformable_attention_export
+from codetr.ops.msda_levels import multi_scale_deformable_attention_levels
+from codetr.ops.msda_shapes import level_maps, level_shapes, msda_sizes
 
 
 def multi_scale_deformable_attention_pytorch(
@@ -50,16 +53,11 @@ def multi_scale_deformable_attention_pytorch(
         ``[B, Nq, H * D]``, heads concatenated along the channel axis.
     """
     del level_start_index
-    bs, _, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_list = value.split(sizes, dim=1)
+    n = msda_sizes(value, sampling_locations)
     # grid_sample wants [-1, 1] with -1/+1 at the outer pixel edges (align_corners=False).
     sampling_grids = 2 * sampling_locations - 1
     sampling_value_list = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
-        # [B, h*w, H, D] -> [B*H, D, h, w]
-        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(bs * num_heads, head_dim, h, w)
+    for level, value_l in enumerate(level_maps(value, level_shapes(spatial_shapes))):
         # [B, Nq, H, P, 2] -> [B*H, Nq, P, 2]
         grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # [B*H, D, Nq, P]
@@ -67,14 +65,15 @@ def multi_scale_deformable_attention_pytorch(
             F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
         )
     # [B, Nq, H, L, P] -> [B*H, 1, Nq, L*P]
-    weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries, num_levels * num_points)
+    weights = attention_weights.transpose(1, 2).reshape(
+        n.batch * n.num_heads, 1, n.num_queries, n.num_levels * n.num_points)
     # [B*H, D, Nq, L*P] * weights -> [B*H, D, Nq] -> [B, H*D, Nq]
     output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * weights).sum(-1)
-    output = output.view(bs, num_heads * head_dim, num_queries)
+    output = output.view(n.batch, n.num_heads * n.head_dim, n.num_queries)
     return output.transpose(1, 2).contiguous()
 
 
-Backend = Literal["auto", "pytorch", "cpu", "triton", "export"]
+Backend = Literal["auto", "pytorch", "levels", "cpu", "triton", "export"]
 BACKEND_ENV = "CODETR_MSDA_BACKEND"
 
 
@@ -109,30 +108,37 @@ def select_backend(value: Tensor, backend: Backend | None = None) -> Backend:
         backend: forced path; ``None`` reads ``CODETR_MSDA_BACKEND`` (default ``auto``).
 
     Returns:
-        ``triton`` for CUDA tensors when Triton imports, ``pytorch`` otherwise; a forced path
-        is returned as is, except during ONNX export (always ``export``, the grid_sample path
-        of ``msda_export.py``). The ``cpu`` path
-        is never chosen automatically: it saves backward memory (about 4x) but measured slower
-        than grid_sample at the sizes of the default model (fwd+bwd 252 vs 84 ms encoder,
-        144 vs 43 ms decoder, 2 threads; BENCHMARKS.md).
+        ``triton`` for CUDA tensors when Triton imports, ``levels`` for CPU tensors, ``pytorch``
+        otherwise; a forced path is returned as is, except during ONNX export (always
+        ``export``: the ``levels`` formulation, standard ONNX ops only). The CPU rule comes from
+        measurements (BENCHMARKS.md, "Multi-scale deformable attention"; ``bench/msda.py``):
+        ``levels`` was the fastest path in the real training step of the default model and at
+        inference of both the default and the TAO-sized model, against the reference and the
+        gather path ``cpu``. ``cpu`` is never chosen automatically: it keeps ~4x less memory
+        for backward but its scattered backward lost in the training step; force it by name.
     """
     if torch.onnx.is_in_onnx_export():
         # The exported graph must be standard ONNX ops (GridSample): never a kernel or a gather
         # path, whatever was forced (codetr.export relies on this).
         return "export"
     choice = backend or os.environ.get(BACKEND_ENV, "auto")
-    if choice not in ("auto", "pytorch", "cpu", "triton"):
-        raise ValueError(f"unknown msda backend {choice!r}; use auto, pytorch, cpu or triton")
+    if choice not in ("auto", "pytorch", "levels", "cpu", "triton"):
+        raise ValueError(f"unknown msda backend {choice!r}; use auto, pytorch, levels, cpu or triton")
     if choice != "auto":
         return choice  # type: ignore[return-value]
     if value.is_cuda and triton_available():
         return "triton"
-    return "pytorch"
+    return "levels" if value.device.type == "cpu" else "pytorch"
 
 
-_PATHS: dict[str, Callable[..., Tensor]] = {
-    "export": multi_scale_deformable_attention_export,
+# The paths by backend name (public: tests and benches take one by its name).
+PATHS: dict[str, Callable[..., Tensor]] = {
+    # The exported graph uses the level-major formulation too: standard ONNX ops (Transpose,
+    # GridSample opset 16+, Mul, ReduceSum), 8% faster in onnxruntime than weighting per level in
+    # the reference's layout (BENCHMARKS.md, ONNX export).
+    "export": multi_scale_deformable_attention_levels,
     "pytorch": multi_scale_deformable_attention_pytorch,
+    "levels": multi_scale_deformable_attention_levels,
     "cpu": multi_scale_deformable_attention_cpu,
     "triton": multi_scale_deformable_attention_triton,
 }
@@ -152,5 +158,5 @@ def multi_scale_deformable_attention(
     Same arguments and result as :func:`multi_scale_deformable_attention_pytorch`;
     ``backend`` forces a path (see :func:`select_backend`).
     """
-    path = _PATHS[select_backend(value, backend)]
+    path = PATHS[select_backend(value, backend)]
     return path(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from codetr.ops.msda_shapes import msda_sizes
+
 # Elements of one [chunk, K, D] temporary in the backward pass (8 MiB in fp32).
 _CHUNK_ELEMENTS = 1 << 21
 
@@ -145,8 +147,7 @@ def multi_scale_deformable_attention_cpu(
     Returns:
         ``[B, Nq, H * D]``.
     """
-    bs, num_keys, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    bs, num_keys, num_heads, head_dim, num_queries, num_levels, num_points = msda_sizes(value, sampling_locations)
     spatial_shapes = spatial_shapes.to(device=value.device, dtype=torch.int64)
     level_start_index = level_start_index.to(device=value.device, dtype=torch.int64)
     rows, weights = _corner_rows_and_weights(

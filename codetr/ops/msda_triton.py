@@ -21,6 +21,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from codetr.ops.msda_shapes import msda_sizes
+
 
 @triton.jit
 def _corner(value_ptr, value_row0, yy, xx, height, width, level_start, d, mask_qd,
@@ -175,8 +177,8 @@ class MSDATritonFunction(torch.autograd.Function):
         level_start_index = level_start_index.to(device=value.device, dtype=torch.int64).contiguous()
         sampling_locations = sampling_locations.contiguous()
         attention_weights = attention_weights.contiguous()
-        bs, num_keys, num_heads, head_dim = value.shape
-        _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+        bs, num_keys, num_heads, head_dim, num_queries, num_levels, num_points = msda_sizes(
+            value, sampling_locations)
         out = value.new_empty(bs, num_queries, num_heads, head_dim)
         block_q, block_d, grid = _launch_config(bs * num_queries, head_dim, num_heads)
         _msda_fwd_kernel[grid](
@@ -192,8 +194,8 @@ class MSDATritonFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        bs, num_keys, num_heads, head_dim = value.shape
-        _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+        bs, num_keys, num_heads, head_dim, num_queries, num_levels, num_points = msda_sizes(
+            value, sampling_locations)
         grad_output = grad_output.contiguous()
         # fp32 accumulator: atomic adds of fp16/bf16 would round at every add.
         grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
