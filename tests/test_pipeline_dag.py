@@ -110,9 +110,14 @@ def _under(path: str, folder: str) -> bool:
     return Path(path) == Path(folder) or Path(folder) in Path(path).parents
 
 
-def test_spec_paths_point_into_the_declared_outputs():
-    params = load_params(REPO / "params.yaml")
-    spec = load_spec(REPO / "params.yaml")
+# The files a user copies to params.yaml for `dvc repro`: the default and the small-data recipe.
+PIPELINE_PARAMS = ("params.yaml", "params/finetune-small.yaml")
+
+
+@pytest.mark.parametrize("name", PIPELINE_PARAMS)
+def test_spec_paths_point_into_the_declared_outputs(name):
+    params = load_params(REPO / name)
+    spec = load_spec(REPO / name)
     outs = {s.name: s.outs for s in read_stages(REPO / "dvc.yaml")}
     data, = outs["prepare"]
     ds = spec.dataset
