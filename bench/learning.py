@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
         futures = {model: pool.submit(run_model, model, spec, args.budget, args.eval_every,
                                       args.threads, args.workers, args.schedule, args.clock,
-                                      args.diagnostics)
+                                      args.diagnostics,
+                                      str(out.with_name(f"{out.stem}.{model}.partial.json")))
                    for model, spec in specs.items()}
         for model, future in futures.items():
             report["results"][model] = future.result()

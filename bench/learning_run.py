@@ -12,12 +12,14 @@ The evaluation time (same clock) is excluded from the budget.
 """
 from __future__ import annotations
 
+import json
 import resource
 import time
 
 import torch
 
 from codetr.data.build import build_collator, build_dataloader, build_dataset, build_label_map
+from codetr.fileio import atomic_write_text
 from codetr.model.builder import build_criterion, build_model, build_postprocess
 from codetr.spec.schema import ExperimentSpec
 from codetr.tasks.coco_eval import evaluate_coco, load_ground_truth, to_coco_results
@@ -65,14 +67,16 @@ def evaluate(detector: torch.nn.Module, postprocess: torch.nn.Module, loader, gt
 
 
 def run_model(model: str, spec: ExperimentSpec, budget: float, eval_every: float, threads: int,
-              workers: int, schedule: bool, clock: str = "cpu", diagnostics: bool = False) -> dict:
+              workers: int, schedule: bool, clock: str = "cpu", diagnostics: bool = False,
+              progress: str | None = None) -> dict:
     """Trains one detector for `budget` seconds of training time on `clock`, evaluating at every mark.
 
     Returns:
         `marks` (list of {mark_s, train_s, steps, AP, AP50, loss, wall_s} and, with `diagnostics`,
         `diag` = `LossLog.flush()` plus `encoder` = `encoder_probe`), `steps`, `train_s`,
         `s_per_step`, `eval_s`, `wall_s`, `clock`, `peak_rss_mib` (this process), `params_m`
-        and `info`.
+        and `info`. With `progress` (a path) the marks so far are also written there (atomic
+        JSON) after every mark, so a run cut short keeps what it measured.
     """
     torch.set_num_threads(threads)
     torch.manual_seed(spec.train.seed)
@@ -122,6 +126,9 @@ def run_model(model: str, spec: ExperimentSpec, budget: float, eval_every: float
         eval_s += now() - t0
         recent.clear()
         marks.append(entry)
+        if progress is not None:
+            atomic_write_text(progress, json.dumps({"model": model, "clock": clock,
+                                                    "marks": marks}, indent=1))
         enc = entry.get("encoder") or {}
         print(f"  [{model}] {nominal:6.0f}s  step {steps:5d}  loss {entry['loss']:7.3f}  "
               f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}"
