@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning_report import equal_steps  # noqa: E402
+from learning_report import equal_steps, interpolate  # noqa: E402
 
 
 def load_results(path: Path, models: list[str] | None = None) -> tuple[dict, dict]:
@@ -91,6 +91,31 @@ def diag_table(results: dict) -> list[str]:
     return lines
 
 
+def encoder_steps_table(results: dict) -> list[str]:
+    """Encoder-proposal recall@0.5 and AP50 (and the one-to-one loss) at equal steps: the marks
+    of the model with the fewest steps among those with the probe, the others interpolated."""
+    flat = {}
+    for name, res in results.items():
+        marks = [{"steps": m["steps"], "recall50": m["encoder"]["recall50"],
+                  "AP50": m["encoder"]["AP50"], "o2o": m["diag"]["groups"].get("one_to_one")}
+                 for m in res["marks"] if m.get("encoder") and m.get("diag")]
+        if marks:
+            flat[name] = marks
+    if not flat:
+        return []
+    ref = min(flat, key=lambda n: flat[n][-1]["steps"])
+    lines = [f"| steps (marks of {ref}) | "
+             + " | ".join(f"{n} enc recall@0.5 / enc AP50 / one-to-one loss" for n in flat) + " |",
+             "| ---: |" + " --- |" * len(flat)]
+    for m in flat[ref]:
+        cells = []
+        for n, marks in flat.items():
+            vals = [interpolate(marks, m["steps"], k) for k in ("recall50", "AP50", "o2o")]
+            cells.append("n/a" if None in vals else " / ".join(f"{v:.3f}" for v in vals))
+        lines.append(f"| {m['steps']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def cost_table(results: dict) -> list[str]:
     lines = ["| model | params M | steps | s / step | wall s | peak RSS MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -114,6 +139,7 @@ def main(argv: list[str] | None = None) -> str:
                                    args.models.split(",") if args.models else None)
     parts = [f"data: {report.get('data')}", ""] + time_table(results) + [""] + steps_table(results)
     parts += [""] + cost_table(results) + [""] + diag_table(results)
+    parts += [""] + encoder_steps_table(results)
     text = "\n".join(parts)
     print(text)
     return text
