@@ -25,6 +25,8 @@ def load_results(path: Path, models: list[str] | None = None) -> tuple[dict, dic
     names = models or (report.get("config", {}).get("models")
                        or sorted(p.name.split(".")[-3] for p in
                                  path.parent.glob(f"{path.stem}.*.partial.json")))
+    if models:
+        results = {n: results[n] for n in models if n in results}
     for name in names:
         if name in results:
             continue
