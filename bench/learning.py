@@ -2,8 +2,9 @@
 
 Three detectors train, each in a fresh process (so each one's peak RSS is its own), one after the
 other or side by side with `--parallel` (each then gets the same share of the machine), on the
-repo's default synthetic shapes data (or a real COCO set, below), with the same image size, backbone and pretrained trunk,
-width, batch, optimizer groups, learning rates, clipping and training-time budget:
+repo's default synthetic shapes data (or a real COCO set, below), with the same image size,
+backbone and pretrained trunk, width, batch, optimizer groups, learning rates, clipping and
+training-time budget:
 
 - `ours`: the default Co-DETR of `params.yaml` (model, dataset and optim sections), data paths
   pointed at the bench's generated data;
