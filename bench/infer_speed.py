@@ -35,25 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from export import TAO  # noqa: E402
+from export import models as specs  # noqa: E402  (tao / default: the same specs as bench/export.py)
 from peer_hf import hf_config, prior_init, unfreeze_batch_norm  # noqa: E402
 
 from codetr.model.builder import build_model  # noqa: E402
 from codetr.model.eval_fold import fold_for_eval  # noqa: E402
-from codetr.spec import load_spec, spec_from_dict  # noqa: E402
-
-
-def specs(names: list[str]):
-    """(name, spec, num_classes, (h, w)) of the requested sizes."""
-    for name in names:
-        if name == "tao":
-            yield name, spec_from_dict({"model": TAO, "train": {"activation_checkpoint": False}}), 91, (640, 640)
-        elif name == "default":
-            spec = load_spec(REPO / "params.yaml")
-            spec.model.pretrained_backbone_path = None
-            yield name, spec, spec.dataset.num_classes, (spec.export.input_height, spec.export.input_width)
-        else:
-            raise SystemExit(f"unknown model {name!r}: use tao, default")
 
 
 def build_peer_eval(spec, num_classes: int) -> nn.Module:

@@ -105,23 +105,13 @@ def bench_path(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], grad_out: 
 def step_compare(backends: list[str], steps: int, batch: int, clock: Callable[[], float]) -> None:
     """Training-step and eval-forward seconds of the default model per MSDA backend, alternating."""
     sys.path.insert(0, str(REPO / "bench"))
-    from learning import bench_spec, prepare_data
-
-    from codetr.data.build import build_collator, build_dataloader, build_dataset, build_label_map
-    from codetr.model.builder import build_criterion, build_model
-    from codetr.tasks.optim import build_optimizer, build_param_groups
+    from learning_data import synthetic_data
+    from step_setup import training_setup
 
     params = REPO / "params.yaml"
-    root = prepare_data(params, REPO / "bench" / "out", max(4 * batch, 64), 8)
-    spec = bench_spec(params, root, None, "ours", [f"dataset.batch_size={batch}",
-                                                   "model.pretrained_backbone_path=null"])
-    torch.manual_seed(0)
-    labels = build_label_map(spec)
-    loader = build_dataloader(build_dataset(spec, "train", labels), batch, 0, True,
-                              build_collator(spec, "train"), drop_last=True, seed=0)
-    model = build_model(spec, labels.num_classes)
-    criterion = build_criterion(spec, labels.num_classes)
-    optimizer = build_optimizer(build_param_groups(model, spec.train.optim), spec.train.optim)
+    root = synthetic_data(params, REPO / "bench" / "out", max(4 * batch, 64), 8)
+    setup = training_setup(params, root, batch)
+    model, criterion, optimizer, loader = setup.model, setup.criterion, setup.optimizer, setup.loader
     batches = [next(iter(loader)) for _ in range(2)]
 
     def train_step(i: int) -> None:

@@ -35,10 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from codetr.data.build import (build_collator, build_dataloader, build_dataset,  # noqa: E402
-                               build_label_map)
-from codetr.tasks.optim import build_optimizer, build_param_groups  # noqa: E402
-from learning import bench_spec, build_detector, prepare_data  # noqa: E402
+from learning_data import BenchData, synthetic_data  # noqa: E402
+from step_setup import training_setup  # noqa: E402
 
 PARAMS = REPO / "params.yaml"
 
@@ -46,18 +44,12 @@ PARAMS = REPO / "params.yaml"
 class Variant:
     """One detector with its criterion, optimizer and an endless stream of training batches."""
 
-    def __init__(self, name: str, data_root: Path, batch: int) -> None:
+    def __init__(self, name: str, data: BenchData, batch: int) -> None:
         self.name = name
-        spec = bench_spec(PARAMS, data_root, None, name,
-                          [f"dataset.batch_size={batch}", "model.pretrained_backbone_path=null"])
-        torch.manual_seed(0)
-        labels = build_label_map(spec)
-        self.loader = build_dataloader(build_dataset(spec, "train", labels), batch, 0, True,
-                                       build_collator(spec, "train"), drop_last=True, seed=0)
-        self.model, self.criterion, _ = build_detector(name, spec, labels.num_classes)
+        setup = training_setup(PARAMS, data, batch, name)
+        spec, self.loader = setup.spec, setup.loader
+        self.model, self.criterion, self.optimizer = setup.model, setup.criterion, setup.optimizer
         self.model.train()
-        optim = spec.train.optim
-        self.optimizer = build_optimizer(build_param_groups(self.model, optim), optim)
         self.clip = spec.train.clip_grad_norm
         self._batches = iter(self.loader)
         self.times: list[float] = []
@@ -236,8 +228,8 @@ def main() -> None:
                         help="CPU ms of the co-head's parts and of the matcher (first variant)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data_root = prepare_data(PARAMS, REPO / "bench" / "out", 1000, 100)
-    variants = [Variant(name, data_root, args.batch) for name in args.variants.split(",")]
+    data = synthetic_data(PARAMS, REPO / "bench" / "out", 1000, 100)
+    variants = [Variant(name, data, args.batch) for name in args.variants.split(",")]
     for _ in range(args.warmup):
         for v in variants:
             v.step(v.batch())

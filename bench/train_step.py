@@ -34,16 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from codetr.data.build import (build_collator, build_dataloader, build_dataset,  # noqa: E402
-                               build_label_map)
 from codetr.model.backbone import Backbone  # noqa: E402
-from codetr.model.builder import build_criterion, build_model  # noqa: E402
+from codetr.model.builder import build_model  # noqa: E402
 from codetr.model.faster_rcnn import pixel_targets  # noqa: E402
 from codetr.model.positive_queries import build_positive_queries  # noqa: E402
 from codetr.spec import load_spec  # noqa: E402
 from codetr.tasks.optim import build_optimizer, build_param_groups  # noqa: E402
-from learning import bench_spec, prepare_data  # noqa: E402
+from learning_data import BenchData, bench_spec, synthetic_data  # noqa: E402
 from msda import time_ms  # noqa: E402
+from step_setup import training_setup  # noqa: E402
 
 PARAMS = REPO / "params.yaml"
 
@@ -69,9 +68,9 @@ def backbone_formats(name: str, batch: int, size: int, repeats: int,
     return out
 
 
-def optimizer_kinds(data_root: Path, repeats: int, clock: Callable[[], float]) -> dict:
+def optimizer_kinds(data: BenchData, repeats: int, clock: Callable[[], float]) -> dict:
     """Seconds of one AdamW step, foreach vs fused, over the default model's parameters."""
-    spec = bench_spec(PARAMS, data_root, None, "ours", ["model.pretrained_backbone_path=null"])
+    spec = bench_spec(PARAMS, data, None, "ours", ["model.pretrained_backbone_path=null"])
     model = build_model(spec, spec.dataset.num_classes)
     groups = build_param_groups(model, spec.train.optim)
     for p in model.parameters():
@@ -85,20 +84,13 @@ def optimizer_kinds(data_root: Path, repeats: int, clock: Callable[[], float]) -
     return out
 
 
-def train_steps(data_root: Path, batch: int, steps: int, clock: Callable[[], float],
+def train_steps(data: BenchData, batch: int, steps: int, clock: Callable[[], float],
                 model_name: str = "ours") -> dict:
     """Seconds per training step of the default model (or a `bench/learning.py` variant) at
     `batch` images per step."""
-    spec = bench_spec(PARAMS, data_root, None, model_name,
-                      [f"dataset.batch_size={batch}", "model.pretrained_backbone_path=null"])
-    torch.manual_seed(0)
-    labels = build_label_map(spec)
-    loader = build_dataloader(build_dataset(spec, "train", labels), batch, 0, True,
-                              build_collator(spec, "train"), drop_last=True, seed=0)
-    model = build_model(spec, labels.num_classes)
-    criterion = build_criterion(spec, labels.num_classes)
-    optimizer = build_optimizer(build_param_groups(model, spec.train.optim), spec.train.optim)
-    batches = iter(loader)
+    setup = training_setup(PARAMS, data, batch, model_name)
+    model, criterion, optimizer = setup.model, setup.criterion, setup.optimizer
+    batches = iter(setup.loader)
 
     def step() -> None:
         b = next(batches)
@@ -111,7 +103,7 @@ def train_steps(data_root: Path, batch: int, steps: int, clock: Callable[[], flo
     return {"batch": batch, "s_per_step": per_step, "s_per_image": per_step / batch}
 
 
-def rcnn_parts(data_root: Path, batch: int, steps: int, clock: Callable[[], float]) -> dict:
+def rcnn_parts(data: BenchData, batch: int, steps: int, clock: Callable[[], float]) -> dict:
     """Forward + backward seconds of the Faster R-CNN co-head's parts on one batch.
 
     The encoder memory is computed once and detached (a leaf), so each timing covers one part and
@@ -119,14 +111,10 @@ def rcnn_parts(data_root: Path, batch: int, steps: int, clock: Callable[[], floa
     the RoI head on the RPN's proposals, and the RoI positives' decoder pass (queries, decoder,
     branches; a sum of the outputs stands in for their cheap loss).
     """
-    spec = bench_spec(PARAMS, data_root, None, "ours_rcnn",
-                      [f"dataset.batch_size={batch}", "model.pretrained_backbone_path=null"])
-    torch.manual_seed(0)
-    labels = build_label_map(spec)
-    loader = build_dataloader(build_dataset(spec, "train", labels), batch, 0, True,
-                              build_collator(spec, "train"), drop_last=True, seed=0)
-    b = next(iter(loader))
-    model = build_model(spec, labels.num_classes).train()
+    setup = training_setup(PARAMS, data, batch, "ours_rcnn")
+    model = setup.model.train()
+    num_classes = setup.criterion.num_classes
+    b = next(iter(setup.loader))
     with torch.no_grad():
         feats = model.neck(model.backbone(b.images))
         masks = [torch.nn.functional.interpolate(b.masks[None].float(), size=f.shape[-2:])
@@ -151,7 +139,7 @@ def rcnn_parts(data_root: Path, batch: int, steps: int, clock: Callable[[], floa
         sum(losses.values()).backward()
 
     def positive() -> None:
-        boxes, _ = build_positive_queries(positives, image_sizes, labels.num_classes)
+        boxes, _ = build_positive_queries(positives, image_sizes, num_classes)
         layers = model.query_head.forward_positive(memory, boxes, 0)
         sum(o["pred_logits"].sum() + o["pred_boxes"].sum() for o in layers).backward()
 
@@ -172,12 +160,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock, clock_name = ((time.process_time, "process CPU time") if args.threads == 1
                          else (time.perf_counter, "wall clock"))
-    data_root = prepare_data(PARAMS, REPO / "bench" / "out", 1000, 100)
+    data = synthetic_data(PARAMS, REPO / "bench" / "out", 1000, 100)
     if args.rcnn or args.only_rcnn:
         batch = int(args.batches.split(",")[0])
-        with_rcnn = train_steps(data_root, batch, args.steps, clock, "ours_rcnn")["s_per_step"]
-        without = train_steps(data_root, batch, args.steps, clock)["s_per_step"]
-        parts = rcnn_parts(data_root, batch, args.steps, clock)
+        with_rcnn = train_steps(data, batch, args.steps, clock, "ours_rcnn")["s_per_step"]
+        without = train_steps(data, batch, args.steps, clock)["s_per_step"]
+        parts = rcnn_parts(data, batch, args.steps, clock)
         print(f"batch {batch}, {clock_name}: step {without:.3f} s ATSS only, {with_rcnn:.3f} s with "
               f"the Faster R-CNN co-head; its parts (fwd+bwd): " +
               ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
@@ -189,12 +177,12 @@ def main() -> None:
     print(f"backbone {spec.model.backbone} fwd+bwd, {spec.dataset.batch_size}x{size}^2, "
           f"{args.threads} thread(s), {clock_name}: NCHW {bb['nchw']:.3f} s, channels_last "
           f"{bb['channels_last']:.3f} s, ratio {bb['ratio']:.2f}x")
-    opt = optimizer_kinds(data_root, args.steps, clock)
+    opt = optimizer_kinds(data, args.steps, clock)
     print(f"AdamW step: foreach {opt['foreach'] * 1e3:.1f} ms, fused {opt['fused'] * 1e3:.1f} ms, "
           f"ratio {opt['ratio']:.2f}x")
     print(f"{'batch':>5} {'s/step':>7} {'s/image':>8}")
     for batch in (int(b) for b in args.batches.split(",")):
-        res = train_steps(data_root, batch, args.steps, clock)
+        res = train_steps(data, batch, args.steps, clock)
         print(f"{res['batch']:>5} {res['s_per_step']:>7.3f} {res['s_per_image']:>8.4f}")
 
 
