@@ -86,16 +86,23 @@ def _detections(path: Path) -> list:
     return sorted(json.loads(path.read_text()), key=lambda d: (d["image_id"], -d["score"]))
 
 
-def test_evaluate_with_onnx_gives_the_pytorch_results(setup):
+def _run_on_both(setup, run, section: str, prefix: str, onnx_overrides: dict | None = None) -> dict:
+    """Runs a task on the .pth checkpoint and on its .onnx file; {"pth"|"onnx": results folder}."""
     root, _, checkpoint, onnx_file = setup
-    runs = {}
+    folders = {}
     for name, ckpt in (("pth", checkpoint), ("onnx", onnx_file)):
         d = spec_dict(root / "data", root / "results", str(ckpt))
-        d["evaluate"]["results_dir"] = str(root / f"eval_{name}")
-        if name == "onnx":  # the file's own size is used when the spec leaves it unset
-            d["evaluate"].update(input_width=None, input_height=None)
-        assert evaluate.run(spec_from_dict(d)) == 0
-        runs[name] = root / f"eval_{name}"
+        d[section]["results_dir"] = str(root / f"{prefix}_{name}")
+        if name == "onnx":
+            d[section].update(onnx_overrides or {})
+        assert run(spec_from_dict(d)) == 0
+        folders[name] = root / f"{prefix}_{name}"
+    return folders
+
+
+def test_evaluate_with_onnx_gives_the_pytorch_results(setup):
+    # the ONNX run leaves the size unset: the file's own size is used
+    runs = _run_on_both(setup, evaluate.run, "evaluate", "eval", {"input_width": None, "input_height": None})
     assert sorted(p.name for p in runs["pth"].iterdir()) == sorted(p.name for p in runs["onnx"].iterdir())
     m_pth, m_onnx = (json.loads((runs[n] / "metrics.json").read_text()) for n in ("pth", "onnx"))
     assert abs(m_pth["AP"] - m_onnx["AP"]) <= 0.002 and abs(m_pth["AP50"] - m_onnx["AP50"]) <= 0.002
@@ -108,13 +115,7 @@ def test_evaluate_with_onnx_gives_the_pytorch_results(setup):
 
 
 def test_inference_with_onnx_writes_the_same_files(setup):
-    root, _, checkpoint, onnx_file = setup
-    outs = {}
-    for name, ckpt in (("pth", checkpoint), ("onnx", onnx_file)):
-        d = spec_dict(root / "data", root / "results", str(ckpt))
-        d["inference"]["results_dir"] = str(root / f"inf_{name}")
-        assert inference.run(spec_from_dict(d)) == 0
-        outs[name] = root / f"inf_{name}"
+    outs = _run_on_both(setup, inference.run, "inference", "inf")
     files = {n: sorted(p.relative_to(outs[n]).as_posix() for p in outs[n].rglob("*") if p.is_file())
              for n in outs}
     assert files["pth"] == files["onnx"] and any(f.startswith("images_annotated/") for f in files["pth"])
