@@ -149,7 +149,9 @@ def detections_parity(model: torch.nn.Module, onnx_file: str | os.PathLike, imag
 
     Eager runs on the graph's query selection (module docstring). Boxes are compared in pixels
     divided by the larger original side (normalised, as for the raw outputs); a rank where the
-    labels differ must have scores within the tolerance (a tie).
+    labels differ must have scores within the tolerance (a tie), and every box is compared with
+    its tied partner there (`matched_box_diff`), so a swap of two tied detections is no blind
+    spot.
     """
     session, probed = probe_session(onnx_file)
     outputs = session.run(None, {"images": images.numpy().astype(np.float32),
@@ -166,9 +168,32 @@ def detections_parity(model: torch.nn.Module, onnx_file: str | os.PathLike, imag
     scores, labels, pixels = topk_detections(logits, boxes, orig_sizes, num_select)
     side = orig_sizes.max(1).values.float()[:, None, None]
     same = labels == o_labels
-    box = ((pixels - o_pixels).abs() / side)[same].max().item() if same.any() else 0.0
-    return Parity(max_score_diff=(scores - o_scores).abs().max().item(), max_box_diff=box,
+    return Parity(max_score_diff=(scores - o_scores).abs().max().item(),
+                  max_box_diff=matched_box_diff(scores, labels, pixels / side, o_scores, o_labels,
+                                                o_pixels / side, tolerance),
                   topk_labels_equal=bool(same.all()),
                   topk_same_up_to_ties=bool((same | ((scores - o_scores).abs() <= tolerance)).all()),
                   topk=int(labels.shape[1]), batch=len(images), tolerance=tolerance,
                   selection_ranks_differing=differing, selection_ties_only=ties_only)
+
+
+def matched_box_diff(scores_a: Tensor, labels_a: Tensor, boxes_a: Tensor, scores_b: Tensor,
+                     labels_b: Tensor, boxes_b: Tensor, tolerance: float) -> float:
+    """Box difference of two ranked detection lists that may order tied detections differently.
+
+    Every detection of b is paired with the nearest box among a's detections of its image with
+    the same label and a score within `tolerance` (its own rank when nothing tied; a swapped
+    partner when two scores tie); the result is the largest such distance (max over the 4
+    coordinates), or inf when some detection of b has no such partner at all.
+
+    Args:
+        scores_a, scores_b: `[B, K]` scores.
+        labels_a, labels_b: `[B, K]` labels.
+        boxes_a, boxes_b: `[B, K, 4]` boxes in one unit (here xyxy pixels / the image's larger
+            side).
+    """
+    candidate = ((labels_b[:, :, None] == labels_a[:, None, :])
+                 & ((scores_b[:, :, None] - scores_a[:, None, :]).abs() <= tolerance))
+    distance = (boxes_b[:, :, None, :] - boxes_a[:, None, :, :]).abs().amax(-1)
+    nearest = distance.masked_fill(~candidate, float("inf")).amin(-1)
+    return nearest.max().item() if nearest.numel() else 0.0
