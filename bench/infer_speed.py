@@ -22,7 +22,6 @@ fp32 matmul measured in the same run, and our forward's top ops (`torch.profiler
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from export import alternate  # noqa: E402
 from export import models as specs  # noqa: E402  (tao / default: the same specs as bench/export.py)
 from peer_hf import hf_config, prior_init, unfreeze_batch_norm  # noqa: E402
 
@@ -64,19 +64,6 @@ def matmul_rate(clock: Callable[[], float], size: int = 2048, runs: int = 3) -> 
         a @ b
         best = min(best, clock() - start)
     return 2 * size ** 3 / best
-
-
-def alternate(fns: dict[str, Callable[[], object]], runs: int, clock: Callable[[], float]) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn (one warm-up call each)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = clock()
-            fn()
-            times[name].append(clock() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def profile(fn: Callable[[], object], rows: int, calls: int) -> tuple[int, str]:
