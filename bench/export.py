@@ -95,11 +95,12 @@ def ort_profile(path, threads: int, feeds: dict, rows: int = 10) -> str:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="codetr-ort-profile-")) / "ort")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    session.run(None, feeds)
-    session.run(None, feeds)
-    events = json.loads(Path(session.end_profiling()).read_text())
+    with tempfile.TemporaryDirectory(prefix="codetr-ort-profile-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session.run(None, feeds)
+        session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     last_run = nodes[len(nodes) // 2:]  # the second of the two runs
     per_op: dict[str, float] = {}
@@ -143,47 +144,48 @@ def main() -> int:
         print(f"wrote {args.quantize[1]}")
         return 0
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="codetr-bench-export-"))
-    print(f"threads {args.threads}, runs {args.runs}, torch {torch.__version__}")
-    for name, spec, num_classes, (h, w) in models(args.models.split(",")):
-        torch.manual_seed(0)
-        model = build_model(spec, num_classes, load_pretrained_backbone=False).eval()
-        fold_for_eval(model)
-        label_map = LabelMap(tuple(range(1, num_classes)), tuple(f"c{i}" for i in range(1, num_classes)),
-                             False, num_classes)
-        path = tmp / f"{name}.onnx"
-        start = time.perf_counter()
-        export_onnx(model, path, label_map=label_map, spec_data=spec_to_dict(spec), weights="model",
-                    height=h, width=w)
-        export_s = time.perf_counter() - start
-        session = make_session(path, threads=args.threads)
-        graph = DetectorGraph(model)
-        image = torch.randn(1, 3, h, w)
-        feeds = {"images": image.numpy()}
+    with tempfile.TemporaryDirectory(prefix="codetr-bench-export-") as tmp_name:
+        tmp = Path(tmp_name)  # the exported graphs (~200 MB), removed at the end
+        print(f"threads {args.threads}, runs {args.runs}, torch {torch.__version__}")
+        for name, spec, num_classes, (h, w) in models(args.models.split(",")):
+            torch.manual_seed(0)
+            model = build_model(spec, num_classes, load_pretrained_backbone=False).eval()
+            fold_for_eval(model)
+            label_map = LabelMap(tuple(range(1, num_classes)), tuple(f"c{i}" for i in range(1, num_classes)),
+                                 False, num_classes)
+            path = tmp / f"{name}.onnx"
+            start = time.perf_counter()
+            export_onnx(model, path, label_map=label_map, spec_data=spec_to_dict(spec), weights="model",
+                        height=h, width=w)
+            export_s = time.perf_counter() - start
+            session = make_session(path, threads=args.threads)
+            graph = DetectorGraph(model)
+            image = torch.randn(1, 3, h, w)
+            feeds = {"images": image.numpy()}
 
-        def eager():
-            with torch.no_grad():
-                graph(image)
+            def eager():
+                with torch.no_grad():
+                    graph(image)
 
-        fns = {"pytorch eager": eager, "onnxruntime": lambda: session.run(None, feeds)}
-        if args.ort_levels:
-            for level in ("basic", "extended"):
-                fns[f"onnxruntime {level}"] = _run_at_level(path, level, args.threads, feeds)
-        if args.int8 and name == "default":
-            quantize(path, tmp / "int8.onnx")
-            int8 = make_session(tmp / "int8.onnx", threads=args.threads)
-            fns["onnxruntime int8"] = lambda: int8.run(None, feeds)
-        # One thread: both runtimes compute on this thread (onnxruntime with one intra-op thread
-        # runs on the caller's), so the process CPU time is robust to other jobs on the machine.
-        clock = time.process_time if args.threads == 1 else time.perf_counter
-        result = alternate(fns, args.runs, clock)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{name}: {spec.model.backbone}, {spec.model.num_queries} queries, {h}x{w}, {params:.1f}M "
-              f"params, export {export_s:.0f} s, file {path.stat().st_size / 2**20:.1f} MiB")
-        for k, v in result.items():
-            print(f"  {k:20s} {1000 * v:9.1f} ms/image  ({v / result['pytorch eager']:.2f}x eager)")
-        if args.ort_profile:
-            print(f"  onnxruntime profile of one run (wall time in kernels):\n{ort_profile(path, args.threads, feeds)}")
+            fns = {"pytorch eager": eager, "onnxruntime": lambda: session.run(None, feeds)}
+            if args.ort_levels:
+                for level in ("basic", "extended"):
+                    fns[f"onnxruntime {level}"] = _run_at_level(path, level, args.threads, feeds)
+            if args.int8 and name == "default":
+                quantize(path, tmp / "int8.onnx")
+                int8 = make_session(tmp / "int8.onnx", threads=args.threads)
+                fns["onnxruntime int8"] = lambda: int8.run(None, feeds)
+            # One thread: both runtimes compute on this thread (onnxruntime with one intra-op thread
+            # runs on the caller's), so the process CPU time is robust to other jobs on the machine.
+            clock = time.process_time if args.threads == 1 else time.perf_counter
+            result = alternate(fns, args.runs, clock)
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            print(f"{name}: {spec.model.backbone}, {spec.model.num_queries} queries, {h}x{w}, {params:.1f}M "
+                  f"params, export {export_s:.0f} s, file {path.stat().st_size / 2**20:.1f} MiB")
+            for k, v in result.items():
+                print(f"  {k:20s} {1000 * v:9.1f} ms/image  ({v / result['pytorch eager']:.2f}x eager)")
+            if args.ort_profile:
+                print(f"  onnxruntime profile of one run (wall time in kernels):\n{ort_profile(path, args.threads, feeds)}")
     return 0
 
 

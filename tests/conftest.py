@@ -1,17 +1,38 @@
 """Test-wide settings: offline hub, few threads (2-core machines), shared fixtures."""
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # The image-check cache of the test run (and of the subprocesses it starts) stays out of ~/.cache.
-os.environ.setdefault("CODETR_CACHE_DIR", tempfile.mkdtemp(prefix="codetr_test_cache_"))
+if "CODETR_CACHE_DIR" not in os.environ:
+    os.environ["CODETR_CACHE_DIR"] = tempfile.mkdtemp(prefix="codetr_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["CODETR_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A passed test's `tmp_path` is removed at its teardown, not at the end of the run: the
+    real-size checkpoints and pipeline copies of the suite sum to ~11 GB, which a CI disk shared
+    with the 5.5 GB venv may not hold. A failed test's folder stays for inspection."""
+    report = yield
+    if report.when == "call":
+        item.stash[_PASSED] = report.passed
+    elif report.when == "teardown" and item.stash.get(_PASSED, False):
+        path = (getattr(item, "funcargs", None) or {}).get("tmp_path")
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+    return report
 
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = REPO.parent / "shared" / "data" / "coco128"
