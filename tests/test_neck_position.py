@@ -128,3 +128,18 @@ def test_sine_embed_boxes_default_width_and_bad_input():
     assert sine_embed_boxes(torch.rand(5, 4)).shape == (5, 512)
     with pytest.raises(ValueError, match="2 or 4"):
         sine_embed_boxes(torch.rand(5, 3))
+
+
+def test_sine_features_are_bit_identical_to_dinos_float32_expression():
+    """The frequencies are computed once per (sin, cos) pair: the same float32 numbers as DINO's
+    `temperature ** (2 * (dim_t // 2) / F)` over all F, so trained runs stay bit-reproducible."""
+    from codetr.model.position_encoding import _sine_features
+
+    torch.manual_seed(3)
+    coords = torch.rand(2, 7, 5) * 2 * math.pi
+    for feats, temperature in ((16, 10000), (64, 20), (8, 10000)):
+        dim_t = torch.arange(feats, dtype=torch.float32)
+        dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / feats)
+        pos = coords[..., None] / dim_t
+        dino = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+        assert torch.equal(_sine_features(coords, feats, temperature), dino)

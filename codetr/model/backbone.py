@@ -17,6 +17,7 @@ from timm.layers import SwiGLUPacked
 from torch import Tensor, nn
 
 from codetr.model.fan import FAN_ARCHS, build_fan
+from codetr.model.inplace_activations import grad_aware_inplace
 from codetr.load_report import LoadReport
 from codetr.model.pretrained import load_backbone_weights, read_state_dict
 from codetr.model.swin import SWIN_ARCHS, SwinTransformer
@@ -200,6 +201,7 @@ class Backbone(nn.Module):
             if not self.slots:
                 raise ValueError(f"{name} has slots 0..3 natively; {slots} requests none of them")
             self.body = self._create_features(name, model_name, self.slots, dilation)
+            grad_aware_inplace(self.body)  # in-place ReLU6/SiLU would clone under autograd
             self.out_channels = list(self.body.feature_info.channels())
             self.strides = list(self.body.feature_info.reduction())
             # timm models that return NHWC (none of today's names) are permuted to NCHW.

@@ -24,11 +24,11 @@ def _sine_features(coords: Tensor, num_pos_feats: int, temperature: float) -> Te
     """
     if num_pos_feats % 2:
         raise ValueError(f"num_pos_feats must be even, got {num_pos_feats}")
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=coords.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = coords.float()[..., None] / dim_t
-    # Pairs (sin, cos) share a frequency; stacking then flattening interleaves them.
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+    # t_i for the even i only: pairs (sin, cos) share a frequency (DINO's 2 * (i // 2) exponent),
+    # so each phase is computed once; stacking then flattening interleaves sin and cos.
+    exponent = torch.arange(0, num_pos_feats, 2, dtype=torch.float32, device=coords.device) / num_pos_feats
+    pos = coords.float()[..., None] / temperature ** exponent
+    return torch.stack((pos.sin(), pos.cos()), dim=-1).flatten(-2)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -63,7 +63,7 @@ class PositionEmbeddingSine(nn.Module):
 
         Returns:
             float32 ``[B, 2 * num_pos_feats, H, W]``: y block (channels ``[0, num_pos_feats)``)
-            then x block.
+            then x block; channels innermost in memory (a permuted view).
         """
         not_mask = ~mask
         y_embed = not_mask.cumsum(1, dtype=torch.float32)  # [B, H, W], 1-based row of valid pixels
@@ -74,7 +74,8 @@ class PositionEmbeddingSine(nn.Module):
             x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
         pos_y = _sine_features(y_embed, self.num_pos_feats, self.temperature_h)  # [B, H, W, F]
         pos_x = _sine_features(x_embed, self.num_pos_feats, self.temperature_w)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).contiguous()
+        # [B, H, W, 2F] permuted, not copied: the transformer flattens it back to [B, H*W, 2F].
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
 def sine_embed_boxes(boxes: Tensor, num_pos_feats: int = 128, temperature: int = 10000) -> Tensor:
