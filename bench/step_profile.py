@@ -80,6 +80,19 @@ class Variant:
         self.times.append(time.process_time() - t0)
 
 
+def round_ratios(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios ``a[i] / b[i]``.
+
+    The two steps of a round ran back to back, so a change of the machine's load between rounds
+    cancels in their ratio; the quartiles say how far one round's ratio can be trusted.
+    """
+    ratios = [x / y for x, y in zip(a, b)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, mid, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return mid, low, high
+
+
 def _wrap(owner, attr: str, label: str) -> None:
     """Puts `record_function(label)` around `owner.attr` (a function or bound method)."""
     fn = getattr(owner, attr)
@@ -242,10 +255,12 @@ def main() -> None:
     med = {v.name: statistics.median(v.times) for v in variants}
     for v in variants:
         print(f"  {v.name:<12} {med[v.name]:.3f} s/step  x{med[v.name] / base:.3f}")
-    if "ours" in med and "ours_no_co" in med:
-        print(f"  ours / ours_no_co = {med['ours'] / med['ours_no_co']:.3f}")
-    if "ours_no_co" in med and "peer" in med:
-        print(f"  ours_no_co / peer = {med['ours_no_co'] / med['peer']:.3f}")
+    by_name = {v.name: v for v in variants}
+    for a, b in (("ours", "ours_no_co"), ("ours_no_co", "peer")):
+        if a in by_name and b in by_name:
+            mid, low, high = round_ratios(by_name[a].times, by_name[b].times)
+            print(f"  {a} / {b} = {med[a] / med[b]:.3f} (ratio of medians); per round: median "
+                  f"{mid:.3f}, quartiles {low:.3f}-{high:.3f}")
     if args.parts:
         for name, ms in co_head_parts(variants[0], max(args.rounds, 5)).items():
             print(f"  part {name:<36} {ms:8.2f} ms (process CPU, median; fwd+bwd but the matcher)")
