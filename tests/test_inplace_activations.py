@@ -32,6 +32,8 @@ def test_each_listed_activation_clones_in_place_under_grad_and_the_wrapper_does_
     y = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
         assert wrapped(y).data_ptr() == y.data_ptr()
+    assert wrapped[0].act.inplace and not wrapped[0].plain_act.inplace  # nothing mutated
+    assert [name for name, _ in wrapped.named_modules()] == ["", "0", "0.act"]
 
 
 def test_relu_in_place_does_not_clone_and_is_left_alone():
