@@ -10,6 +10,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from codetr.model.geometry_memo import GeometryMemo, memo_applies
+
+_ENCODINGS = GeometryMemo()  # pixel encodings of unpadded masks, eager CPU inference
+
 
 def _sine_features(coords: Tensor, num_pos_feats: int, temperature: float) -> Tensor:
     """Interleaved sin/cos features of already scaled coordinates.
@@ -65,6 +69,14 @@ class PositionEmbeddingSine(nn.Module):
             float32 ``[B, 2 * num_pos_feats, H, W]``: y block (channels ``[0, num_pos_feats)``)
             then x block; channels innermost in memory (a permuted view).
         """
+        if memo_applies(mask):  # eager CPU inference without padding: the same every forward
+            key = (tuple(mask.shape), self.num_pos_feats, self.temperature_h, self.temperature_w,
+                   self.normalize, self.scale)
+            return _ENCODINGS.get(key, lambda: self._encode(mask))
+        return self._encode(mask)
+
+    def _encode(self, mask: Tensor) -> Tensor:
+        """`forward` without the memo."""
         not_mask = ~mask
         y_embed = not_mask.cumsum(1, dtype=torch.float32)  # [B, H, W], 1-based row of valid pixels
         x_embed = not_mask.cumsum(2, dtype=torch.float32)

@@ -14,9 +14,12 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from codetr.model.geometry_memo import GeometryMemo, memo_applies
+
 # Proposals touching the border (any cxcywh value outside this open range) are invalid.
 _VALID_MIN, _VALID_MAX = 0.01, 0.99
 # Indices `[B, K]` that replace the top-k selection while set (see `forced_selection`).
+_PROPOSALS = GeometryMemo()  # (proposals_unsig, invalid) of unpadded batches, eager CPU inference
 _FORCED: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("codetr_forced_topk", default=None)
 
 
@@ -51,16 +54,32 @@ def encoder_proposals(memory: Tensor, memory_mask: Tensor, spatial_shapes: Tenso
         `(output_memory [B, S, D], proposals_unsig [B, S, 4])`, proposals as inverse-sigmoid
         cxcywh normalised by the unpadded size.
     """
-    batch = memory.shape[0]
+    if memo_applies(memory_mask):  # eager CPU inference without padding: the same every forward
+        key = (tuple(memory_mask.shape), tuple(map(tuple, spatial_shapes.tolist())), memory.dtype)
+        proposals_unsig, invalid = _PROPOSALS.get(
+            key, lambda: proposal_geometry(memory_mask, spatial_shapes, memory.dtype))
+    else:
+        proposals_unsig, invalid = proposal_geometry(memory_mask, spatial_shapes, memory.dtype)
+    return memory.masked_fill(invalid, 0.0), proposals_unsig
+
+
+def proposal_geometry(memory_mask: Tensor, spatial_shapes: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The proposals of `encoder_proposals` and where they are invalid (a function of the mask).
+
+    Returns:
+        `(proposals_unsig [B, S, 4] dtype, invalid [B, S, 1] bool)`.
+    """
+    batch = memory_mask.shape[0]
+    device = memory_mask.device
     proposals = []
     start = 0
     for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
         mask = memory_mask[:, start:start + h * w].view(batch, h, w)
-        valid_h = (~mask[:, :, 0]).sum(1).to(memory.dtype)
-        valid_w = (~mask[:, 0, :]).sum(1).to(memory.dtype)
+        valid_h = (~mask[:, :, 0]).sum(1).to(dtype)
+        valid_w = (~mask[:, 0, :]).sum(1).to(dtype)
         grid_y, grid_x = torch.meshgrid(
-            torch.arange(h, dtype=memory.dtype, device=memory.device),
-            torch.arange(w, dtype=memory.dtype, device=memory.device),
+            torch.arange(h, dtype=dtype, device=device),
+            torch.arange(w, dtype=dtype, device=device),
             indexing="ij",
         )
         grid = torch.stack([grid_x, grid_y], -1)[None] + 0.5  # [1, h, w, 2]
@@ -73,10 +92,8 @@ def encoder_proposals(memory: Tensor, memory_mask: Tensor, spatial_shapes: Tenso
     valid = ((proposals_t > _VALID_MIN) & (proposals_t < _VALID_MAX)).all(-1) & ~memory_mask  # [B, S]
     # Clamp before the logit so invalid (padded) locations never produce NaN, then overwrite.
     clamped = proposals_t.clamp(_VALID_MIN, _VALID_MAX)
-    proposals_unsig = torch.log(clamped / (1 - clamped))
-    proposals_unsig = proposals_unsig.masked_fill(~valid[..., None], float("inf"))
-    output_memory = memory.masked_fill(~valid[..., None], 0.0)
-    return output_memory, proposals_unsig
+    invalid = ~valid[..., None]
+    return torch.log(clamped / (1 - clamped)).masked_fill(invalid, float("inf")), invalid
 
 
 @dataclass
