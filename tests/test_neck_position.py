@@ -143,3 +143,15 @@ def test_sine_features_are_bit_identical_to_dinos_float32_expression():
         pos = coords[..., None] / dim_t
         dino = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
         assert torch.equal(_sine_features(coords, feats, temperature), dino)
+
+
+@pytest.mark.parametrize("coords", [2, 4])
+def test_sine_embed_boxes_is_bit_identical_to_per_coordinate_blocks(coords):
+    """One call over all coordinates: the same float32 numbers as DINO's per-coordinate blocks."""
+    from codetr.model.position_encoding import _sine_features
+
+    boxes = torch.rand(3, 5, coords)
+    scaled = boxes * (2 * math.pi)
+    blocks = [_sine_features(scaled[..., i], 32, 10000) for i in range(coords)]
+    order = (1, 0) if coords == 2 else (1, 0, 2, 3)
+    assert torch.equal(sine_embed_boxes(boxes, 32, 10000), torch.cat([blocks[i] for i in order], -1))

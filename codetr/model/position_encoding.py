@@ -109,7 +109,6 @@ def sine_embed_boxes(boxes: Tensor, num_pos_feats: int = 128, temperature: int =
     size = boxes.shape[-1]
     if size not in (2, 4):
         raise ValueError(f"boxes must end with 2 or 4 coordinates, got shape {tuple(boxes.shape)}")
-    scaled = boxes * (2 * math.pi)
-    feats = [_sine_features(scaled[..., i], num_pos_feats, temperature) for i in range(size)]
-    order = (1, 0) if size == 2 else (1, 0, 2, 3)
-    return torch.cat([feats[i] for i in order], dim=-1)
+    order = [1, 0] if size == 2 else [1, 0, 2, 3]
+    # All coordinates in one call: [..., size] -> [..., size, F] -> [..., size * F].
+    return _sine_features(boxes[..., order] * (2 * math.pi), num_pos_feats, temperature).flatten(-2)
