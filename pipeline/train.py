@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
+from codetr.errors import InputValueError, UserError
 from codetr.fileio import atomic_write_text
 from codetr.safe_load import safe_torch_load
 
@@ -86,6 +87,24 @@ def copy_plots(train_dir: Path, plots: Path) -> int:
     return sum(1 for _ in plots.rglob("*.tsv"))
 
 
+def check_train_dir(params: Path, train_dir: Path) -> None:
+    """Fails before training when `train_dir` is not the folder the spec in `params` trains in
+    (`results_dir`/train, or `train.results_dir`): the record would be read from the wrong place.
+
+    Raises:
+        InputValueError: naming both folders and how to make them agree.
+    """
+    from codetr.spec import load_spec
+
+    spec = load_spec(params)
+    spec_dir = Path(spec.task_results_dir("train"))
+    if spec_dir.resolve() != train_dir.resolve():
+        raise InputValueError(
+            f"--train {train_dir} is not the folder {params} trains in: {spec_dir} (results_dir "
+            f"'{spec.results_dir}' + /train, or train.results_dir); pass --train {spec_dir} or "
+            f"change the spec (dvc.yaml declares the stage's output folder too)")
+
+
 def run(params: Path, train_dir: Path, metrics: Path, plots: Path) -> int:
     """Trains with the codetr CLI, then writes the metrics record and the plots; the exit code."""
     from codetr.cli import main as codetr_main
@@ -109,6 +128,11 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", type=Path, default=Path("results/metrics/train.json"))
     parser.add_argument("--plots", type=Path, default=Path("results/plots/train"))
     args = parser.parse_args(argv)
+    try:
+        check_train_dir(args.params, args.train)
+    except UserError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
     return run(args.params, args.train, args.metrics, args.plots)
 
 

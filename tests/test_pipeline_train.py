@@ -66,3 +66,18 @@ def test_a_failed_training_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr("codetr.cli.main", lambda argv: 2)
     assert train_stage.run(tmp_path / "p.yaml", tmp_path / "train", tmp_path / "m.json", tmp_path / "plots") == 2
     assert not (tmp_path / "m.json").exists()
+
+
+def test_main_refuses_a_train_folder_the_spec_does_not_train_in(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("results_dir: runs\nprepare: {synthetic: {}}\n")
+    ran = []
+    monkeypatch.setattr(train_stage, "run", lambda *args: ran.append(args) or 0)
+    args = ["--params", "params.yaml", "--metrics", "m.json", "--plots", "plots"]
+    assert train_stage.main(args + ["--train", "results/train"]) == 2 and not ran
+    err = capsys.readouterr().err
+    assert "--train results/train" in err and "runs/train" in err and "params.yaml" in err
+    assert train_stage.main(args + ["--train", "runs/train"]) == 0 and len(ran) == 1
+    assert train_stage.main(args + ["--train", str(tmp_path / "runs" / "train")]) == 0  # absolute
+    (tmp_path / "params.yaml").write_text("results_dir: runs\ntrain: {results_dir: elsewhere}\n")
+    assert train_stage.main(args + ["--train", "elsewhere"]) == 0 and len(ran) == 3
