@@ -82,3 +82,15 @@ def test_memo_keeps_the_most_recent_entries():
 
     assert [memo.get(k, lambda k=k: compute(k)) for k in (1, 2, 1, 3, 1, 2)] == [10, 20, 10, 30, 10, 20]
     assert calls == [1, 2, 3, 2] and len(memo) == 2  # 2 was the least recent when 3 came
+
+
+def test_cached_builds_the_key_only_when_the_memo_applies():
+    memo = GeometryMemo()
+    keys = []
+    padded = torch.zeros(1, 4, 4, dtype=torch.bool)
+    padded[0, 0, 0] = True
+    with torch.no_grad():
+        assert memo.cached(padded, lambda: keys.append(1) or "k", lambda: 7) == 7
+        assert keys == [] and len(memo) == 0
+        assert memo.cached(torch.zeros(1, 4, 4, dtype=torch.bool), lambda: keys.append(1) or "k", lambda: 8) == 8
+        assert keys == [1] and len(memo) == 1

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from codetr.model.deformable_attention import MultiScaleDeformableAttention
-from codetr.model.geometry_memo import GeometryMemo, memo_applies
+from codetr.model.geometry_memo import GeometryMemo
 from codetr.model.mlp import FFN
 
 _REFERENCES = GeometryMemo()  # encoder_reference_points of unpadded batches, eager CPU inference
@@ -163,11 +163,10 @@ class Encoder(nn.Module):
         Returns:
             memory `[B, S, D]`.
         """
-        if memo_applies(key_padding_mask):  # eager CPU inference without padding: valid ratios 1
-            key = (src.shape[0], tuple(map(tuple, spatial_shapes.tolist())), valid_ratios.dtype)
-            reference_points = _REFERENCES.get(key, lambda: encoder_reference_points(spatial_shapes, valid_ratios))
-        else:
-            reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        reference_points = _REFERENCES.cached(  # eager CPU inference without padding: valid ratios 1
+            key_padding_mask,
+            lambda: (src.shape[0], tuple(map(tuple, spatial_shapes.tolist())), valid_ratios.dtype),
+            lambda: encoder_reference_points(spatial_shapes, valid_ratios))
         use_checkpoint = self.activation_checkpoint and self.training and torch.is_grad_enabled()
         output = src
         for layer in self.layers:

@@ -65,6 +65,11 @@ class GeometryMemo:
                 self._entries.popitem(last=False)
         return value
 
+    def cached(self, mask: Optional[Tensor], key: Callable[[], Hashable], compute: Callable[[], T]) -> T:
+        """`get(key(), compute)` when `memo_applies(mask)`, else `compute()` afresh (the key is
+        only built when the memo applies: it may read tensors back to the host)."""
+        return self.get(key(), compute) if memo_applies(mask) else compute()
+
     def __len__(self) -> int:
         return len(self._entries)
 

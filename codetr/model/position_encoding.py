@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from codetr.model.geometry_memo import GeometryMemo, memo_applies
+from codetr.model.geometry_memo import GeometryMemo
 
 _ENCODINGS = GeometryMemo()  # pixel encodings of unpadded masks, eager CPU inference
 
@@ -69,11 +69,10 @@ class PositionEmbeddingSine(nn.Module):
             float32 ``[B, 2 * num_pos_feats, H, W]``: y block (channels ``[0, num_pos_feats)``)
             then x block; channels innermost in memory (a permuted view).
         """
-        if memo_applies(mask):  # eager CPU inference without padding: the same every forward
-            key = (tuple(mask.shape), self.num_pos_feats, self.temperature_h, self.temperature_w,
-                   self.normalize, self.scale)
-            return _ENCODINGS.get(key, lambda: self._encode(mask))
-        return self._encode(mask)
+        return _ENCODINGS.cached(  # eager CPU inference without padding: memoised
+            mask, lambda: (tuple(mask.shape), self.num_pos_feats, self.temperature_h,
+                           self.temperature_w, self.normalize, self.scale),
+            lambda: self._encode(mask))
 
     def _encode(self, mask: Tensor) -> Tensor:
         """`forward` without the memo."""

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from codetr.model.geometry_memo import GeometryMemo, memo_applies
+from codetr.model.geometry_memo import GeometryMemo
 
 # Proposals touching the border (any cxcywh value outside this open range) are invalid.
 _VALID_MIN, _VALID_MAX = 0.01, 0.99
@@ -54,12 +54,10 @@ def encoder_proposals(memory: Tensor, memory_mask: Tensor, spatial_shapes: Tenso
         `(output_memory [B, S, D], proposals_unsig [B, S, 4])`, proposals as inverse-sigmoid
         cxcywh normalised by the unpadded size.
     """
-    if memo_applies(memory_mask):  # eager CPU inference without padding: the same every forward
-        key = (tuple(memory_mask.shape), tuple(map(tuple, spatial_shapes.tolist())), memory.dtype)
-        proposals_unsig, invalid = _PROPOSALS.get(
-            key, lambda: proposal_geometry(memory_mask, spatial_shapes, memory.dtype))
-    else:
-        proposals_unsig, invalid = proposal_geometry(memory_mask, spatial_shapes, memory.dtype)
+    proposals_unsig, invalid = _PROPOSALS.cached(  # eager CPU inference without padding: memoised
+        memory_mask,
+        lambda: (tuple(memory_mask.shape), tuple(map(tuple, spatial_shapes.tolist())), memory.dtype),
+        lambda: proposal_geometry(memory_mask, spatial_shapes, memory.dtype))
     return memory.masked_fill(invalid, 0.0), proposals_unsig
 
 
