@@ -127,6 +127,49 @@ def alternate(fns: dict[str, Callable[[], object]], runs: int, clock: Callable[[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def measure(name: str, spec, num_classes: int, size: tuple[int, int], args, tmp: Path) -> None:
+    """Exports one model into `tmp`, times eager against onnxruntime and prints the rows."""
+    h, w = size
+    torch.manual_seed(0)
+    model = build_model(spec, num_classes, load_pretrained_backbone=False).eval()
+    fold_for_eval(model)
+    label_map = LabelMap(tuple(range(1, num_classes)), tuple(f"c{i}" for i in range(1, num_classes)),
+                         False, num_classes)
+    path = tmp / f"{name}.onnx"
+    start = time.perf_counter()
+    export_onnx(model, path, label_map=label_map, spec_data=spec_to_dict(spec), weights="model",
+                height=h, width=w)
+    export_s = time.perf_counter() - start
+    session = make_session(path, threads=args.threads)
+    graph = DetectorGraph(model)
+    image = torch.randn(1, 3, h, w)
+    feeds = {"images": image.numpy()}
+
+    def eager():
+        with torch.no_grad():
+            graph(image)
+
+    fns = {"pytorch eager": eager, "onnxruntime": lambda: session.run(None, feeds)}
+    if args.ort_levels:
+        for level in ("basic", "extended"):
+            fns[f"onnxruntime {level}"] = _run_at_level(path, level, args.threads, feeds)
+    if args.int8 and name == "default":
+        quantize(path, tmp / "int8.onnx")
+        int8 = make_session(tmp / "int8.onnx", threads=args.threads)
+        fns["onnxruntime int8"] = lambda: int8.run(None, feeds)
+    # One thread: both runtimes compute on this thread (onnxruntime with one intra-op thread
+    # runs on the caller's), so the process CPU time is robust to other jobs on the machine.
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    result = alternate(fns, args.runs, clock)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{name}: {spec.model.backbone}, {spec.model.num_queries} queries, {h}x{w}, {params:.1f}M "
+          f"params, export {export_s:.0f} s, file {path.stat().st_size / 2**20:.1f} MiB")
+    for k, v in result.items():
+        print(f"  {k:20s} {1000 * v:9.1f} ms/image  ({v / result['pytorch eager']:.2f}x eager)")
+    if args.ort_profile:
+        print(f"  onnxruntime profile of one run (wall time in kernels):\n{ort_profile(path, args.threads, feeds)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -144,48 +187,10 @@ def main() -> int:
         print(f"wrote {args.quantize[1]}")
         return 0
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="codetr-bench-export-") as tmp_name:
-        tmp = Path(tmp_name)  # the exported graphs (~200 MB), removed at the end
-        print(f"threads {args.threads}, runs {args.runs}, torch {torch.__version__}")
-        for name, spec, num_classes, (h, w) in models(args.models.split(",")):
-            torch.manual_seed(0)
-            model = build_model(spec, num_classes, load_pretrained_backbone=False).eval()
-            fold_for_eval(model)
-            label_map = LabelMap(tuple(range(1, num_classes)), tuple(f"c{i}" for i in range(1, num_classes)),
-                                 False, num_classes)
-            path = tmp / f"{name}.onnx"
-            start = time.perf_counter()
-            export_onnx(model, path, label_map=label_map, spec_data=spec_to_dict(spec), weights="model",
-                        height=h, width=w)
-            export_s = time.perf_counter() - start
-            session = make_session(path, threads=args.threads)
-            graph = DetectorGraph(model)
-            image = torch.randn(1, 3, h, w)
-            feeds = {"images": image.numpy()}
-
-            def eager():
-                with torch.no_grad():
-                    graph(image)
-
-            fns = {"pytorch eager": eager, "onnxruntime": lambda: session.run(None, feeds)}
-            if args.ort_levels:
-                for level in ("basic", "extended"):
-                    fns[f"onnxruntime {level}"] = _run_at_level(path, level, args.threads, feeds)
-            if args.int8 and name == "default":
-                quantize(path, tmp / "int8.onnx")
-                int8 = make_session(tmp / "int8.onnx", threads=args.threads)
-                fns["onnxruntime int8"] = lambda: int8.run(None, feeds)
-            # One thread: both runtimes compute on this thread (onnxruntime with one intra-op thread
-            # runs on the caller's), so the process CPU time is robust to other jobs on the machine.
-            clock = time.process_time if args.threads == 1 else time.perf_counter
-            result = alternate(fns, args.runs, clock)
-            params = sum(p.numel() for p in model.parameters()) / 1e6
-            print(f"{name}: {spec.model.backbone}, {spec.model.num_queries} queries, {h}x{w}, {params:.1f}M "
-                  f"params, export {export_s:.0f} s, file {path.stat().st_size / 2**20:.1f} MiB")
-            for k, v in result.items():
-                print(f"  {k:20s} {1000 * v:9.1f} ms/image  ({v / result['pytorch eager']:.2f}x eager)")
-            if args.ort_profile:
-                print(f"  onnxruntime profile of one run (wall time in kernels):\n{ort_profile(path, args.threads, feeds)}")
+    print(f"threads {args.threads}, runs {args.runs}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory(prefix="codetr-bench-export-") as tmp:  # ~200 MB of graphs
+        for name, spec, num_classes, size in models(args.models.split(",")):
+            measure(name, spec, num_classes, size, args, Path(tmp))
     return 0
 
 

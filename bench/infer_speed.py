@@ -16,6 +16,8 @@ thread the clock is the process CPU time (robust to other jobs), else the wall c
 printed: the FLOPs of one forward of each (torch.profiler's `with_flops` estimates: matmuls and
 convolutions; grid_sample, softmax and element-wise ops count 0), the rate they reach against a big
 fp32 matmul measured in the same run, and our forward's top ops (`torch.profiler`, self CPU time).
+The row `ours, no memo` times our same forward with the geometry memo off
+(`codetr.model.geometry_memo.memo_disabled`), in the same alternation: what the memo saves.
 
     python bench/infer_speed.py [--runs 5] [--threads 1] [--models tao,default] [--no-fold]
 """
@@ -40,6 +42,7 @@ from peer_hf import hf_config, prior_init, unfreeze_batch_norm  # noqa: E402
 
 from codetr.model.builder import build_model  # noqa: E402
 from codetr.model.eval_fold import fold_for_eval  # noqa: E402
+from codetr.model.geometry_memo import memo_disabled  # noqa: E402
 
 
 def build_peer_eval(spec, num_classes: int) -> nn.Module:
@@ -122,20 +125,26 @@ def main() -> int:
         def run_peer():
             return peer(pixel_values=image, pixel_mask=pixel_mask)
 
-        fns = {"ours": run_ours, "hf peer": run_peer}
+        @torch.no_grad()
+        def run_ours_no_memo():
+            with memo_disabled():
+                return ours(image, mask)
+
+        fns = {"ours": run_ours, "ours, no memo": run_ours_no_memo, "hf peer": run_peer}
         result = alternate(fns, args.runs, clock)
         calls = args.profile_calls or (1 if h * w >= 640 * 640 else 10)
-        profiles = {k: profile(fn, args.profile_rows, calls) for k, fn in fns.items()}
+        profiles = {k: profile(fns[k], args.profile_rows, calls) for k in ("ours", "hf peer")}
         flops = {k: v[0] for k, v in profiles.items()}
         params = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in (("ours", ours), ("hf peer", peer))}
         print(f"\n{name}: {spec.model.backbone}, {spec.model.num_queries} queries, {h}x{w}, "
               f"{spec.model.enc_layers}+{spec.model.dec_layers} layers, hidden {spec.model.hidden_dim}"
               f"{'' if args.no_fold else ', ours folded for eval'}")
-        print(f"    {'model':8s} {'params M':>8s} {'ms/image':>9s} {'ratio':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'of matmul':>9s}")
+        print(f"    {'model':13s} {'params M':>8s} {'ms/image':>9s} {'ratio':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'of matmul':>9s}")
         for k, sec in result.items():
-            gf = flops[k] / 1e9
-            print(f"    {k:8s} {params[k]:8.1f} {1e3 * sec:9.1f} {sec / result['hf peer']:5.2f}x "
-                  f"{gf:7.1f} {gf / sec:8.1f} {flops[k] / sec / rate:8.0%}")
+            model_of = "hf peer" if k == "hf peer" else "ours"  # the memo changes no FLOP count
+            gf = flops[model_of] / 1e9
+            print(f"    {k:13s} {params[model_of]:8.1f} {1e3 * sec:9.1f} {sec / result['hf peer']:5.2f}x "
+                  f"{gf:7.1f} {gf / sec:8.1f} {flops[model_of] / sec / rate:8.0%}")
         for k, (_, table) in profiles.items():
             print(f"  {k}, top ops per forward (torch.profiler, self CPU time, {calls} forwards):\n{table}")
     return 0

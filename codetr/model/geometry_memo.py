@@ -2,9 +2,9 @@
 
 At inference on one size (`codetr inference`, eager deployment, `bench/infer_speed.py`) every
 batch has the same level sizes and no padding, so the pixel position encodings, the encoder's
-reference points and the two-stage proposal boxes come out the same in every forward: about
-1.3 ms of small ops in a ~20 ms forward of the default model (BENCHMARKS.md, "Eval forward against
-the HF peer"). They are computed once per key and reused. The memo is never used while gradients
+reference points and the two-stage proposal boxes come out the same in every forward: many small
+ops, 3-7% of a ~25 ms forward of the default model (`bench/infer_speed.py`'s `ours, no memo` row;
+BENCHMARKS.md, "Eval forward against the HF peer"). They are computed once per key and reused. The memo is never used while gradients
 are recorded, while tracing, exporting or compiling (a graph must compute them from its inputs),
 or off the CPU (the padding check is a host sync there). What `get` returns is shared between
 forwards: callers must not modify it in place (the tests compare repeated forwards bit for bit).

@@ -7,8 +7,9 @@ the activation for nothing. The plain form computes the same values into a new t
 autograd saves the input it already has (the memory held for backward is the same). Without
 grad (evaluation, export) the in-place form has no clone and skips an allocation, so it stays.
 ReLU, whose backward reads the output, is in place either way (no clone). Measured on the
-default EfficientNet-Lite0 trunk (32 ReLU6), 1 thread: forward + backward at batch 4, 128 px,
-129.4 -> 123.2 ms; eval forward at batch 1 in place 10.62 ms vs 10.98 ms out of place.
+default model's training step (`bench/step_profile.py --variants ours_no_co --profile`, BENCHMARKS.md):
+`aten::copy_` 22.3 / 19.1 ms per step before, 18.3 / 17.2 ms after (the 32 ReLU6 of the
+EfficientNet-Lite0 trunk); the step time itself moves less than this machine's noise.
 """
 import copy
 
