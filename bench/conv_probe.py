@@ -6,14 +6,25 @@ depthwise formulations (k*k shifted multiply-adds; `F.unfold` + a weighted sum) 
 convs as `F.linear` on the channels_last view. Each alternative is checked against
 `F.conv2d` first (atol 1e-4 on random inputs).
 
-    .venv/bin/python bench/conv_probe.py
+`--weight-grad`: the depthwise WEIGHT gradient alone, oneDNN's (`aten::convolution_backward`)
+against the transposed route of `codetr.ops.depthwise_conv` (checked first, 2e-5 relative),
+with the route that module's shape rule picks, at the trunk's shapes and batches 2 / 4 / 8.
+
+    .venv/bin/python bench/conv_probe.py [--weight-grad]
 """
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from codetr.ops.depthwise_conv import (depthwise_weight_grad,  # noqa: E402
+                                       transposed_weight_grad_applies)
 
 # (batch, channels, h, w, kernel, stride) of the trunk's depthwise convs at 128 px, batch 4
 DEPTHWISE = [(4, 1152, 4, 4, 5, 1), (4, 672, 8, 8, 5, 1), (4, 672, 11, 11, 5, 2),
@@ -69,8 +80,56 @@ def best_ms(fn, *args) -> float:
     return 1e3 * min(times[1:])
 
 
+def weight_grad_table() -> None:
+    """oneDNN's depthwise weight gradient against the transposed route, per trunk shape."""
+    cl = torch.channels_last
+    print("depthwise weight gradient ms (best of 7): oneDNN / transposed route, rule's pick")
+    won = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    for batch in (2, 4, 8):
+        for _, c, h, wd, k, s in DEPTHWISE:
+            pad = 0 if s == 2 else k // 2
+            x = torch.randn(batch, c, h, wd).contiguous(memory_format=cl)
+            w = torch.randn(c, 1, k, k).contiguous(memory_format=cl)
+            out = F.conv2d(x, w, None, s, pad, 1, c)
+            g = torch.randn(out.shape).contiguous(memory_format=cl)
+
+            def onednn():
+                return torch.ops.aten.convolution_backward(
+                    g, x, w, None, [s, s], [pad, pad], [1, 1], False, [0, 0], c,
+                    [False, True, False])[1]
+
+            def transposed():
+                return depthwise_weight_grad(g, x, (k, k), (s, s), (pad, pad), (1, 1))
+
+            ref = onednn()
+            assert (transposed() - ref).abs().max() <= 2e-5 * ref.abs().max()
+            row = [best_of(onednn), best_of(transposed)]
+            pick = transposed_weight_grad_applies(x, w, (s, s), out.shape[-2:])
+            won[pick] = [a + b for a, b in zip(won[pick], row)]
+            print(f"  {(batch, c, h, wd, k, s)}: {row[0]:.2f} / {row[1]:.2f}  "
+                  f"{'transposed' if pick else 'oneDNN'}")
+    for pick, (a, b) in won.items():
+        print(f"shapes routed {'transposed' if pick else 'oneDNN'}: sum {a:.2f} / {b:.2f} ms")
+
+
+def best_of(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return 1e3 * min(times)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weight-grad", action="store_true")
+    args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.weight_grad:
+        weight_grad_table()
+        return
     cl = torch.channels_last
     print("depthwise fwd+bwd ms: conv2d / shifted adds / unfold")
     for n, c, h, wd, k, s in DEPTHWISE:

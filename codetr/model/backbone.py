@@ -17,6 +17,7 @@ from timm.layers import SwiGLUPacked
 from torch import Tensor, nn
 
 from codetr.model.fan import FAN_ARCHS, build_fan
+from codetr.model.fast_depthwise import fast_depthwise
 from codetr.model.inplace_activations import grad_aware_inplace
 from codetr.load_report import LoadReport
 from codetr.model.pretrained import load_backbone_weights, read_state_dict
@@ -202,6 +203,7 @@ class Backbone(nn.Module):
                 raise ValueError(f"{name} has slots 0..3 natively; {slots} requests none of them")
             self.body = self._create_features(name, model_name, self.slots, dilation)
             grad_aware_inplace(self.body)  # in-place ReLU6/SiLU would clone under autograd
+            fast_depthwise(self.body)  # oneDNN's depthwise 5x5 weight gradient is slow on CPU
             self.out_channels = list(self.body.feature_info.channels())
             self.strides = list(self.body.feature_info.reduction())
             # timm models that return NHWC (none of today's names) are permuted to NCHW.
