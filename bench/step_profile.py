@@ -14,6 +14,7 @@ script only: ATSS head + assigner + loss, positive-query decoder pass, matcher, 
 queries, criterion).
 
     .venv/bin/python bench/step_profile.py [--rounds 12] [--variants ours,ours_no_co,peer]
+        (any variant + `_onednn_dw`: with oneDNN's depthwise weight gradient, the "before")
         [--profile] [--parts] [--batch 4]
 
 `--parts`: process-CPU milliseconds (forward + backward into a detached encoder memory) of the
@@ -24,6 +25,7 @@ queries' call, and the matcher per image (the loop it replaced) against the batc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -39,14 +41,21 @@ from learning_data import BenchData, synthetic_data  # noqa: E402
 from step_setup import training_setup  # noqa: E402
 
 PARAMS = REPO / "params.yaml"
+# `<variant>_onednn_dw`: the variant with oneDNN's depthwise weight gradient (the state before
+# codetr/ops/depthwise_conv.py), e.g. `--variants ours_no_co,ours_no_co_onednn_dw,peer`.
+ONEDNN_SUFFIX = "_onednn_dw"
 
 
 class Variant:
     """One detector with its criterion, optimizer and an endless stream of training batches."""
 
     def __init__(self, name: str, data: BenchData, batch: int) -> None:
+        from codetr.ops.depthwise_conv import onednn_weight_grad
+
         self.name = name
-        setup = training_setup(PARAMS, data, batch, name)
+        base = name.removesuffix(ONEDNN_SUFFIX)
+        self.context = onednn_weight_grad if base != name else contextlib.nullcontext
+        setup = training_setup(PARAMS, data, batch, base)
         spec, self.loader = setup.spec, setup.loader
         self.model, self.criterion, self.optimizer = setup.model, setup.criterion, setup.optimizer
         self.model.train()
@@ -64,9 +73,10 @@ class Variant:
 
     def step(self, b) -> float:
         """One training step on batch `b`; returns the loss."""
-        loss = sum(self.criterion(self.model(b.images, b.masks, b.targets), b.targets).values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.context():
+            loss = sum(self.criterion(self.model(b.images, b.masks, b.targets), b.targets).values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step()
@@ -254,9 +264,14 @@ def main() -> None:
           f"(median s/step; ratio to {variants[0].name} and to each other)")
     med = {v.name: statistics.median(v.times) for v in variants}
     for v in variants:
-        print(f"  {v.name:<12} {med[v.name]:.3f} s/step  x{med[v.name] / base:.3f}")
+        print(f"  {v.name:<22} {med[v.name]:.3f} s/step  x{med[v.name] / base:.3f}")
     by_name = {v.name: v for v in variants}
-    for a, b in (("ours", "ours_no_co"), ("ours_no_co", "peer")):
+    pairs = [("ours", "ours_no_co"), ("ours_no_co", "peer")]
+    pairs += [(v.name.removesuffix(ONEDNN_SUFFIX), v.name) for v in variants
+              if v.name.endswith(ONEDNN_SUFFIX)]
+    pairs += [("ours" + ONEDNN_SUFFIX, "ours_no_co" + ONEDNN_SUFFIX),
+              ("ours_no_co" + ONEDNN_SUFFIX, "peer")]
+    for a, b in pairs:
         if a in by_name and b in by_name:
             mid, low, high = round_ratios(by_name[a].times, by_name[b].times)
             print(f"  {a} / {b} = {med[a] / med[b]:.3f} (ratio of medians); per round: median "

@@ -16,7 +16,8 @@ from torch import nn
 from codetr.model.backbone import Backbone
 from codetr.model.fast_depthwise import DepthwiseConv2d, fast_depthwise, is_swappable
 from codetr.ops.depthwise_conv import (_DepthwiseConv2d, depthwise_conv2d,
-                                       depthwise_weight_grad, transposed_weight_grad_applies)
+                                       depthwise_weight_grad, onednn_weight_grad,
+                                       transposed_weight_grad_applies)
 
 
 def _reference_weight_grad(x, w, grad, stride, padding, dilation):
@@ -98,6 +99,9 @@ def test_depthwise_conv2d_routes_and_values():
     assert "Convolution" in type(plain.grad_fn).__name__
     with torch.no_grad():
         assert torch.equal(depthwise_conv2d(x, weight, bias, 1, 2), ref.detach())
+    with onednn_weight_grad():  # the benchmarks' "before"
+        assert "Convolution" in type(depthwise_conv2d(x, weight, bias, 1, 2).grad_fn).__name__
+    assert "_DepthwiseConv2d" in type(depthwise_conv2d(x, weight, bias, 1, 2).grad_fn).__name__
 
 
 def test_swapped_conv2d_same_keeps_parameters_and_values():

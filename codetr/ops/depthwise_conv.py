@@ -19,7 +19,9 @@ output `[B, C, Ho, Wo]`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +34,24 @@ from torch import Tensor
 MIN_KERNEL = 5
 MAX_OUTPUT_ELEMENTS = 1 << 19
 MAX_STRIDED_OUTPUT_CELLS = 16
+_ONEDNN_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("codetr_dw_onednn", default=False)
+
+
+@contextlib.contextmanager
+def onednn_weight_grad() -> Iterator[None]:
+    """Every depthwise conv inside takes oneDNN's weight gradient (for comparisons, benchmarks)."""
+    token = _ONEDNN_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _ONEDNN_ONLY.reset(token)
 
 
 def transposed_weight_grad_applies(x: Tensor, weight: Tensor, stride: Sequence[int],
                                    out_hw: Sequence[int]) -> bool:
     """Whether the transposed route is the faster weight gradient for this CPU conv shape."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or min(weight.shape[-2:]) < MIN_KERNEL:
+    if _ONEDNN_ONLY.get() or x.device.type != "cpu" or x.dtype != torch.float32 \
+            or min(weight.shape[-2:]) < MIN_KERNEL:
         return False
     out_cells = int(out_hw[0]) * int(out_hw[1])
     if x.shape[0] * x.shape[1] * out_cells > MAX_OUTPUT_ELEMENTS:
