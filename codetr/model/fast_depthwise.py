@@ -32,7 +32,7 @@ class DepthwiseConv2d(nn.Conv2d):
         if hasattr(conv, "_reversed_padding_repeated_twice"):
             new._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
         new.weight = conv.weight
-        new.bias = conv.bias
+        new.register_parameter("bias", conv.bias)  # None stays a None parameter entry
         new.same_pad = isinstance(conv, Conv2dSame)
         new.train(conv.training)
         return new

@@ -50,8 +50,10 @@ def onednn_weight_grad() -> Iterator[None]:
 def transposed_weight_grad_applies(x: Tensor, weight: Tensor, stride: Sequence[int],
                                    out_hw: Sequence[int]) -> bool:
     """Whether the transposed route is the faster weight gradient for this CPU conv shape."""
+    # Under CPU autocast F.conv2d may run in bf16 inside forward while x stays float32: oneDNN's
+    # route then (it casts for itself).
     if _ONEDNN_ONLY.get() or x.device.type != "cpu" or x.dtype != torch.float32 \
-            or min(weight.shape[-2:]) < MIN_KERNEL:
+            or torch.is_autocast_enabled("cpu") or min(weight.shape[-2:]) < MIN_KERNEL:
         return False
     out_cells = int(out_hw[0]) * int(out_hw[1])
     if x.shape[0] * x.shape[1] * out_cells > MAX_OUTPUT_ELEMENTS:
@@ -97,15 +99,10 @@ class _DepthwiseConv2d(torch.autograd.Function):
                 [0, 0], x.shape[1], [True, False, False])[0]
         if ctx.needs_input_grad[1]:
             grad_w = depthwise_weight_grad(grad_out, x, weight.shape[-2:], stride, padding,
-                                           dilation).to(memory_format=_format_of(weight))
+                                           dilation)  # [C, 1, kh, kw]: one layout for both formats
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None
-
-
-def _format_of(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) \
-        and not t.is_contiguous() else torch.contiguous_format
 
 
 def _pair(v) -> tuple[int, int]:
