@@ -14,13 +14,12 @@ script only: ATSS head + assigner + loss, positive-query decoder pass, matcher, 
 queries, criterion).
 
     .venv/bin/python bench/step_profile.py [--rounds 12] [--variants ours,ours_no_co,peer]
-        (any variant + `_onednn_dw`: with oneDNN's depthwise weight gradient, the "before")
-        [--profile] [--parts] [--batch 4]
+        [--profile] [--parts] [--batch 4]    (variant + a `BEFORE` suffix: before one change)
 
 `--parts`: process-CPU milliseconds (forward + backward into a detached encoder memory) of the
-ATSS head's convolutions, head + assigner + loss, the positive queries' own decoder pass
-(`forward_positive`, mmdet's layout) against the extra cost of decoding them in the matching
-queries' call, and the matcher per image (the loop it replaced) against the batched matcher.
+ATSS head's convolutions (stacked; per tower), head + assigner + loss, the positives' own pass
+(`forward_positive`, mmdet's layout) against their extra cost in the matching queries' call,
+and the matcher per image (the loop it replaced) against the batched matcher.
 """
 from __future__ import annotations
 
@@ -41,9 +40,17 @@ from learning_data import BenchData, synthetic_data  # noqa: E402
 from step_setup import training_setup  # noqa: E402
 
 PARAMS = REPO / "params.yaml"
-# `<variant>_onednn_dw`: the variant with oneDNN's depthwise weight gradient (the state before
-# codetr/ops/depthwise_conv.py), e.g. `--variants ours_no_co,ours_no_co_onednn_dw,peer`.
-ONEDNN_SUFFIX = "_onednn_dw"
+# `<variant><suffix>`: the variant as it was before one speed change, timed in the same run:
+#   `_onednn_dw`: oneDNN's depthwise weight gradient (before codetr/ops/depthwise_conv.py);
+#   `_per_tower`: the ATSS co-head layer by layer (before its towers were stacked).
+# e.g. `--variants ours,ours_per_tower,ours_no_co`.
+BEFORE = ("_onednn_dw", "_per_tower")
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """`ours_no_co_onednn_dw` -> `("ours_no_co", "_onednn_dw")`; no suffix -> `(name, "")`."""
+    suffix = next((s for s in BEFORE if name.endswith(s)), "")
+    return name.removesuffix(suffix), suffix
 
 
 class Variant:
@@ -53,11 +60,14 @@ class Variant:
         from codetr.ops.depthwise_conv import onednn_weight_grad
 
         self.name = name
-        base = name.removesuffix(ONEDNN_SUFFIX)
-        self.context = onednn_weight_grad if base != name else contextlib.nullcontext
+        base, suffix = split_variant(name)
+        self.context = onednn_weight_grad if suffix == "_onednn_dw" else contextlib.nullcontext
         setup = training_setup(PARAMS, data, batch, base)
         spec, self.loader = setup.spec, setup.loader
         self.model, self.criterion, self.optimizer = setup.model, setup.criterion, setup.optimizer
+        if suffix == "_per_tower":
+            for head in getattr(self.model, "bbox_head", []):
+                head.forward = head.forward_per_tower  # what nn.Module.__call__ runs
         self.model.train()
         self.clip = spec.train.clip_grad_norm
         self._batches = iter(self.loader)
@@ -192,8 +202,8 @@ def co_head_parts(variant: Variant, repeats: int) -> dict[str, float]:
     head, strides = model.bbox_head[0], model.level_strides + [model.level_strides[-1] * 2]
     sizes = torch.stack([t["size"] for t in b.targets])
 
-    def convs() -> None:
-        out = head(model.query_head.aux_feature_maps(memory))
+    def convs(forward=head) -> None:
+        out = forward(model.query_head.aux_feature_maps(memory))
         sum(x.sum() for group in out for x in group).backward()
 
     def head_and_loss() -> None:
@@ -229,11 +239,11 @@ def co_head_parts(variant: Variant, repeats: int) -> dict[str, float]:
             cost = matcher.cost_matrix(logits[i], pred[i], t["labels"], t["boxes"])
             linear_sum_assignment(cost.cpu().numpy())
 
-    res = {"ATSS head convs": _cpu_ms(convs, repeats), "ATSS head + assign + loss":
-           _cpu_ms(head_and_loss, repeats), "positive queries, own pass": _cpu_ms(separate, repeats)}
-    res["main decoder alone"] = _cpu_ms(main_only, repeats)
-    res["main decoder + positives, one call"] = _cpu_ms(joint, repeats)
-    res["matcher, per image (before)"] = _cpu_ms(per_image, repeats)
+    parts = {"ATSS head convs": convs, "ATSS head convs, per tower (before)":
+             lambda: convs(head.forward_per_tower), "ATSS head + assign + loss": head_and_loss,
+             "positive queries, own pass": separate, "main decoder alone": main_only,
+             "main decoder + positives, one call": joint, "matcher, per image (before)": per_image}
+    res = {name: _cpu_ms(fn, repeats) for name, fn in parts.items()}
     res["matcher, whole batch"] = _cpu_ms(lambda: matcher(logits, pred, b.targets), repeats)
     return res
 
@@ -267,10 +277,9 @@ def main() -> None:
         print(f"  {v.name:<22} {med[v.name]:.3f} s/step  x{med[v.name] / base:.3f}")
     by_name = {v.name: v for v in variants}
     pairs = [("ours", "ours_no_co"), ("ours_no_co", "peer")]
-    pairs += [(v.name.removesuffix(ONEDNN_SUFFIX), v.name) for v in variants
-              if v.name.endswith(ONEDNN_SUFFIX)]
-    pairs += [("ours" + ONEDNN_SUFFIX, "ours_no_co" + ONEDNN_SUFFIX),
-              ("ours_no_co" + ONEDNN_SUFFIX, "peer")]
+    pairs += [(split_variant(v.name)[0], v.name) for v in variants if split_variant(v.name)[1]]
+    for suffix in BEFORE:
+        pairs += [("ours" + suffix, "ours_no_co" + suffix), ("ours_no_co" + suffix, "peer")]
     for a, b in pairs:
         if a in by_name and b in by_name:
             mid, low, high = round_ratios(by_name[a].times, by_name[b].times)

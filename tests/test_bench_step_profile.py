@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from step_profile import round_ratios  # noqa: E402
+from step_profile import round_ratios, split_variant  # noqa: E402
 
 
 def test_round_ratios_cancel_a_load_change_between_rounds():
@@ -26,3 +26,9 @@ def test_round_ratios_cancel_a_load_change_between_rounds():
 
 def test_round_ratios_of_one_round():
     assert round_ratios([0.5], [0.25]) == (2.0, 2.0, 2.0)
+
+
+def test_variant_names_split_into_model_and_before_suffix():
+    assert split_variant("ours_no_co_onednn_dw") == ("ours_no_co", "_onednn_dw")
+    assert split_variant("ours_per_tower") == ("ours", "_per_tower")
+    assert split_variant("peer") == ("peer", "")

@@ -11,6 +11,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.losses.atss_loss import PositiveSamples, atss_losses
@@ -33,6 +34,23 @@ class ConvGNReLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """`[B, C_in, H, W]` -> `[B, C_out, H, W]`."""
         return self.act(self.gn(self.conv(x)))
+
+
+def _stacked_layer(cls_layer: ConvGNReLU, reg_layer: ConvGNReLU
+                   ) -> tuple[Tensor, int, Tensor, Tensor, float]:
+    """One tower layer of both towers as one: `(weight, gn_groups, gn_weight, gn_bias, eps)`.
+
+    `weight` `[2D, D, 3, 3]` is the cls layer's filters over the reg layer's: as a plain
+    convolution of one `D`-channel map it is both first layers; as a grouped convolution
+    (groups 2) of the stacked `2D`-channel map, both deeper layers. GroupNorm(g) of each half is
+    GroupNorm(2g) of the stack (its groups split the channels in order).
+    """
+    cls_gn, reg_gn = cls_layer.gn, reg_layer.gn
+    if (cls_gn.num_groups, cls_gn.eps) != (reg_gn.num_groups, reg_gn.eps):
+        raise ValueError("the cls and reg towers' GroupNorms differ: cannot stack them")
+    return (torch.cat((cls_layer.conv.weight, reg_layer.conv.weight)), 2 * cls_gn.num_groups,
+            torch.cat((cls_gn.weight, reg_gn.weight)), torch.cat((cls_gn.bias, reg_gn.bias)),
+            cls_gn.eps)
 
 
 class Scale(nn.Module):
@@ -116,7 +134,17 @@ class CoATSSHead(nn.Module):
         nn.init.constant_(self.atss_cls.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Dense predictions on every level.
+        """Dense predictions on every level, the two towers computed as one.
+
+        The same function as `forward_per_tower` (mmdet's layer-by-layer form), arranged for fewer
+        and larger kernel calls: the towers' first convolutions read the same map, so they run as
+        one convolution with their weights stacked (`2D` output channels; deeper tower layers as
+        one grouped convolution, groups 2); each tower's GroupNorm(g) is the stacked map's
+        GroupNorm(2g), the groups never straddling the towers; the box-delta and centerness
+        convolutions read the same tower output, so they run as one 5-channel convolution. The
+        maps are made NCHW-contiguous first: oneDNN runs these convolutions and the GroupNorm
+        faster on that layout than on the memory's channels-last views (BENCHMARKS.md "Session 9").
+        Same values up to the order of float sums (tests/test_atss.py, float64).
 
         Args:
             feats: `num_levels` maps `[B, D, H_l, W_l]`.
@@ -128,6 +156,35 @@ class CoATSSHead(nn.Module):
         """
         if len(feats) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} maps, got {len(feats)}")
+        tower = [_stacked_layer(cls_layer, reg_layer)
+                 for cls_layer, reg_layer in zip(self.cls_convs, self.reg_convs)]
+        reg_ctr_weight = torch.cat((self.atss_reg.weight, self.atss_centerness.weight))
+        reg_ctr_bias = torch.cat((self.atss_reg.bias, self.atss_centerness.bias))
+        width = self.atss_cls.in_channels
+        cls_scores, deltas, centerness = [], [], []
+        for feat, scale in zip(feats, self.scales):
+            x = feat.contiguous()  # [B, D, H, W] NCHW
+            for index, (weight, groups, gn_weight, gn_bias, eps) in enumerate(tower):
+                # [B, 2D, H, W]: channels [0, D) the cls tower, [D, 2D) the reg tower.
+                x = F.conv2d(x, weight, padding=1, groups=1 if index == 0 else 2)
+                x = F.relu(F.group_norm(x, groups, gn_weight, gn_bias, eps), inplace=True)
+            cls_feat, reg_feat = (x[:, :width], x[:, width:]) if tower else (x, x)
+            cls_scores.append(self.atss_cls(cls_feat))
+            reg_ctr = F.conv2d(reg_feat, reg_ctr_weight, reg_ctr_bias, padding=1)  # [B, 5, H, W]
+            # Float32 like mmdet: the deltas are exponentiated when decoded.
+            deltas.append(scale(reg_ctr[:, :4]).float())
+            centerness.append(reg_ctr[:, 4:])
+        return cls_scores, deltas, centerness
+
+    def forward_per_tower(self, feats: Sequence[Tensor]
+                          ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """`forward` layer by layer through the submodules, as mmdet's `ATSSHead.forward_single`.
+
+        The reference of the stacked form (tests, `bench/step_profile.py --parts`); same
+        arguments and returns as `forward`.
+        """
+        if len(feats) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} maps, got {len(feats)}")
         cls_scores, deltas, centerness = [], [], []
         for feat, scale in zip(feats, self.scales):
             cls_feat, reg_feat = feat, feat
@@ -136,7 +193,6 @@ class CoATSSHead(nn.Module):
             for conv in self.reg_convs:
                 reg_feat = conv(reg_feat)
             cls_scores.append(self.atss_cls(cls_feat))
-            # Float32 like mmdet: the deltas are exponentiated when decoded.
             deltas.append(scale(self.atss_reg(reg_feat)).float())
             centerness.append(self.atss_centerness(reg_feat))
         return cls_scores, deltas, centerness
