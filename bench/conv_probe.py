@@ -10,7 +10,14 @@ convs as `F.linear` on the channels_last view. Each alternative is checked again
 against the transposed route of `codetr.ops.depthwise_conv` (checked first, 2e-5 relative),
 with the route that module's shape rule picks, at the trunk's shapes and batches 2 / 4 / 8.
 
-    .venv/bin/python bench/conv_probe.py [--weight-grad]
+`--atss`: the ATSS co-head's convolutions at the default model's sizes (128 channels, maps
+16/8/4/2, batch 4, 4 classes), forward + backward per level, as GFLOP/s against a GEMM of the
+same work measured in the same run: the towers as one stacked NCHW convolution (`CoATSSHead.
+forward`) and one by one on the memory's channels-last views (`forward_per_tower`), and the
+thin output convolutions (class 4, box + centerness 5). How close to the matmul rate the
+co-head already runs bounds what any rearrangement can save.
+
+    .venv/bin/python bench/conv_probe.py [--weight-grad | --atss]
 """
 from __future__ import annotations
 
@@ -112,6 +119,42 @@ def weight_grad_table() -> None:
         print(f"shapes routed {'transposed' if pick else 'oneDNN'}: sum {a:.2f} / {b:.2f} ms")
 
 
+def atss_table(dim: int = 128, batch: int = 4, sides=(16, 8, 4, 2)) -> None:
+    """GFLOP/s of the co-head's convolutions (forward + backward = 3x the forward's FLOPs)."""
+    cl = torch.channels_last
+    cells = batch * sum(s * s for s in sides)
+    a, b = torch.randn(cells, 9 * dim), torch.randn(9 * dim, dim)
+    gemm = 2 * cells * 9 * dim * dim / best_of(lambda: a @ b) / 1e6
+    print(f"GEMM [{cells}, {9 * dim}] x [{9 * dim}, {dim}]: {gemm:.0f} GFLOP/s (the reference)")
+    print("fwd+bwd ms (GFLOP/s): stacked towers NCHW / two towers channels-last / "
+          "class conv (4) / box + centerness conv (5)")
+    totals = [0.0] * 4
+    for side in sides:
+        memory = torch.randn(batch, side * side, dim)
+        view = memory.transpose(1, 2).reshape(batch, dim, side, side)  # the memory's layout
+        x_nchw, x_cl = view.contiguous().requires_grad_(), view.contiguous(memory_format=cl)
+        x_cl.requires_grad_()
+        w2, w1, w1b = (torch.randn(o, dim, 3, 3, requires_grad=True) for o in (2 * dim, dim, dim))
+        thin = {o: torch.randn(o, dim, 3, 3, requires_grad=True) for o in (4, 5)}
+
+        def fwd_bwd(*outputs):
+            torch.autograd.backward(outputs, [torch.ones_like(y) for y in outputs])
+
+        runs = [(lambda: fwd_bwd(F.conv2d(x_nchw, w2, padding=1)), 2 * dim),
+                (lambda: fwd_bwd(F.conv2d(x_cl, w1, padding=1), F.conv2d(x_cl, w1b, padding=1)),
+                 2 * dim),
+                (lambda: fwd_bwd(F.conv2d(x_cl, thin[4], padding=1)), 4),
+                (lambda: fwd_bwd(F.conv2d(x_cl, thin[5], padding=1)), 5)]
+        row = []
+        for k, (fn, out_channels) in enumerate(runs):
+            ms = best_of(fn)
+            totals[k] += ms
+            flops = 3 * 2 * batch * side * side * 9 * dim * out_channels
+            row.append(f"{ms:.2f} ({flops / ms / 1e6:.0f})")
+        print(f"  {side}x{side}: " + " / ".join(row))
+    print("sum ms: " + " / ".join(f"{t:.2f}" for t in totals))
+
+
 def best_of(fn, repeats: int = 7) -> float:
     fn()
     times = []
@@ -125,10 +168,11 @@ def best_of(fn, repeats: int = 7) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weight-grad", action="store_true")
+    parser.add_argument("--atss", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.weight_grad:
-        weight_grad_table()
+    if args.weight_grad or args.atss:
+        (weight_grad_table if args.weight_grad else atss_table)()
         return
     cl = torch.channels_last
     print("depthwise fwd+bwd ms: conv2d / shifted adds / unfold")
