@@ -142,8 +142,8 @@ class CoATSSHead(nn.Module):
         one grouped convolution, groups 2); each tower's GroupNorm(g) is the stacked map's
         GroupNorm(2g), the groups never straddling the towers; the box-delta and centerness
         convolutions read the same tower output, so they run as one 5-channel convolution. The
-        maps are made NCHW-contiguous first: oneDNN runs these convolutions and the GroupNorm
-        faster on that layout than on the memory's channels-last views (BENCHMARKS.md "Session 9").
+        maps are made NCHW-contiguous first: oneDNN runs the stacked convolution faster on that
+        layout than on the memory's channels-last views (BENCHMARKS.md "Session 9").
         Same values up to the order of float sums (tests/test_atss.py, float64).
 
         Args:
