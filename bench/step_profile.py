@@ -239,7 +239,8 @@ def co_head_parts(variant: Variant, repeats: int) -> dict[str, float]:
             cost = matcher.cost_matrix(logits[i], pred[i], t["labels"], t["boxes"])
             linear_sum_assignment(cost.cpu().numpy())
 
-    parts = {"ATSS head convs": convs, "ATSS head convs, per tower (before)":
+    stacked = type(head).forward.__get__(head)  # the stacked form even in `ours_per_tower`
+    parts = {"ATSS head convs": lambda: convs(stacked), "ATSS head convs, per tower (before)":
              lambda: convs(head.forward_per_tower), "ATSS head + assign + loss": head_and_loss,
              "positive queries, own pass": separate, "main decoder alone": main_only,
              "main decoder + positives, one call": joint, "matcher, per image (before)": per_image}

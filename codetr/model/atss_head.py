@@ -142,9 +142,9 @@ class CoATSSHead(nn.Module):
         one grouped convolution, groups 2); each tower's GroupNorm(g) is the stacked map's
         GroupNorm(2g), the groups never straddling the towers; the box-delta and centerness
         convolutions read the same tower output, so they run as one 5-channel convolution. The
-        maps are made NCHW-contiguous first: oneDNN runs the stacked convolution faster on that
-        layout than on the memory's channels-last views (BENCHMARKS.md "Session 9").
-        Same values up to the order of float sums (tests/test_atss.py, float64).
+        maps are made NCHW-contiguous first on the CPU: oneDNN runs the stacked convolution faster
+        on that layout than on the memory's channels-last views (BENCHMARKS.md "Session 9").
+        Same values up to float rounding (tests/test_atss_head.py, float64).
 
         Args:
             feats: `num_levels` maps `[B, D, H_l, W_l]`.
@@ -152,7 +152,8 @@ class CoATSSHead(nn.Module):
         Returns:
             `(cls_scores, deltas, centerness)`, lists over levels of `[B, C, H_l, W_l]` raw class
             logits, `[B, 4, H_l, W_l]` DeltaXYWH deltas (decode with `delta_xywh_decode` against
-            the level's anchors) and `[B, 1, H_l, W_l]` raw centerness logits.
+            the level's anchors) and `[B, 1, H_l, W_l]` raw centerness logits (the deltas and
+            centerness are channel views of one map: not contiguous).
         """
         if len(feats) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} maps, got {len(feats)}")
@@ -163,7 +164,8 @@ class CoATSSHead(nn.Module):
         width = self.atss_cls.in_channels
         cls_scores, deltas, centerness = [], [], []
         for feat, scale in zip(feats, self.scales):
-            x = feat.contiguous()  # [B, D, H, W] NCHW
+            # [B, D, H, W], NCHW on the CPU (measured there; other devices keep their layout).
+            x = feat.contiguous() if feat.device.type == "cpu" else feat
             for index, (weight, groups, gn_weight, gn_bias, eps) in enumerate(tower):
                 # [B, 2D, H, W]: channels [0, D) the cls tower, [D, 2D) the reg tower.
                 x = F.conv2d(x, weight, padding=1, groups=1 if index == 0 else 2)
