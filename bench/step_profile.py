@@ -202,7 +202,7 @@ def co_head_parts(variant: Variant, repeats: int) -> dict[str, float]:
     head, strides = model.bbox_head[0], model.level_strides + [model.level_strides[-1] * 2]
     sizes = torch.stack([t["size"] for t in b.targets])
 
-    def convs(forward=head) -> None:
+    def convs(forward) -> None:
         out = forward(model.query_head.aux_feature_maps(memory))
         sum(x.sum() for group in out for x in group).backward()
 
@@ -239,8 +239,9 @@ def co_head_parts(variant: Variant, repeats: int) -> dict[str, float]:
             cost = matcher.cost_matrix(logits[i], pred[i], t["labels"], t["boxes"])
             linear_sum_assignment(cost.cpu().numpy())
 
-    stacked = type(head).forward.__get__(head)  # the stacked form even in `ours_per_tower`
-    parts = {"ATSS head convs": lambda: convs(stacked), "ATSS head convs, per tower (before)":
+    # The class's own forward: the stacked form even where `ours_per_tower` replaced head.forward.
+    parts = {"ATSS head convs": lambda: convs(lambda f: type(head).forward(head, f)),
+             "ATSS head convs, per tower (before)":
              lambda: convs(head.forward_per_tower), "ATSS head + assign + loss": head_and_loss,
              "positive queries, own pass": separate, "main decoder alone": main_only,
              "main decoder + positives, one call": joint, "matcher, per image (before)": per_image}
@@ -278,7 +279,7 @@ def main() -> None:
         print(f"  {v.name:<22} {med[v.name]:.3f} s/step  x{med[v.name] / base:.3f}")
     by_name = {v.name: v for v in variants}
     pairs = [("ours", "ours_no_co"), ("ours_no_co", "peer")]
-    pairs += [(split_variant(v.name)[0], v.name) for v in variants if split_variant(v.name)[1]]
+    pairs += [(b, v.name) for v in variants for b, s in [split_variant(v.name)] if s]
     for suffix in BEFORE:
         pairs += [("ours" + suffix, "ours_no_co" + suffix), ("ours_no_co" + suffix, "peer")]
     for a, b in pairs:
