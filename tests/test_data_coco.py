@@ -95,6 +95,7 @@ def test_malformed_json_names_file_and_line(tmp_path):
     ("dotdot", r"file_name '../outside.png' must be a relative path inside image_dir"),
     ("absolute", r"file_name '/etc/passwd' must be a relative path"),
     ("float_id", "image id 1.5 must be an integer"),
+    ("negative_category", "category id -1 is negative"),
 ])
 def test_invalid_content_errors_name_file_and_entry(tmp_path, case, match):
     json_file, image_dir = make_coco(tmp_path, n_images=2, boxes_per_image=[2, 1], seed=5)
@@ -118,7 +119,12 @@ def test_invalid_content_errors_name_file_and_entry(tmp_path, case, match):
         images[0]["file_name"] = "/etc/passwd"
     elif case == "float_id":
         images[0]["id"] = 1.5
-    edit_coco(json_file, images=images, annotations=anns)
+    categories = data["categories"]
+    if case == "negative_category":  # the category and its boxes, consistently renumbered
+        old, categories[0]["id"] = categories[0]["id"], -1
+        for ann in anns:
+            ann["category_id"] = -1 if ann["category_id"] == old else ann["category_id"]
+    edit_coco(json_file, images=images, annotations=anns, categories=categories)
     with pytest.raises(CocoFormatError, match=match) as err:
         load_coco(json_file, image_dir)
     assert str(json_file) in str(err.value)

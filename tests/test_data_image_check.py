@@ -69,7 +69,7 @@ def test_skip_bad_images_drops_them_with_a_counted_warning(tmp_path):
     assert len(src.boxes) == 3 and src.ann_offsets.tolist() == [0, 2, 3]
     lm = LabelMap.from_categories(CATEGORIES, 3, True)
     ds = CocoDetectionDataset([src], lm, None)
-    assert [ds[i][1]["image_id"] for i in range(len(ds))] == [4, 5]
+    assert [ds[i][1]["image_id"] for i in range(len(ds))] == ds.image_ids == [4, 5]
 
 
 def test_second_check_reads_the_cache_and_a_changed_file_is_decoded_again(tmp_path, monkeypatch):

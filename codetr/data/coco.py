@@ -140,6 +140,9 @@ def _categories(data: dict, json_file: str) -> list[dict]:
         if not isinstance(cat, dict) or "id" not in cat:
             raise CocoFormatError(f"{json_file}: category {cat!r} has no id")
         cid = _int(cat["id"], f"category id {cat['id']!r}", json_file)
+        if cid < 0:
+            raise CocoFormatError(f"{json_file}: category id {cid} is negative; category ids are "
+                                  "integers >= 0")
         if cid in seen:
             raise CocoFormatError(f"{json_file}: duplicate category id {cid}")
         seen.add(cid)

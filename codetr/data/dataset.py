@@ -110,6 +110,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         self.transforms = transforms
         self.dataset_type = dataset_type
         self.json_files = [s.json_file for s in sources]
+        # the images kept (`skip_bad_images` may drop some of a file's): what evaluation scores
+        self.image_ids = [int(i) for s in sources for i in s.image_ids]
         self.store = build_store(sources, dataset_type)
 
     def __len__(self) -> int:

@@ -63,7 +63,8 @@ def run(spec: ExperimentSpec) -> int:
                               collate_fn=build_collator(spec, "test", size))
     detections = predict_coco(model, build_postprocess(spec).to(device), loader,
                               label_map.category_id_lut(), cfg.conf_threshold, device)
-    metrics = evaluate_coco(load_ground_truth(dataset.json_files), detections)
+    metrics = evaluate_coco(load_ground_truth(dataset.json_files), detections,
+                            image_ids=dataset.image_ids)
     write_outputs(out_dir, metrics, detections)
     print(format_table(metrics))
     print(f"evaluation results written to {out_dir}")
