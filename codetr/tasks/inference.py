@@ -14,8 +14,10 @@ index lists make the run stop before writing anything.
 
 Class names come from the checkpoint's label map (a given `infer_data_sources.classmap` must
 list the same names). `category_mapping` folds classes into output groups (detections of
-classes outside every group are dropped) and, with `model.soft_nms_enabled`, runs soft-NMS per
-group. `conf_threshold` applies to the final scores.
+classes outside every group are dropped) and, with `model.soft_nms_enabled`, runs one more
+soft-NMS pass per group (TAO's "additional per-output-category pass"); without a mapping the
+post-processor's per-class soft-NMS is the only one, so scores equal `codetr evaluate`'s.
+`conf_threshold` applies to the final scores.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from codetr.tasks.runtime import ensure_writable_dir, eval_device
 class CategoryGrouping:
     """`inference.category_mapping`: model labels -> output group index, and the group names.
 
-    Without a mapping every class is its own group (named as the class).
+    Without a mapping every class is its own group (named as the class) and `merges` is False.
 
     Raises:
         SpecError: a mapping names an unknown class or puts one class in two groups.
@@ -56,6 +58,7 @@ class CategoryGrouping:
         self.num_classes = label_map.num_classes
         labels = [lab for lab in range(label_map.num_classes) if label_map.has_label(lab)]
         by_name = {label_map.name(lab): lab for lab in labels}
+        self.merges = bool(mapping)  # groups of several classes: soft-NMS runs again per group
         self.group_of: Dict[int, int] = {}
         if not mapping:
             self.names = [label_map.name(lab) for lab in labels]
@@ -94,9 +97,19 @@ def check_classmap(label_map: LabelMap, classmap: Optional[str]) -> None:
 
 
 def select(scores: torch.Tensor, groups: torch.Tensor, boxes: torch.Tensor, model: ModelConfig,
-           conf_threshold: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group soft-NMS (when `model.soft_nms_enabled`), then the confidence threshold."""
-    if model.soft_nms_enabled and len(scores):
+           conf_threshold: float, merges: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group soft-NMS (when `model.soft_nms_enabled` and `merges`: a category_mapping
+    folded classes into groups), then the confidence threshold.
+
+    Args:
+        scores: `[N]` post-processed scores (already soft-NMSed per class when enabled).
+        groups: `[N]` int64 output group of each detection.
+        boxes: `[N, 4]` xyxy pixels.
+        model: the spec's model section (`soft_nms_*`).
+        conf_threshold: detections scoring below it are dropped.
+        merges: `CategoryGrouping.merges`; False leaves the scores as the post-processor gave them.
+    """
+    if model.soft_nms_enabled and merges and len(scores):
         keep, scores = batched_soft_nms(boxes, scores, groups, model.soft_nms_method,
                                         model.soft_nms_iou_threshold, model.soft_nms_sigma)
         groups, boxes = groups[keep], boxes[keep]
@@ -148,7 +161,7 @@ def run(spec: ExperimentSpec) -> int:
             orig_sizes = detection_sizes(batch.metas).to(device)  # orig_size, or the LSJ frame
             for meta, det in zip(batch.metas, postprocess(outputs, orig_sizes)):
                 scores, groups, boxes = select(*grouping.apply(det["scores"], det["labels"], det["boxes"]),
-                                               spec.model, cfg.conf_threshold)
+                                               spec.model, cfg.conf_threshold, grouping.merges)
                 names = [grouping.names[g] for g in groups.tolist()]
                 entry = index[(meta["root"], meta["relative_path"])]
                 atomic_write_text(os.path.join(out_dir, entry["labels"]), kitti_text(

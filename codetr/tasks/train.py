@@ -18,7 +18,7 @@ from typing import List, Optional
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from torch import nn
 
 from codetr.data import LabelMap, build_label_map, load_split_sources
@@ -30,6 +30,7 @@ from codetr.tasks.best_checkpoint import BEST, BestCheckpoint
 from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_partial,
                                      model_state_dict, require_same_architecture)
 from codetr.tasks.datamodule import CoDETRDataModule
+from codetr.tasks.epoch_checkpoint import checkpoint_callback
 from codetr.tasks.module import CoDETRModule
 from codetr.tasks.optim import freeze_parameters
 from codetr.tasks.run_lock import RunLock
@@ -224,17 +225,6 @@ def load_pretrained(model: nn.Module, path: str) -> None:
         raise InputValueError(f"train.pretrained_model_path {path}: no tensor matches the model by name "
                          f"and shape; is it a Co-DETR checkpoint?\n{report.summary()}")
     _info(f"pretrained weights ({which}) from {path}:\n{report.summary()}")
-
-
-def checkpoint_callback(train_dir: str, interval: int) -> ModelCheckpoint:
-    """`model_epoch_<NNN>.pth` every `interval` epochs and `last.pth` after every epoch."""
-    callback = ModelCheckpoint(dirpath=train_dir, filename="model_epoch_{epoch:03d}",
-                               auto_insert_metric_name=False, every_n_epochs=interval,
-                               save_top_k=-1, save_last=True, save_on_train_epoch_end=True,
-                               enable_version_counter=False)
-    callback.FILE_EXTENSION = ".pth"
-    callback.CHECKPOINT_NAME_LAST = "last"
-    return callback
 
 
 def build_logger(train_dir: str, resume: bool):
