@@ -14,7 +14,8 @@ LABEL_MAP = LabelMap((3, 7, 11, 20), ("circle", "square", "triangle", "cross"), 
 
 
 def tiny_model_dict(**model) -> dict:
-    """`model` section of a ~0.3M-parameter Co-DETR: resnet_18 trunk, 2 levels, 20 queries."""
+    """`model` section of a ~0.3M-parameter Co-DETR: efficientvit_b0 trunk, 2 levels (strides 16,
+    32), 20 queries."""
     return {"backbone": "efficientvit_b0", "num_feature_levels": 2, "return_interm_indices": [2, 3],
             "hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2, "num_queries": 20,
             "dim_feedforward": 64, "dec_n_points": 2, "enc_n_points": 2, "num_select": 30,

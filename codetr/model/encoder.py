@@ -89,11 +89,11 @@ def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Te
     """
     points = []
     for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
-            indexing="ij",
-        )
+        # arange + 0.5, not linspace(0.5, h - 0.5, h): the same values, but linspace exports to
+        # ONNX as (end - start) / (steps - 1), which is 0 / 0 = NaN for a level 1 pixel tall
+        kw = dict(dtype=valid_ratios.dtype, device=valid_ratios.device)
+        ref_y, ref_x = torch.meshgrid(torch.arange(h, **kw) + 0.5, torch.arange(w, **kw) + 0.5,
+                                      indexing="ij")
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         points.append(torch.stack((ref_x, ref_y), -1))
