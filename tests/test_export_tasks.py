@@ -82,6 +82,25 @@ def test_export_task_errors(setup, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_graph_failing_parity_never_replaces_the_file(setup, tmp_path, monkeypatch):
+    """A negative tolerance fails every check: the good file stays byte for byte, the failed graph
+    is kept beside it, the report names it, and the CLI exits non-zero."""
+    import codetr.tasks.export as export_task
+
+    _, spec_file, _, _ = setup
+    target = tmp_path / "m.onnx"
+    assert main(["export", "-e", str(spec_file), f"export.onnx_file={target}",
+                 f"results_dir={tmp_path / 'res'}", "export.latency_runs=0"]) == 0
+    good = target.read_bytes()
+    monkeypatch.setattr(export_task, "TOLERANCE", -1.0)
+    assert main(["export", "-e", str(spec_file), f"export.onnx_file={target}",
+                 f"results_dir={tmp_path / 'res'}", "export.latency_runs=0"]) == 1
+    assert target.read_bytes() == good
+    assert (tmp_path / "m.failed.onnx").stat().st_size > 0 and not (tmp_path / "m.unverified.onnx").exists()
+    report = json.loads((tmp_path / "res" / "export" / "export_report.json").read_text())
+    assert report["onnx_file"] == str(tmp_path / "m.failed.onnx")
+
+
 def _detections(path: Path) -> list:
     return sorted(json.loads(path.read_text()), key=lambda d: (d["image_id"], -d["score"]))
 
@@ -160,6 +179,12 @@ def test_gen_trt_engine_exits_2_without_cuda_or_tensorrt(setup, tmp_path, monkey
     assert main(args + ["gen_trt_engine.tensorrt.data_type=int4"]) == 2
     assert "fp32" in capsys.readouterr().err
     assert main(args + ["gen_trt_engine.tensorrt.min_batch_size=4"]) == 2
+    not_onnx = tmp_path / "spec.onnx"
+    not_onnx.write_text(spec_file.read_text())
+    assert main(args + [f"gen_trt_engine.onnx_file={not_onnx}"]) == 2
+    assert f"{not_onnx} is not an ONNX file" in capsys.readouterr().err
+    assert main(args + ["gen_trt_engine.input_height=32"]) == 2  # one side alone is checked too
+    assert "was exported for 64x64" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(args) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err

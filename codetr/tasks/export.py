@@ -64,14 +64,16 @@ def run(spec: ExperimentSpec) -> int:
     model, label_map, stored_spec, which = restore_detector(cfg.checkpoint, "cpu", spec)
     fold_for_eval(model)  # a smaller graph; same outputs within 1e-5 (tests/test_eval_fold.py)
     height, width = cfg.input_height, cfg.input_width
-    meta = export_onnx(model, onnx_file, label_map=label_map, spec_data=spec_to_dict(stored_spec),
+    # Written beside the target and moved onto it only once verified: a graph that fails the
+    # parity check never replaces a good file (it stays as <name>.failed.onnx for inspection).
+    staged = _sibling(onnx_file, ".unverified.onnx")
+    meta = export_onnx(model, staged, label_map=label_map, spec_data=spec_to_dict(stored_spec),
                        weights=which, height=height, width=width, batch_size=cfg.batch_size,
                        opset_version=cfg.opset_version, detections=cfg.postprocess,
                        num_select=spec.model.num_select, simplify=cfg.simplify, verbose=cfg.verbose)
-    print(f"exported {cfg.checkpoint} ({'EMA' if which == 'ema' else 'raw'} weights) to {onnx_file}")
-    session = make_session(onnx_file, "cpu")
+    session = make_session(staged, "cpu")
     report = {
-        "onnx_file": onnx_file, "size_bytes": os.path.getsize(onnx_file), "opset_version": cfg.opset_version,
+        "onnx_file": onnx_file, "size_bytes": os.path.getsize(staged), "opset_version": cfg.opset_version,
         "inputs": {i.name: i.shape for i in session.get_inputs()},
         "outputs": {o.name: o.shape for o in session.get_outputs()},
         "batch_size": cfg.batch_size, "input_height": height, "input_width": width,
@@ -86,9 +88,9 @@ def run(spec: ExperimentSpec) -> int:
             images = torch.randn(batch, 3, height, width, generator=generator)
             if cfg.postprocess:
                 sizes = torch.randint(32, 2048, (batch, 2), generator=generator)
-                parity = detections_parity(model, onnx_file, images, sizes, spec.model.num_select, TOLERANCE)
+                parity = detections_parity(model, staged, images, sizes, spec.model.num_select, TOLERANCE)
             else:
-                parity = onnx_parity(model, onnx_file, images, tolerance=TOLERANCE)
+                parity = onnx_parity(model, staged, images, tolerance=TOLERANCE)
             checks.append(parity.__dict__)
             labels = ("equal" if parity.topk_labels_equal else
                       "equal up to ties" if parity.topk_same_up_to_ties else "DIFFER")
@@ -97,10 +99,17 @@ def run(spec: ExperimentSpec) -> int:
                   f"query selection: {parity.selection_ranks_differing} ranks swapped between "
                   f"{'tied' if parity.selection_ties_only else 'NOT tied'} proposals")
             if not parity.within():
-                _write_report(out_dir, dict(report, parity=checks))
-                raise RuntimeError(f"{onnx_file} does not match PyTorch within {TOLERANCE} "
-                                   f"(batch {batch}): {parity}")
+                failed = _sibling(onnx_file, ".failed.onnx")
+                os.replace(staged, failed)
+                _write_report(out_dir, dict(report, onnx_file=failed, parity=checks))
+                raise RuntimeError(f"the exported graph does not match PyTorch within {TOLERANCE} "
+                                   f"(batch {batch}): {parity}; {onnx_file} was not written (the "
+                                   f"graph is kept as {failed})")
         report["parity"] = checks
+    os.replace(staged, onnx_file)
+    print(f"exported {cfg.checkpoint} ({'EMA' if which == 'ema' else 'raw'} weights) to {onnx_file}"
+          + (" (verified)" if cfg.verify else ""))
+    session = make_session(onnx_file, "cpu")
     if cfg.latency_runs:
         report["latency_ms_per_image"] = _latency(session, cfg, height, width)
         print(f"onnxruntime latency: {report['latency_ms_per_image']:.1f} ms per image "
@@ -109,6 +118,11 @@ def run(spec: ExperimentSpec) -> int:
     _write_report(out_dir, report)
     print(f"export report written to {os.path.join(out_dir, 'export_report.json')}")
     return 0
+
+
+def _sibling(onnx_file: str, suffix: str) -> str:
+    """`<dir>/<name>.onnx` -> `<dir>/<name><suffix>`."""
+    return onnx_file[:-len(".onnx")] + suffix
 
 
 def _latency(session, cfg, height: int, width: int) -> float:

@@ -79,9 +79,13 @@ def run(spec: ExperimentSpec) -> int:
         raise SpecError("gen_trt_engine.tensorrt batch sizes must satisfy min_batch_size <= "
                         f"opt_batch_size <= max_batch_size, got {trt_cfg.min_batch_size}, "
                         f"{trt_cfg.opt_batch_size}, {trt_cfg.max_batch_size}")
-    meta = read_metadata(cfg.onnx_file)
-    if meta is not None and cfg.input_height and cfg.input_width and \
-            (cfg.input_height, cfg.input_width) != (meta.input_height, meta.input_width):
+    try:
+        meta = read_metadata(cfg.onnx_file)
+    except Exception as err:  # protobuf's DecodeError and the like: not an ONNX model at all
+        raise SpecError(f"gen_trt_engine.onnx_file={cfg.onnx_file} is not an ONNX file "
+                        f"({type(err).__name__}: {err}); give a file written by `codetr export`") from err
+    if meta is not None and (cfg.input_height or meta.input_height, cfg.input_width or meta.input_width) \
+            != (meta.input_height, meta.input_width):  # either side given alone is checked too
         raise SpecError(f"gen_trt_engine.input_height/input_width = {cfg.input_height}x{cfg.input_width}, "
                         f"but {cfg.onnx_file} was exported for {meta.input_height}x{meta.input_width}")
     profile = _profile(spec, meta)
