@@ -5,8 +5,9 @@ Rows (columns: check, config, dtype, ms, max_err, peak_MiB, status, note):
 - `msda_ref` / `msda_triton`: multi-scale deformable attention forward + backward at Co-DINO's
   1024x1024 encoder sizes (5 levels, strides 4..64 = 87,296 queries = keys, 8 heads, D 32,
   4 points, batch 1), the `F.grid_sample` reference against `codetr/ops/msda_triton.py`, in
-  fp32 / fp16 / bf16. `max_err`: the largest |difference| of the output and of the three
-  gradients against the fp32 reference, relative to that tensor's largest |value|.
+  fp32 / fp16 / bf16. `max_err`: the largest |difference| of the output against the fp32
+  reference, relative to its largest |value| (the three gradients' in the note); a Triton row is
+  `ok` only when all four are within `TRITON_MAX_ERR` of its dtype.
 - `train_step`: a training step (forward with targets, every loss, backward, AdamW) of the
   TAO-sized model (ResNet-50, 4 levels, hidden 256, 6 + 6 layers, 900 queries, one ATSS co-head)
   at batch 2, 800x800, in fp32 and under fp16 / bf16 autocast (fp16 with a GradScaler).
@@ -17,7 +18,8 @@ Rows (columns: check, config, dtype, ms, max_err, peak_MiB, status, note):
 - `onnxruntime` / `tensorrt`: the model exported as `codetr export` does (`codetr/export`),
   onnxruntime latency, and a TensorRT engine built as `codetr gen_trt_engine` builds it
   (`codetr/export/tensorrt_engine.py`): latency and parity (`max_err` = max |score diff|,
-  note = max |box diff| and whether the top-100 labels agree). Skipped with the reason when
+  note = max |box diff| and whether the top-100 labels agree; `ok` only when scores and boxes
+  are within `DEPLOY_TOL` = 1e-3 and the top-100 agree up to ties). Skipped with the reason when
   tensorrt does not import or no GPU is visible.
 
 `--dry` runs the same code paths at tiny sizes on the CPU (Triton under `TRITON_INTERPRET=1`,
@@ -54,6 +56,18 @@ from msda import make_inputs  # noqa: E402
 
 COLUMNS = ("check", "config", "dtype", "ms", "max_err", "peak_MiB", "status", "note")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# msda_triton `ok` bound on every relative error (output and the three gradients). The kernels
+# accumulate in fp32, so what remains is the rounding of inputs and outputs to the dtype (unit
+# roundoff fp16 4.9e-4, bf16 3.9e-3) plus summation order; --dry measured 3.9e-7 / 2.8e-4 /
+# 5.3e-3. The grid_sample reference in fp16 / bf16 is itself that far off (bf16 location
+# gradient 1.3e-1 in --dry), so msda_ref rows are judged finite only: they are the baseline.
+TRITON_MAX_ERR = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 3e-2}
+
+
+def msda_status(check: str, dtype: str, errs: list[float]) -> str:
+    """`ok` / `FAIL` of an msda row from its relative errors (output, then the three gradients)."""
+    finite = all(map(math.isfinite, errs))
+    return "ok" if finite and (check == "msda_ref" or max(errs) <= TRITON_MAX_ERR[dtype]) else "FAIL"
 
 
 def sync(device: torch.device) -> None:
@@ -132,7 +146,7 @@ def msda_rows(size: dict, device: torch.device, iters: int) -> list[dict]:
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
                 rows.append({"check": check, "config": config, "dtype": name, "ms": ms,
                              "max_err": errs[0], "peak_MiB": peak,
-                             "status": "ok" if all(map(math.isfinite, errs)) else "FAIL",
+                             "status": msda_status(check, name, errs),
                              "note": "fwd+bwd; rel. err of grads value/loc/attn "
                                      + "/".join(f"{e:.1e}" for e in errs[1:])})
             except Exception as error:  # a failing path is a row, not the end of the check

@@ -67,3 +67,25 @@ def test_without_a_gpu_the_real_check_refuses():
     result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and "--dry" in result.stderr
+
+
+def test_rows_fail_beyond_their_error_bounds():
+    """The statuses judge the errors (not only their finiteness): a kernel off by half its value
+    or a runtime whose boxes moved fails, also where the top-k still agrees."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_check import TRITON_MAX_ERR, msda_status
+    from gpu_check_parts import _deploy_ok
+
+    from codetr.export.parity import compare_outputs
+
+    assert msda_status("msda_triton", "fp32", [4e-7, 2e-7, 2e-7, 4e-7]) == "ok"
+    for dtype, bound in TRITON_MAX_ERR.items():
+        assert msda_status("msda_triton", dtype, [bound / 2] * 4) == "ok"
+        assert msda_status("msda_triton", dtype, [bound / 2, bound / 2, bound * 2, 0.0]) == "FAIL"
+        assert msda_status("msda_triton", dtype, [0.0, float("nan"), 0.0, 0.0]) == "FAIL"
+    assert msda_status("msda_ref", "bf16", [1.8e-2, 1.8e-2, 1.3e-1, 2.2e-2]) == "ok"  # the baseline
+    gen = torch.Generator().manual_seed(4)
+    logits, boxes = torch.randn(1, 50, 5, generator=gen), torch.rand(1, 50, 4, generator=gen)
+    assert _deploy_ok(compare_outputs(logits, boxes, logits + 1e-5, boxes + 1e-5))
+    moved = compare_outputs(logits, boxes, logits, boxes.flip(-1))  # same scores, wrong boxes
+    assert moved.topk_same_up_to_ties and not _deploy_ok(moved)
