@@ -64,6 +64,21 @@ def test_yaml_1_1_exponent_floats_load_as_floats():
     assert spec_from_dict({"train": {"optim": {"lr": "1e-4"}}}).train.optim.lr == 1e-4
 
 
+def test_yaml_1_2_booleans_so_tao_values_stay_strings(tmp_path):
+    """TAO documents `two_stage_type: no`; YAML 1.1 read it as False. Only true/false are bools."""
+    assert load_yaml_text("a: no\nb: off\nc: yes\nd: true\ne: False\nf: 'no'") == {
+        "a": "no", "b": "off", "c": "yes", "d": True, "e": False, "f": "no"}
+    path = tmp_path / "spec.yaml"
+    path.write_text("model:\n  two_stage_type: no\n")
+    assert load_spec(path).model.two_stage_type == "no"
+    assert load_spec(None, ["model.two_stage_type=no"]).model.two_stage_type == "no"
+    with pytest.raises(SpecError, match="train.enable_ema: expected true or false, got str 'yes'"):
+        load_spec(None, ["train.enable_ema=yes"])
+    resolved = tmp_path / "resolved.yaml"  # the saved spec reads back the same
+    resolved.write_text(spec_to_yaml(load_spec(path)))
+    assert load_spec(resolved).model.two_stage_type == "no"
+
+
 def test_round_trip_through_yaml(tmp_path):
     s = load_spec(None, ["train.optim.lr=3e-5", "inference.color_map={car: red}"])
     p = tmp_path / "resolved.yaml"

@@ -2,7 +2,10 @@
 
 PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; DVC, Snakemake users and humans
 expect a float. `SpecLoader` adds the YAML 1.2 float pattern so `1e-4`, `1E+3` and `.5` load as
-floats whichever way the file is written.
+floats whichever way the file is written. Booleans are YAML 1.2's too (`true` / `false` only), as
+DVC reads them: in YAML 1.1 `no`, `off`, `yes` and `on` are booleans, which turned TAO's
+documented `two_stage_type: no` into `False`; a bool field given `yes` gets an error that asks
+for true or false.
 """
 from __future__ import annotations
 
@@ -27,11 +30,14 @@ class SpecLoader(yaml.SafeLoader):
     """SafeLoader whose float resolver accepts `1e-4` (YAML 1.2 style)."""
 
 
+_BOOL_12 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
 SpecLoader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
 }
 SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+SpecLoader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL_12, list("tTfF"))
 
 
 def _mapping_without_duplicates(loader: SpecLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
