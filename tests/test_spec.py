@@ -113,11 +113,20 @@ def test_round_trip_through_yaml(tmp_path):
     ("model.hidden_dim=100", "divisible by model.nheads"),
     ("dataset.augmentation.fixed_random_crop=100", "divisible by 32"),
     ("noequals", "key=value"),
+    ("~train.seedd", "unknown key 'train.seedd'. Did you mean 'train.seed'?"),
+    ("~train.optim.lr_bakcbone", "Did you mean 'train.optim.lr_backbone'?"),
+    ("backbone=resnet_50", "Did you mean 'model.backbone'?"),
+    ("report=3", "'report' is the pipeline's report stage section (a mapping"),
 ])
 def test_errors_name_the_key_and_allowed_values(override, fragment):
     with pytest.raises(SpecError) as err:
         load_spec(None, [override])
     assert fragment in str(err.value)
+
+
+def test_removing_a_key_the_file_lacks_is_a_no_op():
+    """`~key` of a valid key absent from the spec (or below a free-form dict) keeps the defaults."""
+    assert load_spec(None, ["~train.seed", "~inference.color_map.car", "~model.backbone"]) == load_spec(None)
 
 
 def test_bad_files(tmp_path):

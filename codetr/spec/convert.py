@@ -35,6 +35,28 @@ def to_dataclass(cls: type, data: Any, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def check_key_path(cls: type, dotted: str) -> None:
+    """Raises SpecError (with a "did you mean") when `dotted` names no field of `cls`'s sections.
+
+    Checked as far as the sections are dataclasses (a dict-valued field such as `color_map`
+    takes any key below it).
+    """
+    path = ""
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1, cutoff=0.6)
+            hint = f" Did you mean '{_join(path, close[0])}'?" if close else ""
+            raise SpecError(f"unknown key '{_join(path, part)}'.{hint} "
+                            f"Allowed keys of {path or '<spec>'}: {', '.join(fields)}")
+        tp = typing.get_type_hints(cls)[part]
+        args = [a for a in typing.get_args(tp) if a is not _NONE]
+        cls = args[0] if typing.get_origin(tp) is Union and len(args) == 1 else tp
+        path = _join(path, part)
+
+
 def check_constraints(value: Any, meta: typing.Mapping, key: str) -> None:
     """Applies `choices`, `min`, `max`, `gt` and `each` metadata to a converted value."""
     if value is None:

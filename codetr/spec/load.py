@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Any, Iterable, Optional, Sequence
 
-from codetr.spec.convert import to_dataclass
+from codetr.spec.convert import check_key_path, to_dataclass
 from codetr.spec.errors import SpecError
 from codetr.spec.schema import ExperimentSpec
 from codetr.spec.yaml_io import dump_yaml, load_yaml, load_yaml_text
@@ -53,6 +53,8 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
                 raise SpecError(f"override '{text}': '{part}' is not a section")
             node = child
         if op == "~":
+            if parts[-1] not in node and parts[0] not in PIPELINE_SECTIONS:
+                check_key_path(ExperimentSpec, key)  # a typo is an error, not a silent no-op
             node.pop(parts[-1], None)
         else:
             node[parts[-1]] = value
@@ -69,6 +71,12 @@ def spec_from_dict(data: Optional[dict], origin: str = "<spec>") -> ExperimentSp
     The pipeline's own sections (`PIPELINE_SECTIONS`) may sit beside the spec in params.yaml:
     they are ignored here so `codetr train -e params.yaml` works.
     """
+    for name in PIPELINE_SECTIONS:
+        value = (data or {}).get(name)
+        if value is not None and not isinstance(value, dict):
+            hint = " Did you mean 'model.backbone'?" if name == "backbone" else ""
+            raise SpecError(f"{origin}: '{name}' is the pipeline's {name} stage section (a mapping, "
+                            f"ignored by the codetr tasks), got {value!r}.{hint}")
     data = {k: v for k, v in (data or {}).items() if k not in PIPELINE_SECTIONS}
     try:
         spec = to_dataclass(ExperimentSpec, data)
