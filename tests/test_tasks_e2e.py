@@ -178,7 +178,7 @@ def test_task_errors(trained, data, tmp_path):
     with pytest.raises(SpecError, match="evaluate.checkpoint is required"):
         evaluate.run(spec_from_dict(d))
     d["evaluate"]["checkpoint"] = str(tmp_path / "nope.pth")
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="evaluate.checkpoint: checkpoint not found"):
         evaluate.run(spec_from_dict(d))
     (tmp_path / "classmap.txt").write_text("square\ncircle\ntriangle\ncross\n")
     d["dataset"]["infer_data_sources"]["classmap"] = str(tmp_path / "classmap.txt")

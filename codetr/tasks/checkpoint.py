@@ -81,6 +81,12 @@ class AtomicCheckpointIO(CheckpointIO):
         Path(path).unlink(missing_ok=True)
 
 
+def require_checkpoint_file(path: str | os.PathLike, key: str) -> None:
+    """Raises CheckpointError naming the spec `key` (e.g. `evaluate.checkpoint`) when `path` is no file."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{key}: checkpoint not found: {path}")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
                     require_codetr: bool = True) -> Dict[str, Any]:
     """Loads a checkpoint with `weights_only=True`.

@@ -30,6 +30,7 @@ from codetr.spec import ExperimentSpec, SpecError
 from codetr.export.onnx_runtime import fit_input_size, load_detector
 from codetr.tasks.coco_eval import (CocoMetrics, evaluate_coco, format_table, load_ground_truth,
                                     to_coco_results)
+from codetr.tasks.checkpoint import require_checkpoint_file
 from codetr.tasks.runtime import ensure_writable_dir, eval_device
 
 
@@ -54,6 +55,7 @@ def run(spec: ExperimentSpec) -> int:
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "evaluate")
     for notice in notices:
         print(notice)
+    require_checkpoint_file(cfg.checkpoint, "evaluate.checkpoint")
     model, label_map, _, which = load_detector(cfg.checkpoint, device, spec)  # .pth, official or .onnx
     print(f"evaluating {cfg.checkpoint} ({'EMA' if which == 'ema' else 'raw'} weights) on {device}")
     size = fit_input_size(model, spec, "evaluate", input_size(cfg.input_width, cfg.input_height))

@@ -44,7 +44,7 @@ def run(spec: ExperimentSpec) -> int:
     from codetr.export.onnx_runtime import make_session
     from codetr.export.parity import detections_parity, onnx_parity
     from codetr.model.eval_fold import fold_for_eval
-    from codetr.tasks.checkpoint import restore_detector
+    from codetr.tasks.checkpoint import require_checkpoint_file, restore_detector
 
     cfg = spec.export
     if not cfg.checkpoint:
@@ -61,6 +61,7 @@ def run(spec: ExperimentSpec) -> int:
     ensure_writable_dir(os.path.dirname(os.path.abspath(onnx_file)), "export.onnx_file directory")
     save_spec(spec, out_dir)
     # An official mmdet / Sense-X file has no stored spec: this run's spec builds its model.
+    require_checkpoint_file(cfg.checkpoint, "export.checkpoint")
     model, label_map, stored_spec, which = restore_detector(cfg.checkpoint, "cpu", spec)
     fold_for_eval(model)  # a smaller graph; same outputs within 1e-5 (tests/test_eval_fold.py)
     height, width = cfg.input_height, cfg.input_width

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 from codetr.fileio import atomic_torch_save
 from codetr.spec import ExperimentSpec, SpecError, spec_to_dict
 from codetr.spec.load import save_spec
-from codetr.tasks.checkpoint import FORMAT_VERSION, MODEL_PREFIX, load_checkpoint, to_weights_only_safe
+from codetr.tasks.checkpoint import (FORMAT_VERSION, MODEL_PREFIX, load_checkpoint, require_checkpoint_file,
+                                     to_weights_only_safe)
 from codetr.tasks.runtime import ensure_writable_dir
 from codetr.zoo import checkpoint_flavour
 from codetr.zoo.restore import is_official_checkpoint, official_state, restore_official
@@ -37,6 +38,7 @@ def run(spec: ExperimentSpec) -> int:
     if not source:
         raise SpecError("import_mmdet.checkpoint is required: the official .pth to convert, e.g. "
                         "import_mmdet.checkpoint=models/zoo/co_dino_5scale_r50_lsj_8xb2_1x_coco-69a72d67.pth")
+    require_checkpoint_file(source, "import_mmdet.checkpoint")
     ckpt = load_checkpoint(source, require_codetr=False)
     if not is_official_checkpoint(ckpt):
         raise SpecError(f"import_mmdet.checkpoint {source} is not an official MMDetection / Sense-X "

@@ -42,6 +42,7 @@ from codetr.tasks.evaluate import input_size
 from codetr.tasks.kitti import format_kitti_line, kitti_text
 from codetr.tasks.output_names import (clear_previous_outputs, output_stems, relative_output,
                                        write_index)
+from codetr.tasks.checkpoint import require_checkpoint_file
 from codetr.tasks.runtime import ensure_writable_dir, eval_device
 
 
@@ -134,6 +135,7 @@ def run(spec: ExperimentSpec) -> int:
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "inference")
     for notice in notices:
         print(notice)
+    require_checkpoint_file(cfg.checkpoint, "inference.checkpoint")
     model, label_map, _, which = load_detector(cfg.checkpoint, device, spec)  # .pth, official or .onnx
     check_classmap(label_map, infer.classmap)
     grouping = CategoryGrouping(label_map, cfg.category_mapping)

@@ -27,7 +27,7 @@ from codetr.fileio import atomic_write_bytes
 from codetr.spec import ExperimentSpec, SpecError, spec_to_dict
 from codetr.spec.load import save_spec
 from codetr.tasks.best_checkpoint import BEST, BestCheckpoint
-from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_partial,
+from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_partial, require_checkpoint_file,
                                      model_state_dict, require_same_architecture)
 from codetr.tasks.datamodule import CoDETRDataModule
 from codetr.tasks.epoch_checkpoint import checkpoint_callback
@@ -217,6 +217,7 @@ def find_resume_checkpoint(spec: ExperimentSpec, train_dir: str) -> Optional[str
 
 def load_pretrained(model: nn.Module, path: str) -> None:
     """Starts from another checkpoint's weights where names and shapes match; reports the rest."""
+    require_checkpoint_file(path, "train.pretrained_model_path")
     ckpt = load_checkpoint(path, require_codetr=False)
     state, which = model_state_dict(ckpt)
     state = adapt_for_finetuning(state, model, path, ckpt)  # official mmdet / Sense-X names
