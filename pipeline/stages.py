@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -45,9 +46,29 @@ def _paths(entries: Optional[Sequence]) -> List[str]:
     return paths
 
 
-def read_stages(dvc_yaml: str | os.PathLike = "dvc.yaml") -> List[Stage]:
-    """The stages of a dvc.yaml (plain YAML, no DVC templating), in file order."""
+_VAR = re.compile(r"\$\{\s*([\w.]+)\s*\}")
+
+
+def _interpolate(text: str, params: Dict[str, Any], where: str) -> str:
+    """DVC's `${key}` in a dep: the params.yaml value (a string or number), as DVC substitutes it."""
+    def value(match: "re.Match") -> str:
+        found = _lookup(params, match.group(1))
+        if isinstance(found, (dict, list)) or found is None:
+            raise ValueError(f"{where}: ${{{match.group(1)}}} must be a string or number in "
+                             f"{PARAMS_FILE}, got {found!r}")
+        return str(found)
+    return _VAR.sub(value, text)
+
+
+def read_stages(dvc_yaml: str | os.PathLike = "dvc.yaml",
+                params: Optional[Dict[str, Any]] = None) -> List[Stage]:
+    """The stages of a dvc.yaml, in file order; `${key}` in deps is taken from `params` (default:
+    the params.yaml beside dvc.yaml), the only DVC templating the pipeline uses."""
     data = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")) or {}
+    if params is None and "${" in Path(dvc_yaml).read_text(encoding="utf-8"):
+        from pipeline.params import load_params
+
+        params = load_params(Path(dvc_yaml).parent / PARAMS_FILE)
     stages = []
     for name, raw in (data.get("stages") or {}).items():
         if "foreach" in raw or "matrix" in raw:
@@ -55,7 +76,8 @@ def read_stages(dvc_yaml: str | os.PathLike = "dvc.yaml") -> List[Stage]:
         cmd = raw["cmd"] if isinstance(raw["cmd"], str) else " && ".join(raw["cmd"])
         meta = ((raw.get("meta") or {}).get("snakemake") or {})
         stages.append(Stage(
-            name=name, cmd=cmd, deps=list(raw.get("deps") or []), params=list(raw.get("params") or []),
+            name=name, cmd=cmd,
+            deps=[_interpolate(d, params or {}, f"{dvc_yaml}: stage {name}") for d in raw.get("deps") or []], params=list(raw.get("params") or []),
             outs=_paths(raw.get("outs")) + _paths(raw.get("metrics")) + _paths(raw.get("plots")),
             resources=dict(meta.get("resources") or {})))
     return stages
@@ -118,21 +140,21 @@ def stage_params_text(stage: Stage, params: Dict[str, Any], root: str | os.PathL
     return json.dumps(stage_params(stage, params, root), sort_keys=True, indent=1) + "\n"
 
 
-def write_if_changed(path: str | os.PathLike, text: str) -> bool:
+def write_if_changed(path: str | os.PathLike, text: str, outputs_current: Callable[[], bool]) -> bool:
     """Writes `text` unless the file already holds it (its mtime then stays); returns True if written.
 
-    A file written for the first time gets an mtime of 0: its mtime means "when these params last
-    changed", and a first look cannot tell, so it must not make outputs that exist (e.g. made by
-    `dvc repro`) look stale. Missing outputs are rerun anyway.
+    The file's mtime means "when these params last changed". When it is written (first sight, or
+    new content) `outputs_current()` says whether the outputs on disk were made with these params
+    (the Snakefile asks DVC: `pipeline.dvc_status`): then the mtime is 0, so outputs `dvc repro`
+    made do not look stale; otherwise it is now, so the stage reruns. Missing outputs rerun anyway.
     """
     path = Path(path)
-    existed = path.exists()
-    if existed and path.read_text(encoding="utf-8") == text:
+    if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
-    if not existed:
+    if outputs_current():
         os.utime(tmp, (0, 0))
     os.replace(tmp, path)
     return True

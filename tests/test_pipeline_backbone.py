@@ -11,7 +11,7 @@ import torch
 
 from pipeline import backbone
 from pipeline.backbone import BackboneError, check_spec_path, run, state_dict_from_file
-from pipeline.download import DownloadError, download
+from pipeline.download import DownloadError, download, sha256_of
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -106,10 +106,14 @@ def test_truncated_body_and_no_server(server, tmp_path):
     assert _leftovers(tmp_path / "dl") == []
 
 
-def test_local_file_is_unwrapped(tmp_path):
+def test_local_file_is_unwrapped(tmp_path, capsys):
     state = _weights(2)
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ckpt.pt")
     run(str(tmp_path / "ckpt.pt"), tmp_path / "out")
+    digest = sha256_of(tmp_path / "ckpt.pt")
+    assert f"set backbone.sha256: {digest} to pin it" in capsys.readouterr().err
+    run(str(tmp_path / "ckpt.pt"), tmp_path / "out3", sha256=digest)
+    assert "to pin it" not in capsys.readouterr().err
     loaded = torch.load(tmp_path / "out" / "backbone.pth", weights_only=True)
     assert sorted(k.removeprefix("module.") for k in loaded) == sorted(state)
     with pytest.raises(BackboneError, match="sha256 mismatch"):
