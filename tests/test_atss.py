@@ -263,9 +263,10 @@ def test_positive_anchors_lie_on_positive_locations():
 
 
 def test_anchors_over_the_batch_padding_are_negatives_and_candidates():
-    """Parity fix 1: mmdet 3.x flags every anchor of the padded batch valid (`pad_shape` is the
-    batch shape), so the anchors over an image's padding are focal-loss negatives and pads for
-    the positive queries. We used to drop them (and keep them out of the ATSS candidates)."""
+    """Parity fix 1: without `pad_size` (the reference's metas, whose `pad_shape` is the batch
+    shape) every anchor of the padded batch is valid, so the anchors over an image's padding are
+    focal-loss negatives and pads for the positive queries (`test_anchor_valid_flags.py`: with a
+    `pad_size`, those beyond it are not)."""
     head, feats, targets = _tiny_head_and_batch(requires_grad=False)
     with torch.no_grad():
         losses, positives = head.loss_and_positives(feats, STRIDES, targets, per_level=True)

@@ -15,7 +15,10 @@ class Batch:
         images: float32 `[B, 3, H, W]` normalised, zero-padded at the bottom/right.
         masks: bool `[B, H, W]`, True on padding.
         targets: B dicts: boxes float32 `[N, 4]` cxcywh normalised by `size`, labels int64 `[N]`,
-            image_id int, orig_size int64 `[2]` (h, w), size int64 `[2]` (h, w).
+            image_id int, orig_size int64 `[2]` (h, w), size int64 `[2]` (h, w), and pad_size
+            int64 `[2]` (h, w): the image's own padded extent as mmdet's data preprocessor gives
+            it (`size` rounded up to the divisor, or the fixed size): the co-heads' anchors beyond
+            it (over another image's padding) are invalid, as mmdet's valid flags make them.
     """
     images: torch.Tensor
     masks: torch.Tensor
@@ -116,4 +119,12 @@ def collate_fn(samples: Sequence[tuple[torch.Tensor, dict]], pad_size_divisor: i
                fixed_size: Optional[tuple[int, int]] = None) -> Batch:
     """(image `[3, h, w]`, target) pairs -> `Batch` (see `pad_images` for the padded size)."""
     images, masks = pad_images([s[0] for s in samples], pad_size_divisor, fixed_size)
-    return Batch(images, masks, [s[1] for s in samples])
+    return Batch(images, masks, [dict(s[1], pad_size=pad_size(s[1]["size"], pad_size_divisor, fixed_size))
+                                 for s in samples])
+
+
+def pad_size(size: torch.Tensor, pad_size_divisor: int = 1,
+             fixed_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """mmdet's per-image `pad_shape`: int64 `[2]` (h, w), `size` (or `fixed_size`) rounded up."""
+    h, w = fixed_size if fixed_size is not None else (int(size[0]), int(size[1]))
+    return torch.tensor([_round_up(int(h), pad_size_divisor), _round_up(int(w), pad_size_divisor)])

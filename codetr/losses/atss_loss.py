@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from codetr.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from codetr.losses.atss_assigner import atss_assign
+from codetr.losses.atss_assigner import anchors_inside_image, atss_assign
 from codetr.losses.focal import sigmoid_focal_loss
 
 # mmdet's DeltaXYWHBBoxCoder settings of the ATSS head.
@@ -131,7 +131,11 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
         anchors: per level `[H_l * W_l, 4]` xyxy pixels, rows in (y, x) order, shared by all
             images.
         targets: B dicts with `boxes` `[N, 4]` cxcywh normalised by `size`, `labels` `[N]`
-            int64 and `size` `[2]` (h, w) of the unpadded image (DESIGN.md data contract).
+            int64, `size` `[2]` (h, w) of the unpadded image and, optionally, `pad_size` `[2]`
+            (h, w): the image's own padded extent (`codetr.data.collate.pad_size`); anchors
+            centred beyond it lie over another image's padding and are invalid, as mmdet's valid
+            flags (from its per-image `pad_shape`) make them: never candidates, zero focal weight.
+            Without `pad_size` every anchor of the padded batch is valid.
         num_classes: number of class logits `C`.
         focal_alpha: focal loss alpha.
         gamma: focal loss gamma.
@@ -157,14 +161,20 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
     labels = torch.full((batch, num_anchors), num_classes, dtype=torch.long,
                         device=cls_flat.device)
     matched_gt = anchors_all.new_zeros(batch, num_anchors, 4)
+    valid_rows = {}  # image -> [A] bool, only for images with invalid anchors
     for b, target in enumerate(targets):
+        pad_hw = target.get("pad_size")
+        valid = None if pad_hw is None else anchors_inside_image(anchors_all, pad_hw.tolist())
+        if valid is not None and not bool(valid.all()):
+            valid_rows[b] = valid
+        else:
+            pad_hw = None  # every anchor valid: the unmasked (and sync-free) assignment
         # (w, h, w, h) from the (h, w) size on the device: no host sync per image.
         scale = target["size"].to(anchors_all).flip(0).repeat(2)
         gt_xyxy = box_cxcywh_to_xyxy(target["boxes"].to(anchors_all)) * scale
-        # Every anchor of the padded batch is valid, padding included: mmdet 3.x takes the valid
-        # flags from `pad_shape`, which its data preprocessor sets to the batch shape, so anchors
-        # over the zero padding are ATSS candidates and focal-loss negatives (parity fix 1).
-        gt_index, gt_label = atss_assign(anchors_all, counts, gt_xyxy, target["labels"], topk=topk)
+        # Anchors over this image's own padding (up to `pad_size`) stay valid, as in mmdet.
+        gt_index, gt_label = atss_assign(anchors_all, counts, gt_xyxy, target["labels"], topk=topk,
+                                         valid_hw=None if pad_hw is None else pad_hw.tolist())
         if gt_xyxy.shape[0] == 0:
             continue
         # torch.where instead of boolean-mask indexing: the same values, no nonzero() sync.
@@ -178,6 +188,11 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
     num_pos = _mean_over_ranks(positive.sum().float()).clamp(min=1.0)
     onehot = F.one_hot(labels, num_classes + 1)[..., :num_classes]  # background -> all zeros
     focal = sigmoid_focal_loss(cls_flat, onehot, alpha=focal_alpha, gamma=gamma)  # [B, A, C]
+    if valid_rows:  # mmdet's label weight 0 for invalid anchors
+        weight = torch.ones(batch, num_anchors, device=focal.device, dtype=focal.dtype)
+        for b, valid in valid_rows.items():
+            weight[b] = valid.to(focal.dtype)
+        focal = focal * weight[..., None]
     cls_per_level = _per_level(focal.sum(dim=(0, 2)), counts) / num_pos
 
     pos_anchors = anchors_all.expand(batch, -1, -1)[positive]  # [P, 4]

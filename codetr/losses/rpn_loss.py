@@ -7,12 +7,13 @@ UNWEIGHTED and per level (the caller owns the weights and sums the levels).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from codetr.losses.atss_assigner import anchors_inside_image
 from codetr.losses.atss_loss import delta_xywh_encode
 from codetr.losses.max_iou_assigner import max_iou_assign
 
@@ -29,10 +30,13 @@ def rpn_assign(anchors_xyxy: Tensor, gt_boxes_xyxy: Tensor) -> Tensor:
 
 
 def rpn_losses(cls_logits: Sequence[Tensor], deltas: Sequence[Tensor], anchors: Sequence[Tensor],
-               gt_boxes: Sequence[Tensor], sampler: Sampler) -> dict[str, Tensor]:
+               gt_boxes: Sequence[Tensor], sampler: Sampler,
+               pad_sizes: Optional[Sequence[Optional[Sequence[int]]]] = None) -> dict[str, Tensor]:
     """RPN objectness and box losses of a batch.
 
-    All anchors take part (mmdet's `allowed_border=-1`), including those over the padding.
+    mmdet's `allowed_border=-1`: no inside-the-image check, so anchors over an image's own
+    padding take part; anchors centred beyond its `pad_size` (over another image's padding) are
+    invalid, as mmdet's valid flags make them: neither assigned nor sampled.
 
     Args:
         cls_logits: per level `[B, A_l]` objectness logits, rows in (y, x, anchor) order.
@@ -40,7 +44,9 @@ def rpn_losses(cls_logits: Sequence[Tensor], deltas: Sequence[Tensor], anchors: 
         anchors: per level `[A_l, 4]` xyxy pixels, shared by the images.
         gt_boxes: B tensors `[N_i, 4]` xyxy pixels.
         sampler: `assigned_gt_inds [A] -> (pos_inds, neg_inds)` (e.g. `RandomSampler(256, 0.5)`),
-            called image by image in batch order.
+            called image by image in batch order (on the image's valid anchors).
+        pad_sizes: per image `(h, w)` padded extent (`codetr.data.collate.pad_size`), or None
+            (every anchor valid).
 
     Returns:
         `loss_rpn_cls` and `loss_rpn_bbox`, each `[num_levels]` float32: the level's share of the
@@ -61,8 +67,20 @@ def rpn_losses(cls_logits: Sequence[Tensor], deltas: Sequence[Tensor], anchors: 
     avg_factor = 0
     for b, gts in enumerate(gt_boxes):
         gts = gts.to(all_anchors)
-        assigned = rpn_assign(all_anchors, gts)
-        pos, neg = sampler(assigned)
+        valid = None
+        if pad_sizes is not None and pad_sizes[b] is not None:
+            valid = anchors_inside_image(all_anchors, pad_sizes[b])
+            valid = None if bool(valid.all()) else valid
+        if valid is None:
+            assigned = rpn_assign(all_anchors, gts)
+            pos, neg = sampler(assigned)
+        else:  # as mmdet: assign and sample the valid anchors only, indices mapped back
+            rows = valid.nonzero()[:, 0]
+            inside = rpn_assign(all_anchors[rows], gts)
+            pos, neg = sampler(inside)
+            pos, neg = rows[pos], rows[neg]
+            assigned = inside.new_zeros(num_anchors)
+            assigned[rows] = inside
         labels[b, pos] = 1.0
         label_weights[b, pos] = 1.0
         label_weights[b, neg] = 1.0

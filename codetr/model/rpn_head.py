@@ -7,7 +7,7 @@ load 1:1.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,8 @@ class RPNHead(nn.Module):
                 for b in range(len(image_sizes))]
 
     def loss_and_proposals(self, feats: Sequence[Tensor], gt_boxes: Sequence[Tensor],
-                           image_sizes: Sequence[Sequence[int]]
+                           image_sizes: Sequence[Sequence[int]],
+                           pad_sizes: Optional[Sequence[Optional[Sequence[int]]]] = None
                            ) -> tuple[dict[str, Tensor], list[Tensor]]:
         """RPN losses and the training proposals (training only).
 
@@ -116,6 +117,8 @@ class RPNHead(nn.Module):
             feats: maps `[B, D, H_l, W_l]`, one per stride.
             gt_boxes: per image `[N_i, 4]` xyxy pixels (one objectness class: no labels).
             image_sizes: per image `(h, w)` of the unpadded image, pixels.
+            pad_sizes: per image `(h, w)` padded extent (anchors beyond it are invalid in the
+                loss; `rpn_losses`), or None: all valid.
 
         Returns:
             `(losses, proposals)`: `losses` has `loss_rpn_cls` and `loss_rpn_bbox`, unweighted,
@@ -125,6 +128,6 @@ class RPNHead(nn.Module):
         cls_logits, deltas = self(feats)
         anchors = self.anchors(feats)
         flat_cls, flat_deltas = flatten_rpn_outputs(cls_logits, deltas)
-        losses = rpn_losses(flat_cls, flat_deltas, anchors, gt_boxes, self.sampler)
+        losses = rpn_losses(flat_cls, flat_deltas, anchors, gt_boxes, self.sampler, pad_sizes)
         proposals = self.proposals(cls_logits, deltas, anchors, image_sizes, training=True)
         return losses, [boxes for boxes, _ in proposals]
