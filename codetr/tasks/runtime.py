@@ -152,3 +152,22 @@ def eval_device(num_gpus: int, gpu_ids: Sequence[int], task: str) -> tuple[torch
     if num_gpus > 1:
         notices.append(f"{task} runs in one process: using GPU {index} of {task}.gpu_ids.")
     return torch.device("cuda", index), notices
+
+
+def activation_checkpoint_rule(spec, world_size: int):
+    """TAO's rule: `train.activation_checkpoint` is switched off at run time when the model has
+    fewer than four feature levels and more than one process trains it.
+
+    Returns:
+        `(spec, notice)`: the spec to train with (a copy with the flag off, or `spec` itself)
+        and the one-line notice to print, or None.
+    """
+    import dataclasses
+
+    t = spec.train
+    if not (t.activation_checkpoint and spec.model.num_feature_levels < 4 and world_size > 1):
+        return spec, None
+    notice = (f"notice: train.activation_checkpoint is off for this run: the model has "
+              f"{spec.model.num_feature_levels} feature levels (< 4) and {world_size} processes "
+              "train it (TAO's rule)")
+    return dataclasses.replace(spec, train=dataclasses.replace(t, activation_checkpoint=False)), notice

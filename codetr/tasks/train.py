@@ -35,7 +35,7 @@ from codetr.tasks.module import CoDETRModule
 from codetr.tasks.optim import freeze_parameters
 from codetr.tasks.run_lock import RunLock
 from codetr.zoo.restore import adapt_for_finetuning
-from codetr.tasks.runtime import Runtime, ensure_writable_dir, resolve_runtime
+from codetr.tasks.runtime import Runtime, activation_checkpoint_rule, ensure_writable_dir, resolve_runtime
 
 LAST = "last.pth"
 FINAL = "codetr_model.pth"
@@ -61,6 +61,9 @@ def _train(spec: ExperimentSpec, train_dir: str) -> int:
     L.seed_everything(spec.train.seed, workers=True, verbose=False)
     runtime = resolve_runtime(spec.train.num_gpus, spec.train.gpu_ids, spec.train.num_nodes,
                               spec.train.precision, spec.train.distributed_strategy)
+    spec, notice = activation_checkpoint_rule(spec, runtime.world_size)
+    if notice:
+        _info(notice)
     sources = load_split_sources(spec, "train")
     require_boxes(sources)
     label_map = build_label_map(spec, train_sources=sources)
