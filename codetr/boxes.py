@@ -122,6 +122,7 @@ def elementwise_generalized_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
 # and the difference grows through the decoder layers (../shared/reference/mmdet-codino,
 # `decoder_stress`). Elsewhere (denoising, positive queries, learned references) 1e-5 stays.
 REFINE_EPS = 1e-3
+DEFORMABLE_REFINE_EPS = 1e-5  # mmdet's inverse_sigmoid default: Deformable DETR's refinement
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:

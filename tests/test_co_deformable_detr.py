@@ -105,3 +105,24 @@ def test_tiny_co_deformable_detr_trains(embed_init_tgt):
                                       "model.pe_temperatureH=10000", "model.pe_temperatureW=10000"])
     assert all(math.isfinite(v) for v in losses)
     assert loss_fell(losses), losses
+
+
+@pytest.mark.parametrize("query_pos, forward_twice", [(PROPOSAL, False), ([], True)])
+def test_layer_boxes_refine_detached_references_only_in_co_deformable_detr(query_pos, forward_twice):
+    """Sense-X's Co-Deformable-DETR head predicts layer l from the detached inter_references, so
+    layer 1's box loss does not reach layer 0's box branch (eps 1e-5); Co-DINO looks forward
+    twice (it does, eps 1e-3)."""
+    from test_model import TINY, random_batch
+
+    torch.manual_seed(1)
+    spec = load_spec(None, TINY + query_pos)
+    model = build_model(spec, num_classes=3).train()
+    head = model.query_head
+    for branch in head.reg_branches:  # non-zero deltas so every layer moves its boxes
+        nn.init.normal_(branch[-1].weight, std=0.1)
+    images, masks, targets = random_batch()
+    out = model(images, masks, targets)
+    out["pred_boxes"].sum().backward()  # layer 1 of 2
+    grad = head.reg_branches[0][-1].weight.grad
+    assert (grad is not None and grad.abs().sum() > 0) == forward_twice
+    assert head.transformer.decoder.refine_eps == (1e-3 if forward_twice else 1e-5)

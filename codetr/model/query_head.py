@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from codetr.boxes import REFINE_EPS, inverse_sigmoid
+from codetr.boxes import inverse_sigmoid
 from codetr.model.denoising import build_denoising_queries
 from codetr.model.mlp import MLP
 from codetr.model.joint_queries import block_attn_mask, concat_groups, split_groups
@@ -124,13 +124,12 @@ class QueryHead(nn.Module):
     def _predict(self, layer: int, hidden: Tensor, reference: Tensor) -> dict[str, Tensor]:
         """Layer `layer`'s `{pred_logits [B, N, C], pred_boxes [B, N, 4] cxcywh}`.
 
-        The box refines the layer's INPUT reference (undetached for layers > 0, so this loss
-        also trains the previous layer's box branch: DINO's "look forward twice").
-        """
+        The box refines the layer's INPUT reference, as the decoder hands it: undetached for
+        Co-DINO ("look forward twice"), detached for Co-Deformable-DETR (`Decoder.refine_eps`)."""
         delta = self.reg_branches[layer](hidden)
         return {
             "pred_logits": self.cls_branches[layer](hidden),
-            "pred_boxes": (delta + inverse_sigmoid(reference, REFINE_EPS)).sigmoid(),
+            "pred_boxes": (delta + inverse_sigmoid(reference, self.transformer.decoder.refine_eps)).sigmoid(),
         }
 
     def forward(
