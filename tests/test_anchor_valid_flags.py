@@ -15,14 +15,16 @@ from codetr.losses.rpn_loss import rpn_losses
 from test_atss import STRIDES, _tiny_head_and_batch
 
 
-def test_pad_size_is_the_own_size_rounded_up_or_the_fixed_size():
+def test_pad_size_is_the_own_size_rounded_up_also_under_fixed_zero_padding():
     samples = [(torch.rand(3, 50, 70), {"size": torch.tensor([50, 70])}),
                (torch.rand(3, 64, 33), {"size": torch.tensor([64, 33])})]
     batch = collate_fn(samples, pad_size_divisor=32)
     assert batch.images.shape[-2:] == (64, 96)
     assert [t["pad_size"].tolist() for t in batch.targets] == [[64, 96], [64, 64]]
+    fixed = collate_fn(samples, pad_size_divisor=32, fixed_size=(128, 128))
+    assert fixed.images.shape[-2:] == (128, 128)  # zeros + mask beyond the image: not image
+    assert [t["pad_size"].tolist() for t in fixed.targets] == [[64, 96], [64, 64]]
     assert pad_size(torch.tensor([50, 70])).tolist() == [50, 70]
-    assert pad_size(torch.tensor([50, 70]), 32, (1024, 1024)).tolist() == [1024, 1024]  # LSJ canvas
 
 
 @pytest.mark.parametrize("seed", [0, 1])

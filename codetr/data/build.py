@@ -11,7 +11,7 @@ from codetr.data.collate import Collator
 from codetr.data.dataset import CocoDetectionDataset
 from codetr.data.images import ImageFolderDataset
 from codetr.data.labels import LabelMap
-from codetr.data.test_padding import LSJTestCollator
+from codetr.data.test_padding import LSJTestCollator, LSJTrainCollator
 from codetr.data.transforms import build_transforms, max_output_size
 from codetr.spec.errors import SpecError
 from codetr.spec.schema import DataSource, ExperimentSpec
@@ -122,6 +122,9 @@ def build_collator(spec: ExperimentSpec, split: str,
     if not train and aug.test_padding == "lsj":
         return LSJTestCollator(max_output_size(aug, False, input_size), aug.pad_size_divisor,
                                aug.input_mean, aug.input_std)
+    if train and aug.train_padding == "lsj":
+        return LSJTrainCollator(max_output_size(aug, True, input_size), aug.pad_size_divisor,
+                                aug.input_mean, aug.input_std)
     fixed = aug.fixed_padding or (train and aug.fixed_random_crop is not None)
     size = max_output_size(aug, train, input_size) if fixed else None
     return Collator(aug.pad_size_divisor, size)

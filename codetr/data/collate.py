@@ -17,8 +17,9 @@ class Batch:
         targets: B dicts: boxes float32 `[N, 4]` cxcywh normalised by `size`, labels int64 `[N]`,
             image_id int, orig_size int64 `[2]` (h, w), size int64 `[2]` (h, w), and pad_size
             int64 `[2]` (h, w): the image's own padded extent as mmdet's data preprocessor gives
-            it (`size` rounded up to the divisor, or the fixed size): the co-heads' anchors beyond
-            it (over another image's padding) are invalid, as mmdet's valid flags make them.
+            it (`size` rounded up to the divisor; zero padding beyond it, fixed or not, is no
+            image): the co-heads' anchors beyond it are invalid, as mmdet's valid flags make them.
+            LSJ training pads with image content instead (`LSJTrainCollator`: the canvas).
     """
     images: torch.Tensor
     masks: torch.Tensor
@@ -119,12 +120,10 @@ def collate_fn(samples: Sequence[tuple[torch.Tensor, dict]], pad_size_divisor: i
                fixed_size: Optional[tuple[int, int]] = None) -> Batch:
     """(image `[3, h, w]`, target) pairs -> `Batch` (see `pad_images` for the padded size)."""
     images, masks = pad_images([s[0] for s in samples], pad_size_divisor, fixed_size)
-    return Batch(images, masks, [dict(s[1], pad_size=pad_size(s[1]["size"], pad_size_divisor, fixed_size))
+    return Batch(images, masks, [dict(s[1], pad_size=pad_size(s[1]["size"], pad_size_divisor))
                                  for s in samples])
 
 
-def pad_size(size: torch.Tensor, pad_size_divisor: int = 1,
-             fixed_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """mmdet's per-image `pad_shape`: int64 `[2]` (h, w), `size` (or `fixed_size`) rounded up."""
-    h, w = fixed_size if fixed_size is not None else (int(size[0]), int(size[1]))
-    return torch.tensor([_round_up(int(h), pad_size_divisor), _round_up(int(w), pad_size_divisor)])
+def pad_size(size: torch.Tensor, pad_size_divisor: int = 1) -> torch.Tensor:
+    """mmdet's per-image `pad_shape`: int64 `[2]` (h, w), `size` rounded up to the divisor."""
+    return torch.tensor([_round_up(int(size[0]), pad_size_divisor), _round_up(int(size[1]), pad_size_divisor)])

@@ -1,4 +1,4 @@
-"""`dataset.augmentation.test_padding`: how evaluation batches are padded.
+"""`dataset.augmentation.test_padding` / `train_padding`: how batches are padded.
 
 - `mask` (default, codetr's DETR convention): zero padding after normalisation, a padding mask,
   boxes normalised by each image's own size (`codetr.data.collate`).
@@ -11,6 +11,11 @@
 
 Both collators put the (h, w) the normalised boxes are scaled by into each target / meta as
 `detection_size` (float32 `[2]`); `detection_sizes` reads it for the post-processing.
+
+`train_padding: lsj` (`LSJTrainCollator`) is the same in training, as mmdet's LSJ train pipeline
+ends with `Pad(size=canvas, pad_val=114)`: the canvas is the image (no mask), and the targets are
+re-normalised by it (`size` and `pad_size` become the canvas), so the losses, the denoising
+queries, the co-heads' anchors (all valid) and their positive queries see mmdet's frame.
 """
 from __future__ import annotations
 
@@ -86,3 +91,21 @@ class LSJTestCollator(Collator):
     def images(self, samples: Sequence[tuple[torch.Tensor, dict]]) -> ImageBatch:
         images, masks = self._pad([s[0] for s in samples])
         return ImageBatch(images, masks, [self._with_size(s[1]) for s in samples])
+
+
+class LSJTrainCollator(LSJTestCollator):
+    """`train_padding: lsj`: the LSJ canvas with the 114 pixel, no mask, targets in its frame.
+
+    Each target's cxcywh boxes (normalised by its `size`) are re-normalised by the canvas, and
+    `size` / `pad_size` become the canvas (int64 `[2]`): the pixel boxes do not move.
+    """
+
+    def __call__(self, samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
+        images, masks = self._pad([s[0] for s in samples])
+        canvas = torch.tensor(self.canvas)
+        targets = []
+        for _, item in samples:
+            scale = (item["size"].float() / canvas.float()).flip(0).repeat(2)  # (w, h, w, h)
+            targets.append(dict(item, boxes=item["boxes"] * scale.to(item["boxes"].dtype),
+                                size=canvas.clone(), pad_size=canvas.clone()))
+        return Batch(images, masks, targets)

@@ -116,6 +116,9 @@ class AugmentationConfig:
     # Eval padding: `mask` (zeros + padding mask) or `lsj` (mmdet's LSJ test pipeline: pad to the
     # square canvas with pixel 114, no mask; codetr.data.test_padding).
     test_padding: str = _f("mask", choices=("mask", "lsj"))
+    # Train padding, the same choices: `lsj` pads to the canvas with pixel 114, no mask, targets
+    # normalised by the canvas (mmdet's LSJ train `Pad`; codetr.data.test_padding).
+    train_padding: str = _f("mask", choices=("mask", "lsj"))
 
 
 @dataclass
