@@ -116,7 +116,15 @@ def _check_inside_inputs(coco: dict, inputs: str, images: str) -> None:
             if not coco.get(split) or (key == "image_dir" and images == "none"):
                 continue
             path = os.path.abspath(str(coco[split].get(key, "")))
-            if os.path.commonpath([root, path]) != root:
+            inside = os.path.commonpath([root, path]) == root
+            real_root, real = os.path.realpath(root), os.path.realpath(path)
+            if inside and os.path.commonpath([real_root, real]) != real_root:
+                raise PrepareError(
+                    f"prepare.coco.{split}.{key}={coco[split][key]} lies under a symbolic link inside "
+                    f"prepare.inputs={inputs} that leads to {real}: DVC and Snakemake do not follow "
+                    "links inside a dependency folder, so changes there would go unnoticed. Set "
+                    "prepare.inputs to the real folder (a link as prepare.inputs itself is followed)")
+            if not inside:
                 raise PrepareError(
                     f"prepare.coco.{split}.{key}={coco[split][key]} lies outside prepare.inputs="
                     f"{inputs}: dvc repro and snakemake would not notice when it changes. Set "

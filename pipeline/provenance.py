@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Dict, List
 
+from pipeline.params import load_params
 from pipeline.stages import read_stages
 
 
@@ -47,6 +48,11 @@ def provenance(params_file: str | os.PathLike, dvc_yaml: str | os.PathLike = "dv
     if commit != "not a git checkout" and _git(["status", "--porcelain", "--untracked-files=no"], root):
         commit += " +changes"
     digest = hashlib.sha256(params_file.read_bytes()).hexdigest()[:12]
-    stages = {s.name: s.cmd for s in read_stages(dvc_yaml)} if Path(dvc_yaml).is_file() else {}
+    stages = {}
+    if Path(dvc_yaml).is_file():
+        try:  # the commands only; `${...}` deps are taken from the params file reported on
+            stages = {s.name: s.cmd for s in read_stages(dvc_yaml, load_params(params_file))}
+        except (ValueError, KeyError):
+            stages = {}
     return {"commit": commit, "params_sha256": digest, "runner": runner(),
             "train_command": stages.get("train", "codetr train -e params.yaml")}

@@ -52,7 +52,12 @@ _VAR = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 def _interpolate(text: str, params: Dict[str, Any], where: str) -> str:
     """DVC's `${key}` in a dep: the params.yaml value (a string or number), as DVC substitutes it."""
     def value(match: "re.Match") -> str:
-        found = _lookup(params, match.group(1))
+        try:
+            found = _lookup(params, match.group(1))
+        except KeyError:
+            raise ValueError(f"{where}: ${{{match.group(1)}}} is not in {PARAMS_FILE}; dvc.yaml uses it "
+                             "as a dependency path: add it (e.g. `prepare.inputs: inputs`, the folder "
+                             "of the data prepare reads)") from None
         if isinstance(found, (dict, list)) or found is None:
             raise ValueError(f"{where}: ${{{match.group(1)}}} must be a string or number in "
                              f"{PARAMS_FILE}, got {found!r}")
@@ -64,8 +69,9 @@ def read_stages(dvc_yaml: str | os.PathLike = "dvc.yaml",
                 params: Optional[Dict[str, Any]] = None) -> List[Stage]:
     """The stages of a dvc.yaml, in file order; `${key}` in deps is taken from `params` (default:
     the params.yaml beside dvc.yaml), the only DVC templating the pipeline uses."""
-    data = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")) or {}
-    if params is None and "${" in Path(dvc_yaml).read_text(encoding="utf-8"):
+    text = Path(dvc_yaml).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    if params is None and "${" in text:
         from pipeline.params import load_params
 
         params = load_params(Path(dvc_yaml).parent / PARAMS_FILE)

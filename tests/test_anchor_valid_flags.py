@@ -20,18 +20,18 @@ def test_pad_size_is_the_own_size_rounded_up_also_under_fixed_zero_padding():
                (torch.rand(3, 64, 33), {"size": torch.tensor([64, 33])})]
     batch = collate_fn(samples, pad_size_divisor=32)
     assert batch.images.shape[-2:] == (64, 96)
-    assert [t["pad_size"].tolist() for t in batch.targets] == [[64, 96], [64, 64]]
+    assert [t["pad_size"] for t in batch.targets] == [(64, 96), (64, 64)]
     fixed = collate_fn(samples, pad_size_divisor=32, fixed_size=(128, 128))
     assert fixed.images.shape[-2:] == (128, 128)  # zeros + mask beyond the image: not image
-    assert [t["pad_size"].tolist() for t in fixed.targets] == [[64, 96], [64, 64]]
-    assert pad_size(torch.tensor([50, 70])).tolist() == [50, 70]
+    assert [t["pad_size"] for t in fixed.targets] == [(64, 96), (64, 64)]
+    assert pad_size(torch.tensor([50, 70])) == (50, 70)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_atss_ignores_anchors_beyond_the_pad_size(seed):
     torch.manual_seed(seed)
     head, feats, targets = _tiny_head_and_batch(requires_grad=False)
-    padded = [dict(t, pad_size=t["size"].clone()) for t in targets]  # divisor 1: pad = own size
+    padded = [dict(t, pad_size=tuple(t["size"].tolist())) for t in targets]  # divisor 1: pad = own size
     anchors = torch.cat(head.anchors(feats, STRIDES))
     with torch.no_grad():
         losses, positives = head.loss_and_positives(feats, STRIDES, padded)

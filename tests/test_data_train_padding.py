@@ -38,7 +38,7 @@ def test_the_canvas_is_the_image_and_the_targets_are_in_its_frame():
     torch.testing.assert_close(batch.images[1, :, :, 20:], values[:, None, None].expand(3, 64, 44))
     assert torch.equal(batch.images[0, :, :40, :], s0[0])
     for target, pixels, orig in zip(batch.targets, (p0, p1), (s0[1], s1[1])):
-        assert target["size"].tolist() == target["pad_size"].tolist() == [64, 64]
+        assert target["size"].tolist() == [64, 64] and target["pad_size"] == (64, 64)
         back = box_convert(target["boxes"] * 64, "cxcywh", "xyxy")  # canvas-normalised -> pixels
         torch.testing.assert_close(back, pixels, rtol=0, atol=1e-4)  # float32 round trip
         assert torch.equal(target["orig_size"], orig["orig_size"]) and torch.equal(target["labels"], orig["labels"])

@@ -64,3 +64,13 @@ def test_classes_outside_every_group_are_dropped():
     grouping = CategoryGrouping(LabelMap.from_categories(CATEGORIES, 3, True), {"human": ["person"]})
     kept_scores, groups, _ = grouping.apply(scores, labels, boxes)
     assert kept_scores.tolist() == [scores[2].item()] and groups.tolist() == [0]
+
+
+def test_a_rename_only_mapping_runs_no_second_pass():
+    """Groups of one class each: the per-class soft-NMS already ran, so the scores stay."""
+    scores, labels, boxes = _detections(torch.Generator().manual_seed(4))
+    grouping = CategoryGrouping(LabelMap.from_categories(CATEGORIES, 3, True),
+                                {"auto": ["car"], "lorry": ["truck"], "human": ["person"]})
+    out, groups, _ = select(*grouping.apply(scores, labels, boxes), ModelConfig(soft_nms_enabled=True),
+                            0.0, grouping.merges)
+    assert not grouping.merges and torch.equal(out, scores) and groups.tolist() == [0, 1, 2]

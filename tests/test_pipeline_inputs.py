@@ -47,6 +47,27 @@ def test_coco_files_outside_the_inputs_folder_are_refused(tmp_path):
     assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
 
 
+def test_a_link_inside_inputs_and_a_missing_key_are_named(tmp_path):
+    """DVC and Snakemake do not follow a symlink inside a dependency folder: refused with the fix.
+    A params file without `prepare.inputs` gets an error saying what to add."""
+    generate(tmp_path / "real", 2, 0, 0, image_size=64, seed=5)
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "mine").symlink_to(tmp_path / "real", target_is_directory=True)
+    train = {"json_file": str(tmp_path / "inputs/mine/train/annotations.json"),
+             "image_dir": str(tmp_path / "inputs/mine/train/images")}
+    with pytest.raises(PrepareError, match="symbolic link inside prepare.inputs"):
+        run({"source": "coco", "inputs": str(tmp_path / "inputs"), "coco": {"train": train}}, tmp_path / "d")
+    linked = tmp_path / "linked"  # the link as prepare.inputs itself is fine: DVC follows it
+    linked.symlink_to(tmp_path / "real", target_is_directory=True)
+    run({"source": "coco", "inputs": str(linked), "coco": {"train": {
+        "json_file": str(linked / "train/annotations.json"), "image_dir": str(linked / "train/images")}}},
+        tmp_path / "d")
+    params = load_params(REPO / "params.yaml")
+    del params["prepare"]["inputs"]
+    with pytest.raises(ValueError, match=r"\$\{prepare.inputs\} is not in params.yaml.*add it"):
+        read_stages(REPO / "dvc.yaml", params)
+
+
 def test_write_if_changed_dates_by_what_made_the_outputs(tmp_path):
     target = tmp_path / "s.json"
     assert write_if_changed(target, "a", lambda: True) and target.stat().st_mtime == 0

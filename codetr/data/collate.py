@@ -16,7 +16,7 @@ class Batch:
         masks: bool `[B, H, W]`, True on padding.
         targets: B dicts: boxes float32 `[N, 4]` cxcywh normalised by `size`, labels int64 `[N]`,
             image_id int, orig_size int64 `[2]` (h, w), size int64 `[2]` (h, w), and pad_size
-            int64 `[2]` (h, w): the image's own padded extent as mmdet's data preprocessor gives
+            `(h, w)` Python ints (no device copy, so reading it costs no host sync): the image's own padded extent as mmdet's data preprocessor gives
             it (`size` rounded up to the divisor; zero padding beyond it, fixed or not, is no
             image): the co-heads' anchors beyond it are invalid, as mmdet's valid flags make them.
             LSJ training pads with image content instead (`LSJTrainCollator`: the canvas).
@@ -124,6 +124,6 @@ def collate_fn(samples: Sequence[tuple[torch.Tensor, dict]], pad_size_divisor: i
                                  for s in samples])
 
 
-def pad_size(size: torch.Tensor, pad_size_divisor: int = 1) -> torch.Tensor:
-    """mmdet's per-image `pad_shape`: int64 `[2]` (h, w), `size` rounded up to the divisor."""
-    return torch.tensor([_round_up(int(size[0]), pad_size_divisor), _round_up(int(size[1]), pad_size_divisor)])
+def pad_size(size: torch.Tensor, pad_size_divisor: int = 1) -> tuple[int, int]:
+    """mmdet's per-image `pad_shape`: `(h, w)`, `size` rounded up to the divisor."""
+    return _round_up(int(size[0]), pad_size_divisor), _round_up(int(size[1]), pad_size_divisor)

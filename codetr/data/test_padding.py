@@ -97,7 +97,7 @@ class LSJTrainCollator(LSJTestCollator):
     """`train_padding: lsj`: the LSJ canvas with the 114 pixel, no mask, targets in its frame.
 
     Each target's cxcywh boxes (normalised by its `size`) are re-normalised by the canvas, and
-    `size` / `pad_size` become the canvas (int64 `[2]`): the pixel boxes do not move.
+    `size` / `pad_size` become the canvas: the pixel boxes do not move.
     """
 
     def __call__(self, samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
@@ -107,5 +107,5 @@ class LSJTrainCollator(LSJTestCollator):
         for _, item in samples:
             scale = (item["size"].float() / canvas.float()).flip(0).repeat(2)  # (w, h, w, h)
             targets.append(dict(item, boxes=item["boxes"] * scale.to(item["boxes"].dtype),
-                                size=canvas.clone(), pad_size=canvas.clone()))
+                                size=canvas.clone(), pad_size=tuple(self.canvas)))
         return Batch(images, masks, targets)

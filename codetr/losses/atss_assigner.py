@@ -38,6 +38,16 @@ def anchors_inside_image(anchors_xyxy: Tensor, valid_hw: Sequence[int]) -> Tenso
     return (cx < float(valid_hw[1])) & (cy < float(valid_hw[0]))
 
 
+def anchor_extent(anchors_xyxy: Tensor, targets) -> tuple[float, float]:
+    """`(max centre y, max centre x)` of the anchors: an image whose `pad_size` exceeds both has
+    every anchor valid. One host sync per batch, none when no target has a `pad_size`."""
+    if all(t.get("pad_size") is None for t in targets):
+        return float("-inf"), float("-inf")
+    centres = (anchors_xyxy[:, :2] + anchors_xyxy[:, 2:]) / 2
+    cx, cy = centres.amax(dim=0).tolist()
+    return cy, cx
+
+
 def atss_assign(anchors_xyxy: Tensor, num_anchors_per_level: Sequence[int],
                 gt_boxes_xyxy: Tensor, gt_labels: Tensor, topk: int = 9,
                 valid_hw: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
@@ -83,7 +93,7 @@ def atss_assign(anchors_xyxy: Tensor, num_anchors_per_level: Sequence[int],
     distances = distances.masked_fill(~valid[:, None], float("inf"))
 
     # The valid counts bound k per level: one host sync for all levels, none at all when every
-    # anchor is valid (the training path: `atss_losses` passes no valid_hw).
+    # anchor is valid (`atss_losses` passes no valid_hw when an image's pad_size covers them all).
     if valid_hw is None:
         valid_counts = list(num_anchors_per_level)
     else:

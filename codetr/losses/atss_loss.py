@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from codetr.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from codetr.losses.atss_assigner import anchors_inside_image, atss_assign
+from codetr.losses.atss_assigner import anchor_extent, anchors_inside_image, atss_assign
 from codetr.losses.focal import sigmoid_focal_loss
 
 # mmdet's DeltaXYWHBBoxCoder settings of the ATSS head.
@@ -162,11 +162,11 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
                         device=cls_flat.device)
     matched_gt = anchors_all.new_zeros(batch, num_anchors, 4)
     valid_rows = {}  # image -> [A] bool, only for images with invalid anchors
+    extent = anchor_extent(anchors_all, targets)
     for b, target in enumerate(targets):
         pad_hw = target.get("pad_size")
-        valid = None if pad_hw is None else anchors_inside_image(anchors_all, pad_hw.tolist())
-        if valid is not None and not bool(valid.all()):
-            valid_rows[b] = valid
+        if pad_hw is not None and (extent[0] >= pad_hw[0] or extent[1] >= pad_hw[1]):
+            valid_rows[b] = anchors_inside_image(anchors_all, pad_hw)
         else:
             pad_hw = None  # every anchor valid: the unmasked (and sync-free) assignment
         # (w, h, w, h) from the (h, w) size on the device: no host sync per image.
@@ -174,7 +174,7 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
         gt_xyxy = box_cxcywh_to_xyxy(target["boxes"].to(anchors_all)) * scale
         # Anchors over this image's own padding (up to `pad_size`) stay valid, as in mmdet.
         gt_index, gt_label = atss_assign(anchors_all, counts, gt_xyxy, target["labels"], topk=topk,
-                                         valid_hw=None if pad_hw is None else pad_hw.tolist())
+                                         valid_hw=pad_hw)
         if gt_xyxy.shape[0] == 0:
             continue
         # torch.where instead of boolean-mask indexing: the same values, no nonzero() sync.

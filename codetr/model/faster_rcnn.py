@@ -50,7 +50,7 @@ def faster_rcnn_losses(rpn_head: RPNHead, roi_head: CoStandardRoIHead, maps: Seq
         `loss_roi_cls`, `loss_roi_bbox`, unweighted; one `PositiveSamples` (pixels) per image.
     """
     gt_boxes, gt_labels, sizes = pixel_targets(targets, maps[0].device)
-    pad_sizes = [t["pad_size"].tolist() if "pad_size" in t else None for t in targets]
+    pad_sizes = [t.get("pad_size") for t in targets]
     rpn, proposals = rpn_head.loss_and_proposals(maps, gt_boxes, sizes, pad_sizes)
     roi, positives, _ = roi_head.loss_and_positives(maps[:-1], proposals, gt_boxes, gt_labels)
     losses = {"loss_rpn_cls": rpn["loss_rpn_cls"].sum(), "loss_rpn_bbox": rpn["loss_rpn_bbox"].sum(),

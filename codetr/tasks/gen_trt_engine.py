@@ -68,6 +68,8 @@ def _note_opset(onnx_file: str, opset_version: int) -> None:
 
 def run(spec: ExperimentSpec) -> int:
     """Builds the engine; returns the exit status (0, or 2 without CUDA or tensorrt)."""
+    from google.protobuf.message import DecodeError
+
     from codetr.export.onnx_export import read_metadata
 
     cfg, trt_cfg = spec.gen_trt_engine, spec.gen_trt_engine.tensorrt
@@ -81,7 +83,7 @@ def run(spec: ExperimentSpec) -> int:
                         f"{trt_cfg.opt_batch_size}, {trt_cfg.max_batch_size}")
     try:
         meta = read_metadata(cfg.onnx_file)
-    except Exception as err:  # protobuf's DecodeError and the like: not an ONNX model at all
+    except (DecodeError, OSError) as err:  # not an ONNX model at all (not: a newer codetr file)
         raise SpecError(f"gen_trt_engine.onnx_file={cfg.onnx_file} is not an ONNX file "
                         f"({type(err).__name__}: {err}); give a file written by `codetr export`") from err
     if meta is not None and (cfg.input_height or meta.input_height, cfg.input_width or meta.input_width) \

@@ -59,7 +59,9 @@ class CategoryGrouping:
         self.num_classes = label_map.num_classes
         labels = [lab for lab in range(label_map.num_classes) if label_map.has_label(lab)]
         by_name = {label_map.name(lab): lab for lab in labels}
-        self.merges = bool(mapping)  # groups of several classes: soft-NMS runs again per group
+        # groups of several classes: soft-NMS runs again per group (a rename-only mapping would
+        # decay the per-class soft-NMS scores twice)
+        self.merges = any(len(members) > 1 for members in mapping.values())
         self.group_of: Dict[int, int] = {}
         if not mapping:
             self.names = [label_map.name(lab) for lab in labels]
