@@ -16,9 +16,10 @@ class Batch:
         masks: bool `[B, H, W]`, True on padding.
         targets: B dicts: boxes float32 `[N, 4]` cxcywh normalised by `size`, labels int64 `[N]`,
             image_id int, orig_size int64 `[2]` (h, w), size int64 `[2]` (h, w), and pad_size
-            `(h, w)` Python ints (no device copy, so reading it costs no host sync): the image's own padded extent as mmdet's data preprocessor gives
-            it (`size` rounded up to the divisor; zero padding beyond it, fixed or not, is no
-            image): the co-heads' anchors beyond it are invalid, as mmdet's valid flags make them.
+            `(h, w)` Python ints (not moved to the device: reading it costs no host sync), the
+            image's own padded extent as mmdet's data preprocessor gives it (`size` rounded up
+            to the divisor; zero padding beyond it, fixed or not, is no image): the co-heads'
+            anchors beyond it are invalid, as mmdet's valid flags make them.
             LSJ training pads with image content instead (`LSJTrainCollator`: the canvas).
     """
     images: torch.Tensor

@@ -38,14 +38,17 @@ def anchors_inside_image(anchors_xyxy: Tensor, valid_hw: Sequence[int]) -> Tenso
     return (cx < float(valid_hw[1])) & (cy < float(valid_hw[0]))
 
 
-def anchor_extent(anchors_xyxy: Tensor, targets) -> tuple[float, float]:
-    """`(max centre y, max centre x)` of the anchors: an image whose `pad_size` exceeds both has
-    every anchor valid. One host sync per batch, none when no target has a `pad_size`."""
-    if all(t.get("pad_size") is None for t in targets):
-        return float("-inf"), float("-inf")
+def valid_anchor_masks(anchors_xyxy: Tensor,
+                       pad_sizes: Sequence[Optional[Sequence[int]]]) -> list[Optional[Tensor]]:
+    """Per image, mmdet's valid flags (`anchors_inside_image` of its `pad_size`, `[A]` bool), or
+    None when every anchor is valid (no pad_size, or one beyond every anchor centre): the
+    unmasked path. One host sync per batch (the largest centre), none without any pad_size."""
+    if all(p is None for p in pad_sizes):
+        return [None] * len(pad_sizes)
     centres = (anchors_xyxy[:, :2] + anchors_xyxy[:, 2:]) / 2
-    cx, cy = centres.amax(dim=0).tolist()
-    return cy, cx
+    max_x, max_y = centres.amax(dim=0).tolist()
+    covered = [p is None or (max_y < p[0] and max_x < p[1]) for p in pad_sizes]
+    return [None if c else anchors_inside_image(anchors_xyxy, p) for p, c in zip(pad_sizes, covered)]
 
 
 def atss_assign(anchors_xyxy: Tensor, num_anchors_per_level: Sequence[int],

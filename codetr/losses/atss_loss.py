@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from codetr.boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from codetr.losses.atss_assigner import anchor_extent, anchors_inside_image, atss_assign
+from codetr.losses.atss_assigner import atss_assign, valid_anchor_masks
 from codetr.losses.focal import sigmoid_focal_loss
 
 # mmdet's DeltaXYWHBBoxCoder settings of the ATSS head.
@@ -131,8 +131,8 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
         anchors: per level `[H_l * W_l, 4]` xyxy pixels, rows in (y, x) order, shared by all
             images.
         targets: B dicts with `boxes` `[N, 4]` cxcywh normalised by `size`, `labels` `[N]`
-            int64, `size` `[2]` (h, w) of the unpadded image and, optionally, `pad_size` `[2]`
-            (h, w): the image's own padded extent (`codetr.data.collate.pad_size`); anchors
+            int64, `size` `[2]` (h, w) of the unpadded image and, optionally, `pad_size`
+            `(h, w)` ints: the image's own padded extent (`codetr.data.collate.pad_size`); anchors
             centred beyond it lie over another image's padding and are invalid, as mmdet's valid
             flags (from its per-image `pad_shape`) make them: never candidates, zero focal weight.
             Without `pad_size` every anchor of the padded batch is valid.
@@ -161,14 +161,10 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
     labels = torch.full((batch, num_anchors), num_classes, dtype=torch.long,
                         device=cls_flat.device)
     matched_gt = anchors_all.new_zeros(batch, num_anchors, 4)
-    valid_rows = {}  # image -> [A] bool, only for images with invalid anchors
-    extent = anchor_extent(anchors_all, targets)
+    masks = valid_anchor_masks(anchors_all, [t.get("pad_size") for t in targets])
+    valid_rows = {b: m for b, m in enumerate(masks) if m is not None}  # images with invalid anchors
     for b, target in enumerate(targets):
-        pad_hw = target.get("pad_size")
-        if pad_hw is not None and (extent[0] >= pad_hw[0] or extent[1] >= pad_hw[1]):
-            valid_rows[b] = anchors_inside_image(anchors_all, pad_hw)
-        else:
-            pad_hw = None  # every anchor valid: the unmasked (and sync-free) assignment
+        pad_hw = target["pad_size"] if b in valid_rows else None  # None: the unmasked assignment
         # (w, h, w, h) from the (h, w) size on the device: no host sync per image.
         scale = target["size"].to(anchors_all).flip(0).repeat(2)
         gt_xyxy = box_cxcywh_to_xyxy(target["boxes"].to(anchors_all)) * scale

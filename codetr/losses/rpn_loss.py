@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from codetr.losses.atss_assigner import anchor_extent, anchors_inside_image
+from codetr.losses.atss_assigner import valid_anchor_masks
 from codetr.losses.atss_loss import delta_xywh_encode
 from codetr.losses.max_iou_assigner import max_iou_assign
 
@@ -65,13 +65,9 @@ def rpn_losses(cls_logits: Sequence[Tensor], deltas: Sequence[Tensor], anchors: 
     box_targets = logits.new_zeros(batch, num_anchors, 4)
     box_weights = logits.new_zeros(batch, num_anchors)
     avg_factor = 0
-    pads = list(pad_sizes) if pad_sizes is not None else [None] * batch
-    extent = anchor_extent(all_anchors, [{"pad_size": p} for p in pads])
-    for b, gts in enumerate(gt_boxes):
+    masks = valid_anchor_masks(all_anchors, list(pad_sizes) if pad_sizes is not None else [None] * batch)
+    for b, (gts, valid) in enumerate(zip(gt_boxes, masks)):
         gts = gts.to(all_anchors)
-        valid = None
-        if pads[b] is not None and (extent[0] >= pads[b][0] or extent[1] >= pads[b][1]):
-            valid = anchors_inside_image(all_anchors, pads[b])
         if valid is None:
             assigned = rpn_assign(all_anchors, gts)
             pos, neg = sampler(assigned)

@@ -72,7 +72,7 @@ def run(spec: ExperimentSpec) -> int:
                        weights=which, height=height, width=width, batch_size=cfg.batch_size,
                        opset_version=cfg.opset_version, detections=cfg.postprocess,
                        num_select=spec.model.num_select, simplify=cfg.simplify, verbose=cfg.verbose)
-    session = make_session(staged, "cpu")
+    session = make_session(staged, "cpu")  # loaded in memory: it stays valid after the move
     report = {
         "onnx_file": onnx_file, "size_bytes": os.path.getsize(staged), "opset_version": cfg.opset_version,
         "inputs": {i.name: i.shape for i in session.get_inputs()},
@@ -110,7 +110,6 @@ def run(spec: ExperimentSpec) -> int:
     os.replace(staged, onnx_file)
     print(f"exported {cfg.checkpoint} ({'EMA' if which == 'ema' else 'raw'} weights) to {onnx_file}"
           + (" (verified)" if cfg.verify else ""))
-    session = make_session(onnx_file, "cpu")
     if cfg.latency_runs:
         report["latency_ms_per_image"] = _latency(session, cfg, height, width)
         print(f"onnxruntime latency: {report['latency_ms_per_image']:.1f} ms per image "
