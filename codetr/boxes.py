@@ -120,9 +120,12 @@ def elementwise_generalized_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
 # DinoTransformerDecoder and CoDINOHead use 1e-3 there (as DINO does), so the official weights
 # were trained with it: with 1e-5, boxes within ~1e-3 of the image border come out differently
 # and the difference grows through the decoder layers (../shared/reference/mmdet-codino,
-# `decoder_stress`). Elsewhere (denoising, positive queries, learned references) 1e-5 stays.
+# `decoder_stress`). The positive queries and learned references keep 1e-5, as mmdet.
 REFINE_EPS = 1e-3
 DEFORMABLE_REFINE_EPS = 1e-5  # mmdet's inverse_sigmoid default: Deformable DETR's refinement
+# The eps of the denoising queries' noisy boxes (mmdet's CdnQueryGenerator, DINO): a noisy box
+# clamped to the border (w = 0, x = 0) starts at logit -6.9, not -11.5.
+DENOISING_EPS = 1e-3
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:

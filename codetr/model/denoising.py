@@ -4,7 +4,11 @@ Layout of the `pad_size = G * 2 * M` denoising queries (`M` = most gt boxes of o
 batch, `G` = groups): query `g*2M + j` is the positive noisy copy of gt `j` in group `g`,
 `g*2M + M + j` its negative copy (to be classified as background). Slots with `j >= n_i` (image `i`
 has fewer boxes) are padding: zero content, reference logits 0 (the box (0.5, 0.5, 0.5, 0.5)); the
-criterion ignores them via `dn_meta`.
+criterion scores them as background, as mmdet does (label `num_classes`, weight 1).
+
+The random draws are mmdet's `CdnQueryGenerator`'s, call for call, so a seed gives mmdet's noisy
+queries (tests/test_denoising.py against a transcription of its steps, and
+tests/test_training_parity_model.py against the official model's `dn_loss_*`).
 
 The label embedding has `num_classes` entries (no extra "unknown" entry): that is the Co-DINO
 checkpoint layout (`query_head.label_embedding.weight` `[C, D]`); DINO's original `num_classes + 1`
@@ -18,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from codetr.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from codetr.boxes import DENOISING_EPS, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 
 
 @dataclass
@@ -77,7 +81,8 @@ def build_denoising_queries(
         dn_number: denoising budget; groups `G = max(dn_number // M, 1)`.
         label_noise_ratio: each label is flipped with probability `label_noise_ratio * 0.5`.
         box_noise_scale: corners move by `+-U * (w/2, h/2) * scale`, `U ~ [0, 1)` for positive
-            copies and `[1, 2)` for negative ones, then are clamped to [0, 1].
+            copies and `[1, 2)` for negative ones, then are clamped to [0, 1]; the reference
+            logits use `DENOISING_EPS` (1e-3, mmdet's), so a clamped border box starts at -6.9.
 
     Returns:
         The queries, or None when no image of the batch has a gt box (no denoising then).
@@ -87,41 +92,48 @@ def build_denoising_queries(
     if max_gt == 0:
         return None
     device = targets[0]["boxes"].device
-    batch = len(targets)
+    batch, total = len(targets), sum(counts)
     groups = max(dn_number // max_gt, 1)
-    valid = torch.zeros(batch, max_gt, dtype=torch.bool, device=device)
-    labels = torch.zeros(batch, max_gt, dtype=torch.long, device=device)
-    boxes = torch.zeros(batch, max_gt, 4, device=device)
-    for i, (t, n) in enumerate(zip(targets, counts)):
-        valid[i, :n] = True
-        labels[i, :n] = t["labels"]
-        boxes[i, :n] = t["boxes"].to(boxes.dtype)
-
-    # [B, G, 2 (positive, negative), M]
-    labels = labels[:, None, None].expand(batch, groups, 2, max_gt).clone()
-    boxes = boxes[:, None, None].expand(batch, groups, 2, max_gt, 4).clone()
-    valid = valid[:, None, None].expand(batch, groups, 2, max_gt)
+    copies = 2 * groups  # copy k = 2g + s: group g, s = 0 positive, 1 negative
+    # The batch's gts as one list [N] (image by image), repeated: row k * N + t is copy k of gt t.
+    # The noise is drawn as mmdet's CdnQueryGenerator draws it: the same calls, shapes and order
+    # over this list.
+    labels = torch.cat([t["labels"].to(device) for t in targets]).repeat(copies)  # [2G*N]
+    boxes = torch.cat([t["boxes"].to(device, torch.get_default_dtype()) for t in targets])
+    boxes = boxes.repeat(copies, 1)  # [2G*N, 4] cxcywh
 
     if label_noise_ratio > 0:
         flip = torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5
-        random_labels = torch.randint(0, num_classes, labels.shape, device=device)
-        labels = torch.where(flip, random_labels, labels)
+        chosen = flip.nonzero().view(-1)
+        labels = labels.scatter(0, chosen, torch.randint(0, num_classes, chosen.shape, device=device))
 
     if box_noise_scale > 0:
         corners = box_cxcywh_to_xyxy(boxes)
-        half_wh = boxes[..., 2:].repeat(1, 1, 1, 1, 2) / 2  # (w/2, h/2, w/2, h/2)
-        sign = torch.randint(0, 2, boxes.shape, device=device).to(boxes.dtype) * 2.0 - 1.0
-        magnitude = torch.rand(boxes.shape, device=device)
-        magnitude[:, :, 1] += 1.0  # negatives move further: U in [1, 2)
-        corners = (corners + sign * magnitude * half_wh * box_noise_scale).clamp(0.0, 1.0)
+        sign = torch.randint(0, 2, corners.shape, dtype=corners.dtype, device=device) * 2.0 - 1.0
+        magnitude = torch.rand(corners.shape, dtype=corners.dtype, device=device)
+        negative = (torch.arange(copies, device=device) % 2 == 1).repeat_interleave(total)
+        magnitude[negative] += 1.0  # negatives move further: U in [1, 2)
+        wh = boxes[:, 2:].repeat(1, 2)  # (w, h, w, h)
+        corners = (corners + (magnitude * sign) * wh * box_noise_scale / 2).clamp(0.0, 1.0)
         boxes = box_xyxy_to_cxcywh(corners)
 
-    content = label_embedding(labels) * valid[..., None].to(label_embedding.weight.dtype)
-    reference_unsig = torch.where(valid[..., None], inverse_sigmoid(boxes), torch.zeros_like(boxes))
-    pad_size = groups * 2 * max_gt
+    # Into the [B, 2G, M] layout of the module docstring (= [B, G, 2, M]); the rest is padding.
+    image = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(counts)])
+    slot = torch.cat([torch.arange(n) for n in counts])
+    index = (image.repeat(copies).to(device),
+             torch.arange(copies).repeat_interleave(total).to(device), slot.repeat(copies).to(device))
+    valid = torch.zeros(batch, copies, max_gt, dtype=torch.bool, device=device)
+    valid[index] = True
+    grid_labels = torch.zeros(batch, copies, max_gt, dtype=torch.long, device=device)
+    grid_labels[index] = labels
+    grid_boxes = torch.zeros(batch, copies, max_gt, 4, dtype=boxes.dtype, device=device)
+    grid_boxes[index] = inverse_sigmoid(boxes, DENOISING_EPS)  # padding stays 0: box (0.5, ...)
+
+    content = label_embedding(grid_labels) * valid[..., None].to(label_embedding.weight.dtype)
+    pad_size = copies * max_gt
     return DenoisingQueries(
         content=content.reshape(batch, pad_size, -1),
-        reference_unsig=reference_unsig.reshape(batch, pad_size, 4),
+        reference_unsig=grid_boxes.reshape(batch, pad_size, 4),
         attn_mask=denoising_attn_mask(groups, max_gt, num_queries, device),
         meta={"num_groups": groups, "max_gt": max_gt, "pad_size": pad_size},
     )
