@@ -33,18 +33,14 @@ def _losses(with_dn: bool, monkeypatch):
     from tests.zoo_fixtures import REFERENCE
     if not (REFERENCE / "train_losses.pth").exists():
         pytest.skip("../shared/reference/mmdet-codino is not present")
-    model = tiny_model(**OFFICIAL_WEIGHTS)
+    # mmdet's ResNet has norm_eval=True and BN requires_grad=False: the recipes' backbone_frozen_bn.
+    model = tiny_model(**OFFICIAL_WEIGHTS, backbone_frozen_bn=True)
     state = plain_state_dict(REFERENCE)
     mapped, report = import_official(state, model.state_dict(), "tiny", checkpoint_flavour({}, state))
     assert report.ok, report.summary()
     model.load_state_dict(mapped, strict=False)
     model.train()
     model.query_head.use_dn = with_dn  # the weights keep their dn label embedding either way
-    # mmdet's ResNet has norm_eval=True: BatchNorm keeps its running statistics in training. Ours
-    # trains BatchNorm (backbone.py: measured better here); the reference's semantics for this test.
-    for module in model.backbone.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.eval()
     images = reference_file(str(REFERENCE), "tiny_inputs.pth")
     rcnn = reference_file(str(REFERENCE), "rcnn_inputs.pth")
     targets = reference_targets(rcnn)

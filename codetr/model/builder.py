@@ -40,6 +40,7 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         pretrained_path=m.pretrained_backbone_path if load_pretrained_backbone else None,
         activation_checkpoint=spec.train.activation_checkpoint,  # Swin/FAN/ViT blocks (with_cp)
         variant_state=trained_state,
+        frozen_bn=m.backbone_frozen_bn,
     )
     neck = ChannelMapper(list(backbone.out_channels), m.hidden_dim, backbone.num_extra_levels)
     strides = list(backbone.strides)

@@ -131,6 +131,10 @@ def check_spec(spec: ExperimentSpec) -> None:
     if m.dilation and not m.backbone.startswith("resnet"):
         raise SpecError(f"model.dilation=true is supported for resnet backbones only, "
                         f"not model.backbone={m.backbone}")
+    if m.backbone_frozen_bn and m.backbone.startswith(("swin_", "vit_")):
+        raise SpecError(f"model.backbone_frozen_bn=true freezes the trunk's BatchNorm, but "
+                        f"model.backbone={m.backbone} has none (LayerNorm only); it applies to "
+                        f"resnet_*, efficientnet_lite0, efficientvit_* and fan_*")
     if m.decoder_query_pos == "proposal" and (m.two_stage_type != "standard" or m.use_dn):
         raise SpecError(f"model.decoder_query_pos=proposal (Co-Deformable-DETR) takes the "
                         f"positional queries from the encoder proposals: it needs "

@@ -33,6 +33,10 @@ class ModelConfig:
     pretrained_backbone_path: Optional[str] = _f(None)
     backbone: str = _f("swin_large_patch4_window7_224", choices=BACKBONES)
     train_backbone: bool = _f(True)
+    # codetr's key (not in TAO): freeze the trunk's BatchNorm, statistics and affine, as the
+    # official ResNet recipes do (mmdet's norm_eval=True, BN requires_grad=False; DETR's
+    # FrozenBatchNorm2d). CNN trunks only.
+    backbone_frozen_bn: bool = _f(False)
     num_feature_levels: int = _f(4, min=1, max=5)
     return_interm_indices: List[int] = _f([1, 2, 3, 4], each={"min": 0, "max": 4})
     hidden_dim: int = _f(256, gt=0)
