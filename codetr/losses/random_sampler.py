@@ -1,15 +1,23 @@
 """Balanced random sampling of assigned anchors / proposals (mmdet's `RandomSampler`).
 
-A thin wrapper of torchvision's `BalancedPositiveNegativeSampler` (same quotas as mmdet: at most
-`num * pos_fraction` positives, the rest negatives, uniformly without replacement) that returns
-sorted index tensors, the order mmdet's sampling results have. The random stream differs from
-mmdet's (torchvision also permutes the positives when they are under quota), so a reference
-comparison injects the reference's draws instead (any callable with this signature).
+At most `int(num * pos_fraction)` positives, then negatives up to `num`, uniformly without
+replacement, drawn as mmdet draws them: a CPU `torch.randperm` over the positives only when they
+exceed their quota, then one over the negatives only when they exceed theirs, from the global
+generator. So the same seed gives mmdet's sample (tests/test_rcnn_reference.py redraws the
+reference's indices from its seeds). The indices come back ascending, as mmdet's `unique()` leaves
+them.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+
+def _choose(gallery: Tensor, count: int) -> Tensor:
+    """`count` of the `[G]` indices in `gallery` (all of them when G <= count), ascending."""
+    if gallery.numel() > count:
+        gallery = gallery[torch.randperm(gallery.numel())[:count].to(gallery.device)]
+    return gallery.unique()
 
 
 class RandomSampler:
@@ -24,7 +32,6 @@ class RandomSampler:
     def __init__(self, num: int, pos_fraction: float) -> None:
         self.num = num
         self.pos_fraction = pos_fraction
-        self._sampler = BalancedPositiveNegativeSampler(num, pos_fraction)
 
     def __call__(self, assigned_gt_inds: Tensor) -> tuple[Tensor, Tensor]:
         """One image's draw.
@@ -35,5 +42,6 @@ class RandomSampler:
         Returns:
             `(pos_inds [P], neg_inds [M])` int64, each ascending, P + M <= num.
         """
-        pos_mask, neg_mask = self._sampler([assigned_gt_inds])
-        return pos_mask[0].nonzero()[:, 0], neg_mask[0].nonzero()[:, 0]
+        pos = _choose((assigned_gt_inds > 0).nonzero()[:, 0], int(self.num * self.pos_fraction))
+        neg = _choose((assigned_gt_inds == 0).nonzero()[:, 0], self.num - pos.numel())
+        return pos, neg
