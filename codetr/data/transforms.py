@@ -8,6 +8,7 @@ Train with `fixed_random_crop = S` (LSJ, Co-DINO's recipe): flip, resize a S x S
 ratio in [0.1, 2.0] keeping the aspect ratio, random crop of at most S x S; the collate pads to S.
 Eval: resize the shorter side to `test_random_resize` (longer side <= `random_resize_max_size`), or to
 exactly `input_size` (h, w) when given.
+Every keep-ratio resize rounds its sides as mmcv does (`codetr/data/resize.py`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from codetr.data.resize import KeepRatioResize, LargeScaleJitter
 from codetr.spec.schema import AugmentationConfig
 
 LSJ_SCALE_RANGE = (0.1, 2.0)
@@ -103,14 +105,13 @@ def build_geometric(aug: AugmentationConfig, train: bool,
     if not train:
         if input_size is not None:
             return v2.Resize(tuple(input_size), antialias=True)
-        return v2.RandomShortestSize([aug.test_random_resize], max_size=aug.random_resize_max_size)
+        return KeepRatioResize([aug.test_random_resize], max_size=aug.random_resize_max_size)
     flip = v2.RandomHorizontalFlip(aug.horizontal_flip_prob)
     if aug.fixed_random_crop:
         size = aug.fixed_random_crop
-        return v2.Compose([flip, v2.ScaleJitter((size, size), LSJ_SCALE_RANGE),
-                           RandomSizeCrop(size, size)])
-    final = v2.RandomShortestSize(list(aug.scales), max_size=aug.random_resize_max_size)
-    crop = v2.Compose([v2.RandomShortestSize(list(aug.train_random_resize)),
+        return v2.Compose([flip, LargeScaleJitter(size, LSJ_SCALE_RANGE), RandomSizeCrop(size, size)])
+    final = KeepRatioResize(list(aug.scales), max_size=aug.random_resize_max_size)
+    crop = v2.Compose([KeepRatioResize(list(aug.train_random_resize)),
                        RandomSizeCrop(aug.train_random_crop_min, aug.train_random_crop_max), final])
     return v2.Compose([flip, v2.RandomChoice([final, crop])])
 

@@ -1,0 +1,82 @@
+"""Keep-ratio resizes with mmcv's size rule (what TAO's mmdet-based Co-DETR pipelines compute).
+
+mmcv's `rescale_size` scales an (h, w) image by `min(long_max / max(h, w), short / min(h, w))`
+and ROUNDS each side (`int(side * factor + 0.5)`); torchvision's `RandomShortestSize` and
+`ScaleJitter` truncate (`int(side * factor)`), which loses a pixel whenever the product lands a
+hair under an integer (a 640 x 427 photo at shorter side 800 came out 799 high). The transforms
+here draw their random choices exactly as those torchvision transforms do (one `torch.randint`
+for the scale, one `torch.rand` for the jitter ratio) and differ only in the size rule, so a run
+whose sizes are exact (square images) is unchanged. Resampling: torchvision's bilinear with
+antialias (mmcv's cv2 does not antialias a downscale).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2._utils import query_size
+
+
+def keep_ratio_size(height: int, width: int, short: float, long_max: float = math.inf
+                    ) -> tuple[int, int]:
+    """mmcv's `rescale_size`: the (h, w) that fits `short` x `long_max` keeping the ratio.
+
+    Args:
+        height, width: the image's size, pixels.
+        short: target of the shorter side.
+        long_max: cap of the longer side (inf: none).
+
+    Returns:
+        `(int(height * f + 0.5), int(width * f + 0.5))`, `f = min(long_max / long, short / short)`.
+    """
+    factor = min(long_max / max(height, width), short / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+class KeepRatioResize(v2.Transform):
+    """Shorter side to a random one of `short_sides`, longer side at most `max_size` (mmdet's
+    `RandomChoiceResize(keep_ratio=True)` with scales `(max_size, s)`; one side: `Resize`).
+
+    The choice is drawn as `v2.RandomShortestSize` draws it; the size is `keep_ratio_size`'s.
+    """
+
+    def __init__(self, short_sides: Sequence[int], max_size: Optional[int] = None) -> None:
+        super().__init__()
+        self.short_sides = list(short_sides)
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = query_size(flat_inputs)
+        short = self.short_sides[int(torch.randint(len(self.short_sides), ()))]
+        long_max = math.inf if self.max_size is None else self.max_size
+        return {"size": keep_ratio_size(height, width, short, long_max)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
+
+
+class LargeScaleJitter(v2.Transform):
+    """LSJ's resize: a `size` x `size` target scaled by a random ratio in `ratio_range`, the image
+    fitted into it keeping its ratio (mmdet's `RandomResize(scale=(size, size), ratio_range,
+    keep_ratio=True)`: target side `int(size * ratio)`, then `keep_ratio_size`).
+
+    The ratio is drawn as `v2.ScaleJitter` draws it.
+    """
+
+    def __init__(self, size: int, ratio_range: tuple[float, float]) -> None:
+        super().__init__()
+        self.size = size
+        self.ratio_range = ratio_range
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = query_size(flat_inputs)
+        low, high = self.ratio_range
+        ratio = float(low + torch.rand(1) * (high - low))
+        target = int(self.size * ratio)
+        return {"size": keep_ratio_size(height, width, target, target)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
