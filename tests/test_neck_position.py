@@ -56,8 +56,9 @@ def test_channel_mapper_no_extra_and_wrong_level_count():
         neck([torch.randn(1, 16, 5, 7)] * 2)
 
 
-def _pixel_reference(mask, num_feats, temp_h, temp_w, scale=2 * math.pi, normalize=True):
-    """Loop implementation of DINO's PositionEmbeddingSineHW in float64."""
+def _pixel_reference(mask, num_feats, temp_h, temp_w, scale=2 * math.pi, normalize=True, offset=0.0):
+    """Loop implementation of DINO's PositionEmbeddingSineHW in float64 (with mmdet's
+    SinePositionalEncoding `offset`, added to the running position before normalising)."""
     bsz, height, width = mask.shape
     out = torch.zeros(bsz, 2 * num_feats, height, width, dtype=torch.float64)
     valid = (~mask).double()
@@ -67,8 +68,8 @@ def _pixel_reference(mask, num_feats, temp_h, temp_w, scale=2 * math.pi, normali
                 y = valid[b, : i + 1, j].sum()
                 x = valid[b, i, : j + 1].sum()
                 if normalize:
-                    y = y / (valid[b, :, j].sum() + 1e-6) * scale
-                    x = x / (valid[b, i, :].sum() + 1e-6) * scale
+                    y = (y + offset) / (valid[b, :, j].sum() + 1e-6) * scale
+                    x = (x + offset) / (valid[b, i, :].sum() + 1e-6) * scale
                 for k in range(num_feats):
                     ty = temp_h ** (2 * (k // 2) / num_feats)
                     tx = temp_w ** (2 * (k // 2) / num_feats)
@@ -78,17 +79,25 @@ def _pixel_reference(mask, num_feats, temp_h, temp_w, scale=2 * math.pi, normali
     return out
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_position_embedding_matches_loop_reference(normalize):
+@pytest.mark.parametrize("normalize,offset", [(True, 0.0), (False, 0.0), (True, -0.5)])
+def test_position_embedding_matches_loop_reference(normalize, offset):
     torch.manual_seed(1)
     mask = torch.rand(2, 5, 6) < 0.3  # arbitrary masks, not only bottom/right padding
     mask[1, 3:, :] = True  # and a plainly padded image with all-padding rows
     mask[1, :, 4:] = True
     pe = PositionEmbeddingSine(num_pos_feats=8, temperature_h=20, temperature_w=10000,
-                               normalize=normalize)
+                               normalize=normalize, offset=offset)
     out = pe(mask)
     assert out.shape == (2, 16, 5, 6) and out.dtype == torch.float32
-    ref = _pixel_reference(mask, 8, 20, 10000, normalize=normalize)
+    ref = _pixel_reference(mask, 8, 20, 10000, normalize=normalize, offset=offset)
+    if offset:
+        # An all-padding column (row) puts the offset over eps 1e-6: a phase of 3e6 rad, which
+        # float32 (ours, and mmdet's) and float64 round apart. Padding only: compared elsewhere.
+        columns = (~mask).sum(1, keepdim=True).expand_as(mask) > 0  # [B, H, W]
+        rows = (~mask).sum(2, keepdim=True).expand_as(mask) > 0
+        keep = torch.cat([columns[:, None].expand(-1, 8, -1, -1), rows[:, None].expand(-1, 8, -1, -1)], 1)
+        assert (~keep).any() and keep.float().mean() > 0.5
+        out, ref = torch.where(keep, out.double(), 0.0), torch.where(keep, ref, 0.0)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -155,3 +164,21 @@ def test_sine_embed_boxes_is_bit_identical_to_per_coordinate_blocks(coords):
     blocks = [_sine_features(scaled[..., i], 32, 10000) for i in range(coords)]
     order = (1, 0) if coords == 2 else (1, 0, 2, 3)
     assert torch.equal(sine_embed_boxes(boxes, 32, 10000), torch.cat([blocks[i] for i in order], -1))
+
+
+def test_the_co_deformable_recipe_centres_its_pixels():
+    """params/co_deformable_detr_r50_1x.yaml: mmdet's Deformable DETR offset -0.5 reaches the model."""
+    from pathlib import Path
+
+    from codetr.model.builder import build_model
+    from codetr.spec import load_spec
+
+    recipe = Path(__file__).resolve().parents[1] / "params" / "co_deformable_detr_r50_1x.yaml"
+    spec = load_spec(str(recipe), ["model.backbone=resnet_18", "model.hidden_dim=32",
+                                   "model.dim_feedforward=32", "model.enc_layers=1", "model.dec_layers=1",
+                                   "model.pretrained_backbone_path=null"])
+    assert spec.model.pe_offset == -0.5
+    model = build_model(spec, 3, load_pretrained_backbone=False)
+    mask = torch.zeros(1, 4, 6, dtype=torch.bool)
+    torch.testing.assert_close(model.position_encoding(mask).double(),
+                               _pixel_reference(mask, 16, 10000, 10000, offset=-0.5), atol=1e-5, rtol=1e-5)

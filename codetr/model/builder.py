@@ -71,7 +71,8 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         rpn_head = RPNHead(m.hidden_dim, strides + [strides[-1] * 2])
         roi_head = CoStandardRoIHead(num_classes, m.hidden_dim, strides,
                                      fc_channels=rcnn_fc_channels(m.hidden_dim))
-    position = PositionEmbeddingSine(m.hidden_dim // 2, m.pe_temperatureH, m.pe_temperatureW)
+    position = PositionEmbeddingSine(m.hidden_dim // 2, m.pe_temperatureH, m.pe_temperatureW,
+                                     offset=m.pe_offset)
     return CoDETR(backbone, neck, position, query_head, co_heads, strides,
                   co_head_loss_weight=m.co_head_loss_weight, focal_alpha=m.focal_alpha,
                   rpn_head=rpn_head, roi_head=roi_head)

@@ -48,16 +48,20 @@ class PositionEmbeddingSine(nn.Module):
         normalize: divide the running position by the row/column length of valid pixels, so
             positions lie in (0, scale].
         scale: multiplier after normalisation (2*pi).
+        offset: added to the 1-based running position before normalisation (``model.pe_offset``:
+            0 in DINO / Co-DINO, -0.5 in mmdet's Deformable DETR / Co-Deformable-DETR, which
+            puts each pixel at its centre).
     """
 
     def __init__(self, num_pos_feats: int, temperature_h: int, temperature_w: int,
-                 normalize: bool = True, scale: float = 2 * math.pi) -> None:
+                 normalize: bool = True, scale: float = 2 * math.pi, offset: float = 0.0) -> None:
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature_h = temperature_h
         self.temperature_w = temperature_w
         self.normalize = normalize
         self.scale = scale
+        self.offset = offset
 
     def forward(self, mask: Tensor) -> Tensor:
         """Encode the positions of a padding mask.
@@ -71,7 +75,7 @@ class PositionEmbeddingSine(nn.Module):
         """
         return _ENCODINGS.cached(  # eager CPU inference without padding: memoised
             mask, lambda: (tuple(mask.shape), self.num_pos_feats, self.temperature_h,
-                           self.temperature_w, self.normalize, self.scale),
+                           self.temperature_w, self.normalize, self.scale, self.offset),
             lambda: self._encode(mask))
 
     def _encode(self, mask: Tensor) -> Tensor:
@@ -81,8 +85,8 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6  # keeps all-padding columns finite (their positions become 0)
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         pos_y = _sine_features(y_embed, self.num_pos_feats, self.temperature_h)  # [B, H, W, F]
         pos_x = _sine_features(x_embed, self.num_pos_feats, self.temperature_w)
         # [B, H, W, 2F] permuted, not copied: the transformer flattens it back to [B, H*W, 2F].

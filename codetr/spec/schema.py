@@ -60,6 +60,9 @@ class ModelConfig:
     fix_refpoints_hw: int = _f(-1)
     pe_temperatureH: int = _f(20, gt=0)
     pe_temperatureW: int = _f(20, gt=0)
+    # codetr's key (not in TAO): added to the pixel position before normalisation; -0.5 is mmdet's
+    # Deformable DETR / Co-Deformable-DETR (SinePositionalEncoding offset), 0 DINO's and Co-DINO's.
+    pe_offset: float = _f(0.0, min=-1.0, max=1.0)
     dropout_ratio: float = _f(0.0, min=0.0, max=1.0)
     dilation: bool = _f(False)
     use_dn: bool = _f(True)
