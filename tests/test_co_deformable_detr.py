@@ -39,7 +39,9 @@ def test_recipe_builds_the_co_deformable_detr_structure():
     assert tr.num_queries == 300 and tr.query_embed.weight.shape == (300, 256)  # mixed selection
     assert isinstance(tr.pos_trans, nn.Linear) and tuple(tr.pos_trans.weight.shape) == (512, 512)
     assert tuple(tr.pos_trans_norm.weight.shape) == (512,)
-    assert [tuple(m.weight.shape) for m in tr.aux_pos_trans] == [(512, 512)]
+    # Both official co-heads: positive-query projections 0 (Faster R-CNN) and 1 (ATSS).
+    assert [tuple(m.weight.shape) for m in tr.aux_pos_trans] == [(512, 512)] * 2
+    assert model.rpn_head is not None and len(model.roi_head) == 1 and model.co_head_loss_weight == 12.0
     assert tr.decoder.ref_point_head is None and isinstance(tr.decoder.norm, nn.Identity)
     assert head.label_embedding is None and not head.use_dn          # no denoising
     assert len(head.cls_branches) == 7 and len(head.reg_branches) == 7  # 6 layers + proposals
@@ -99,10 +101,11 @@ def test_positional_queries_are_the_proposals_and_fixed(embed_init_tgt):
     assert "dn_outputs" not in out and out["pos_outputs"]
 
 
-@pytest.mark.parametrize("embed_init_tgt", ["true", "false"])
-def test_tiny_co_deformable_detr_trains(embed_init_tgt):
+@pytest.mark.parametrize("embed_init_tgt,rcnn", [("true", "false"), ("false", "false"), ("true", "true")])
+def test_tiny_co_deformable_detr_trains(embed_init_tgt, rcnn):
     losses = train_losses(TRAIN + PROPOSAL + [f"model.embed_init_tgt={embed_init_tgt}",
-                                      "model.pe_temperatureH=10000", "model.pe_temperatureW=10000"])
+                                      "model.pe_temperatureH=10000", "model.pe_temperatureW=10000",
+                                      "model.pe_offset=-0.5", f"model.use_rcnn_co_head={rcnn}"])
     assert all(math.isfinite(v) for v in losses)
     assert loss_fell(losses), losses
 
