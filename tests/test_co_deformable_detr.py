@@ -42,6 +42,9 @@ def test_recipe_builds_the_co_deformable_detr_structure():
     # Both official co-heads: positive-query projections 0 (Faster R-CNN) and 1 (ATSS).
     assert [tuple(m.weight.shape) for m in tr.aux_pos_trans] == [(512, 512)] * 2
     assert model.rpn_head is not None and len(model.roi_head) == 1 and model.co_head_loss_weight == 12.0
+    # Sense-X's RoI extractor: featmap_strides [8, 16, 32, 64] with finest_scale 112 (Co-DINO: 56 from 4).
+    extractor = model.roi_head[0].bbox_roi_extractor
+    assert list(extractor.strides) == [8, 16, 32, 64] and extractor.finest_scale == 112.0
     assert tr.decoder.ref_point_head is None and isinstance(tr.decoder.norm, nn.Identity)
     assert head.label_embedding is None and not head.use_dn          # no denoising
     assert len(head.cls_branches) == 7 and len(head.reg_branches) == 7  # 6 layers + proposals

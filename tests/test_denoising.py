@@ -201,3 +201,12 @@ def test_border_boxes_start_at_the_denoising_eps():
         expected = torch.tensor([mmdet_logit(v, 1e-3) for v in boxes[j].tolist()])
         torch.testing.assert_close(dn.reference_unsig[0, j], expected, rtol=0, atol=1e-5)
         assert abs(mmdet_logit(boxes[j, near_border].item(), 1e-5) - expected[near_border]) > 0.5  # 1e-5 would differ
+
+
+def test_an_empty_image_with_float_labels_does_not_change_the_label_type():
+    """`torch.zeros(0)` labels (float) for an image without boxes: labels stay class indices."""
+    targets = _targets([2], torch.Generator().manual_seed(4)) + [
+        {"labels": torch.zeros(0), "boxes": torch.zeros(0, 4)}]
+    embedding = nn.Embedding(7, 8)
+    dn = build_denoising_queries(targets, embedding, 7, 5, 4, 0.5, 1.0)
+    assert dn.content.shape == (2, 8, 8) and not dn.content[1].any()

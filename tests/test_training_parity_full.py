@@ -61,6 +61,7 @@ def losses():
     if not (REFERENCE / "train_losses.pth").exists():
         pytest.skip("../shared/reference/mmdet-codino is not present")
     model = tiny_model(**OFFICIAL)
+    assert model.roi_head[0].bbox_roi_extractor.finest_scale == 56.0  # the config's, levels from 4
     model.roi_head[0] = CoStandardRoIHead(NUM_CLASSES, 64, CO_HEAD_STRIDES[:-1], fc_channels=64)
     state = plain_state_dict(REFERENCE)
     mapped, report = import_official(state, model.state_dict(), "tiny", checkpoint_flavour({}, state))

@@ -2,11 +2,11 @@
 
 mmcv's `rescale_size` scales an (h, w) image by `min(long_max / max(h, w), short / min(h, w))`
 and ROUNDS each side (`int(side * factor + 0.5)`); torchvision's `RandomShortestSize` and
-`ScaleJitter` truncate (`int(side * factor)`), which loses a pixel whenever the product lands a
-hair under an integer (a 640 x 427 photo at shorter side 800 came out 799 high). The transforms
+`ScaleJitter` truncate (`int(side * factor)`): a 640 x 480 photo at shorter side 800 came out
+1066 wide, not 1067, and a 640 x 335 one 799 high (335 * (800 / 335) = 799.99...). The transforms
 here draw their random choices exactly as those torchvision transforms do (one `torch.randint`
 for the scale, one `torch.rand` for the jitter ratio) and differ only in the size rule, so a run
-whose sizes are exact (square images) is unchanged. Resampling: torchvision's bilinear with
+whose sizes were exact (the default pipeline's 128 px squares at 128) is unchanged. Resampling: torchvision's bilinear with
 antialias (mmcv's cv2 does not antialias a downscale).
 """
 from __future__ import annotations

@@ -70,12 +70,19 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         # RPN on the L memory levels + the extra stride-2 level, RoI head on the L levels only.
         rpn_head = RPNHead(m.hidden_dim, strides + [strides[-1] * 2])
         roi_head = CoStandardRoIHead(num_classes, m.hidden_dim, strides,
-                                     fc_channels=rcnn_fc_channels(m.hidden_dim))
+                                     fc_channels=rcnn_fc_channels(m.hidden_dim),
+                                     finest_scale=rcnn_finest_scale(strides[0]))
     position = PositionEmbeddingSine(m.hidden_dim // 2, m.pe_temperatureH, m.pe_temperatureW,
                                      offset=m.pe_offset)
     return CoDETR(backbone, neck, position, query_head, co_heads, strides,
                   co_head_loss_weight=m.co_head_loss_weight, focal_alpha=m.focal_alpha,
                   rpn_head=rpn_head, roi_head=roi_head)
+
+
+def rcnn_finest_scale(first_stride: int) -> float:
+    """The RoI level mapping's scale: 56 over levels from stride 4 (Co-DINO's config), 112 from
+    stride 8 (Sense-X's Co-Deformable-DETR config), i.e. 14 x the finest RoI level's stride."""
+    return 14.0 * first_stride
 
 
 def rcnn_fc_channels(hidden_dim: int) -> int:

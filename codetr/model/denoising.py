@@ -98,7 +98,7 @@ def build_denoising_queries(
     # The batch's gts as one list [N] (image by image), repeated: row k * N + t is copy k of gt t.
     # The noise is drawn as mmdet's CdnQueryGenerator draws it: the same calls, shapes and order
     # over this list.
-    labels = torch.cat([t["labels"].to(device) for t in targets]).repeat(copies)  # [2G*N]
+    labels = torch.cat([t["labels"].to(device, torch.long) for t in targets]).repeat(copies)  # [2G*N]
     boxes = torch.cat([t["boxes"].to(device, torch.get_default_dtype()) for t in targets])
     boxes = boxes.repeat(copies, 1)  # [2G*N, 4] cxcywh
 
