@@ -6,8 +6,8 @@ and ROUNDS each side (`int(side * factor + 0.5)`); torchvision's `RandomShortest
 1066 wide, not 1067, and a 640 x 335 one 799 high (335 * (800 / 335) = 799.99...). The transforms
 here draw their random choices exactly as those torchvision transforms do (one `torch.randint`
 for the scale, one `torch.rand` for the jitter ratio) and differ only in the size rule, so a run
-whose sizes were exact (the default pipeline's 128 px squares at 128) is unchanged. Resampling: torchvision's bilinear with
-antialias (mmcv's cv2 does not antialias a downscale).
+whose sizes were exact (the default pipeline's 128 px squares at 128) is unchanged. Resampling:
+torchvision's bilinear with antialias (mmcv's cv2 does not antialias a downscale).
 """
 from __future__ import annotations
 
@@ -30,13 +30,21 @@ def keep_ratio_size(height: int, width: int, short: float, long_max: float = mat
         long_max: cap of the longer side (inf: none).
 
     Returns:
-        `(int(height * f + 0.5), int(width * f + 0.5))`, `f = min(long_max / long, short / short)`.
+        `(int(height * f + 0.5), int(width * f + 0.5))` with
+        `f = min(long_max / max(height, width), short / min(height, width))`.
     """
     factor = min(long_max / max(height, width), short / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
-class KeepRatioResize(v2.Transform):
+class _SizedResize(v2.Transform):
+    """A resize to the `size` (h, w) its subclass's `make_params` picks (antialiased bilinear)."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
+
+
+class KeepRatioResize(_SizedResize):
     """Shorter side to a random one of `short_sides`, longer side at most `max_size` (mmdet's
     `RandomChoiceResize(keep_ratio=True)` with scales `(max_size, s)`; one side: `Resize`).
 
@@ -54,11 +62,8 @@ class KeepRatioResize(v2.Transform):
         long_max = math.inf if self.max_size is None else self.max_size
         return {"size": keep_ratio_size(height, width, short, long_max)}
 
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
 
-
-class LargeScaleJitter(v2.Transform):
+class LargeScaleJitter(_SizedResize):
     """LSJ's resize: a `size` x `size` target scaled by a random ratio in `ratio_range`, the image
     fitted into it keeping its ratio (mmdet's `RandomResize(scale=(size, size), ratio_range,
     keep_ratio=True)`: target side `int(size * ratio)`, then `keep_ratio_size`).
@@ -77,6 +82,3 @@ class LargeScaleJitter(v2.Transform):
         ratio = float(low + torch.rand(1) * (high - low))
         target = int(self.size * ratio)
         return {"size": keep_ratio_size(height, width, target, target)}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
