@@ -197,6 +197,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def save_progress(new: list[dict], rows: list[dict], path: Path | None, section: str,
+                  seconds: float) -> None:
+    """After each section: its rows on stderr, and all rows so far written to `path` atomically.
+
+    The lent GPU's time is scarce: a check stopped by its timeout still leaves the finished
+    sections' rows in the JSON file and their lines in the log.
+    """
+    for row in new:
+        print(f"[gpu_check {seconds:.0f} s] {row['check']} {row['dtype']}: {row['status']}, "
+              f"ms {_fmt(row['ms'])}, max_err {_fmt(row['max_err'], scientific=True)}, "
+              f"{row['note']}", file=sys.stderr, flush=True)
+    print(f"[gpu_check {seconds:.0f} s] section {section} done", file=sys.stderr, flush=True)
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry", action="store_true", help="tiny sizes on the CPU")
@@ -214,20 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     start = time.perf_counter()
     rows: list[dict] = []
-    if "msda" not in skip:
-        rows += msda_rows(size, device, iters)
-    if "train" not in skip:
-        rows += train_rows(size, device, iters)
-    if "ddp" not in skip:
-        rows.append(ddp_row(size, args.dry, iters))
-    if "deploy" not in skip:
-        rows += deploy_rows(size, device, iters)
+    sections = {"msda": lambda: msda_rows(size, device, iters),
+                "train": lambda: train_rows(size, device, iters),
+                "ddp": lambda: [ddp_row(size, args.dry, iters)],
+                "deploy": lambda: deploy_rows(size, device, iters)}
+    for name, section in sections.items():
+        if name not in skip:
+            new = section()
+            rows += new
+            save_progress(new, rows, args.json, name, time.perf_counter() - start)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.dry else "CPU (dry)"
     print(f"gpu_check on {gpu}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s, "
           f"ms = median of {iters} after a warm-up")
     print(format_table(rows))
-    if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=1))
     return 1 if any(r["status"] == "FAIL" for r in rows) else 0
 
 

@@ -48,11 +48,11 @@ def dry_run(tmp_path_factory):
     result = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--json", str(out)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout, json.loads(out.read_text())
+    return result.stdout, json.loads(out.read_text()), result.stderr
 
 
 def test_one_table_with_the_columns(dry_run):
-    stdout, rows = dry_run
+    stdout, rows, _ = dry_run
     table = [line for line in stdout.splitlines() if line.startswith("|")]
     assert table[0] == "| check | config | dtype | ms | max_err | peak_MiB | status | note |"
     assert len(table) == 2 + len(rows)  # header, rule, one line per row
@@ -60,7 +60,7 @@ def test_one_table_with_the_columns(dry_run):
 
 
 def test_rows(dry_run):
-    _, rows = dry_run
+    _, rows, _ = dry_run
     by = {(r["check"], r["dtype"]): r for r in rows}
     for dtype in ("fp32", "fp16", "bf16"):
         assert by[("msda_ref", dtype)]["status"] == "ok"
@@ -111,3 +111,25 @@ def test_rows_fail_beyond_their_error_bounds():
     assert _deploy_ok(compare_outputs(logits, boxes, logits + 1e-5, boxes + 1e-5))
     moved = compare_outputs(logits, boxes, logits, boxes.flip(-1))  # same scores, wrong boxes
     assert moved.topk_same_up_to_ties and not _deploy_ok(moved)
+
+
+def test_each_section_is_saved_as_it_finishes(dry_run, tmp_path):
+    """A check stopped by its timeout keeps what it finished: per section, its rows on stderr
+    and every row so far in the JSON file, replaced atomically (no partial file, no temp left)."""
+    _, rows, stderr = dry_run
+    for section in ("msda", "train", "ddp", "deploy"):
+        assert f"section {section} done" in stderr
+    assert sum(line.startswith("[gpu_check ") and "section" not in line
+               for line in stderr.splitlines()) == len(rows)
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_check import save_progress
+
+    path = tmp_path / "rows.json"
+    first = [{"check": "msda_ref", "dtype": "fp32", "status": "ok", "ms": 1.0, "max_err": 0.0,
+              "note": "n"}]
+    save_progress(first, first, path, "msda", 1.0)
+    assert json.loads(path.read_text()) == first
+    more = first + [{**first[0], "check": "train_step"}]
+    save_progress(more[1:], more, path, "train", 2.0)
+    assert json.loads(path.read_text()) == more
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]
