@@ -56,7 +56,7 @@ def co_head_parts(variant, repeats: int) -> dict[str, float]:
     with torch.no_grad():
         _, positives = head.loss_and_positives(model.query_head.aux_feature_maps(memory), strides,
                                                b.targets)
-    boxes, _ = build_positive_queries(positives, sizes, model.query_head.num_classes)
+    boxes, _, _ = build_positive_queries(positives, sizes, model.query_head.num_classes)
 
     def total(outputs) -> torch.Tensor:
         return sum(o["pred_logits"].sum() + o["pred_boxes"].sum() for o in outputs)

@@ -139,7 +139,7 @@ def rcnn_parts(data: BenchData, batch: int, steps: int, clock: Callable[[], floa
         sum(losses.values()).backward()
 
     def positive() -> None:
-        boxes, _ = build_positive_queries(positives, image_sizes, num_classes)
+        boxes, _, _ = build_positive_queries(positives, image_sizes, num_classes)
         layers = model.query_head.forward_positive(memory, boxes, 0)
         sum(o["pred_logits"].sum() + o["pred_boxes"].sum() for o in layers).backward()
 

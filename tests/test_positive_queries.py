@@ -32,7 +32,7 @@ def _nearest(boxes, pool):
 def test_padding_sizes_and_background_labels():
     sizes = torch.tensor([[100, 120], [80, 90], [64, 64]])
     samples = [_samples(n, h, w) for n, (h, w) in zip((0, 5, 20), sizes.tolist())]
-    boxes, targets = build_positive_queries(samples, sizes, NUM_CLASSES)
+    boxes, targets, _ = build_positive_queries(samples, sizes, NUM_CLASSES)
     assert boxes.shape == (3, 20, 4)
     assert targets["labels"].shape == (3, 20) and targets["labels"].dtype == torch.int64
     assert targets["boxes"].shape == (3, 20, 4)
@@ -50,12 +50,12 @@ def test_padding_sizes_and_background_labels():
 
 def test_minimum_and_maximum_number_of_queries():
     sizes = torch.tensor([[50, 50], [60, 40]])
-    boxes, targets = build_positive_queries([_samples(0, 50, 50), _samples(0, 60, 40)],
+    boxes, targets, _ = build_positive_queries([_samples(0, 50, 50), _samples(0, 60, 40)],
                                             sizes, NUM_CLASSES)
     assert boxes.shape == (2, 9, 4) and (targets["labels"] == NUM_CLASSES).all()
 
     many = [_samples(50, 50, 50), _samples(3, 60, 40)]
-    boxes, targets = build_positive_queries(many, sizes, NUM_CLASSES, max_queries=16)
+    boxes, targets, _ = build_positive_queries(many, sizes, NUM_CLASSES, max_queries=16)
     assert boxes.shape == (2, 16, 4)
     # The subsample keeps distinct positives with their own gts and labels.
     ref_anchors = _normalised(many[0].anchors, 50, 50)
@@ -77,7 +77,7 @@ def test_normalisation_and_generator_reproducibility():
                                    generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(first[0], again[0])
     torch.testing.assert_close(first[1]["boxes"], again[1]["boxes"])
-    boxes, targets = first
+    boxes, targets, _ = first
     torch.testing.assert_close(boxes[0], _normalised(sample.anchors, h, w))
     torch.testing.assert_close(targets["boxes"][0], _normalised(sample.gt_boxes, h, w))
 
@@ -96,7 +96,7 @@ def test_queries_from_the_head_sit_on_positive_locations():
                         "labels": torch.randint(0, NUM_CLASSES, (3,)),
                         "size": torch.tensor([h, w])})
     _, positives = head.loss_and_positives(feats, strides, targets)
-    boxes, query_targets = build_positive_queries(positives, sizes, NUM_CLASSES)
+    boxes, query_targets, _ = build_positive_queries(positives, sizes, NUM_CLASSES)
     for i, (h, w) in enumerate(sizes.tolist()):
         real = query_targets["labels"][i] < NUM_CLASSES
         assert real.sum() == positives[i].anchors.shape[0] > 0
@@ -118,7 +118,7 @@ def test_boxes_larger_than_the_image_are_not_clamped():
     anchor = torch.tensor([[-64.0, -64.0, 64.0, 64.0]])  # 128 px, centred on (0, 0)
     sample = PositiveSamples(anchors=anchor, labels=torch.tensor([2]),
                              gt_boxes=torch.tensor([[0.0, 0.0, 40.0, 30.0]]), neg_anchors=anchor + 8)
-    boxes, targets = build_positive_queries([sample], torch.tensor([[96, 80]]), NUM_CLASSES)
+    boxes, targets, _ = build_positive_queries([sample], torch.tensor([[96, 80]]), NUM_CLASSES)
     torch.testing.assert_close(boxes[0, 0], torch.tensor([0.0, 0.0, 128 / 80, 128 / 96]))
     torch.testing.assert_close(targets["boxes"][0, 0], torch.tensor([20 / 80, 15 / 96, 40 / 80, 30 / 96]))
 
@@ -127,7 +127,7 @@ def test_pads_draw_the_generator_only_when_needed():
     """Parity fix 3: an image with exactly N positives draws nothing (mmdet calls randperm only
     to subsample or to pad), so the next image's pads are randperm(#neg)[:N - P] of the seed."""
     full, short = _samples(12, 80, 80, num_neg=40), _samples(5, 80, 80, num_neg=40)
-    boxes, targets = build_positive_queries([full, short], torch.tensor([[80, 80], [80, 80]]), NUM_CLASSES,
+    boxes, targets, _ = build_positive_queries([full, short], torch.tensor([[80, 80], [80, 80]]), NUM_CLASSES,
                                             generator=torch.Generator().manual_seed(301))
     expected = torch.randperm(40, generator=torch.Generator().manual_seed(301))[:7]
     torch.testing.assert_close(boxes[1, 5:], _normalised(short.neg_anchors[expected], 80, 80))

@@ -274,9 +274,9 @@ def test_forward_positive_references_are_the_raw_boxes(monkeypatch):
     seen = {}
     content, decoder = head.transformer.positive_content, head.transformer.decoder.forward
 
-    def spy_content(x, k):
+    def spy_content(x, k, feats=None):
         seen["content"] = x
-        return content(x, k)
+        return content(x, k, feats)
 
     def spy_decoder(query, reference, *args):
         seen["reference"] = reference

@@ -95,7 +95,7 @@ def test_numbering_rcnn_first_then_atss(monkeypatch):
     # decoded in the matching queries' decoder call, codetr/model/joint_queries.py).
     original = model.query_head.transformer.positive_content
     monkeypatch.setattr(model.query_head.transformer, "positive_content",
-                        lambda boxes, k: seen.append(k) or original(boxes, k))
+                        lambda boxes, k, feats=None: seen.append(k) or original(boxes, k, feats))
     images, masks, targets = random_batch()
     out = model(images, masks, targets)
     assert seen == [0, 1]

@@ -210,7 +210,7 @@ def test_roi_training_assignment_losses_and_positives(ref):
     aux = tr["aux_targets_roi_head"]
     sizes = torch.tensor(inputs["img_shape"])
     torch.manual_seed(300)
-    boxes, targets = build_positive_queries(positives, sizes, NUM_CLASSES)
+    boxes, targets, _ = build_positive_queries(positives, sizes, NUM_CLASSES)
     assert boxes.shape == aux["aux_coords"].shape
     torch.testing.assert_close(boxes, aux["aux_coords"], rtol=0, atol=1e-6)
     assert torch.equal(targets["labels"], aux["aux_labels"])

@@ -111,7 +111,7 @@ def test_atss_aux_targets_with_the_reference_seed(ref):
     atss, inputs, _, _, positives = _atss_run(ref)
     aux = atss["aux_targets"]
     sizes = torch.tensor(inputs["img_shape"])
-    boxes, targets = build_positive_queries(positives, sizes, NUM_CLASSES,
+    boxes, targets, _ = build_positive_queries(positives, sizes, NUM_CLASSES,
                                             generator=torch.Generator().manual_seed(301))
     torch.testing.assert_close(boxes, aux["aux_coords"], rtol=0, atol=1e-6)
     assert torch.equal(targets["labels"], aux["aux_labels"])
@@ -185,7 +185,7 @@ def test_positive_query_pass_for_the_atss_head(ref):
     train, inputs, state, padding = ref
     head = _query_head(state)
     _, _, _, _, positives = _atss_run(ref)
-    boxes, targets = build_positive_queries(positives, torch.tensor(inputs["img_shape"]), NUM_CLASSES,
+    boxes, targets, _ = build_positive_queries(positives, torch.tensor(inputs["img_shape"]), NUM_CLASSES,
                                             generator=torch.Generator().manual_seed(301))
     with torch.no_grad():
         layers = head.forward_positive(_memory(inputs["maps"][:5], padding), boxes, 1)

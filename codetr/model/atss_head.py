@@ -216,9 +216,8 @@ class CoATSSHead(nn.Module):
 
     def loss_and_positives(self, feats: Sequence[Tensor], strides: Sequence[int],
                            targets: Sequence[dict], focal_alpha: float = 0.25,
-                           gamma: float = 2.0, per_level: bool = False
-                           ) -> tuple[dict[str, Tensor],
-                                                         list[PositiveSamples]]:
+                           gamma: float = 2.0, per_level: bool = False, with_feats: bool = False
+                           ) -> tuple[dict[str, Tensor], list[PositiveSamples]]:
         """Runs the head and its ATSS losses (training only).
 
         Args:
@@ -229,6 +228,8 @@ class CoATSSHead(nn.Module):
             focal_alpha: focal loss alpha.
             gamma: focal loss gamma.
             per_level: `[L]` per-level terms instead of scalars (see `atss_losses`).
+            with_feats: the positives carry the maps' rows at their anchors (`feats`,
+                `neg_feats`: Co-DETR's `with_coord_feat`).
 
         Returns:
             `(losses, positives)` as `atss_losses`: unweighted `loss_cls`, `loss_bbox`,
@@ -239,4 +240,4 @@ class CoATSSHead(nn.Module):
         cls_scores, deltas, centerness = self(feats)
         return atss_losses(cls_scores, deltas, centerness, self.anchors(feats, strides),
                            targets, self.num_classes, focal_alpha=focal_alpha, gamma=gamma,
-                           per_level=per_level)
+                           per_level=per_level, feats=feats if with_feats else None)

@@ -59,6 +59,7 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         num_co_heads=m.num_co_heads + int(m.use_rcnn_co_head),
         activation_checkpoint=spec.train.activation_checkpoint,
         decoder_query_pos=m.decoder_query_pos,
+        with_coord_feat=m.with_coord_feat,
     )
     co_heads = [
         CoATSSHead(num_classes=num_classes, in_channels=m.hidden_dim, num_levels=m.num_feature_levels + 1,

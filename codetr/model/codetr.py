@@ -93,40 +93,44 @@ class CoDETR(nn.Module):
             out = self.query_head.finish(prepared)[0]
             out.pop("memory")
             return out
-        co_losses, pos_boxes, pos_targets = self._collaborative(prepared["memory"], targets)
+        co_losses, pos_boxes, pos_targets, pos_feats = self._collaborative(prepared["memory"], targets)
         # The positive queries of every co-head share the matching queries' decoder call
         # (codetr/model/joint_queries.py): the same results as separate passes, less overhead.
-        out, pos_layers = self.query_head.finish(prepared, pos_boxes)
+        out, pos_layers = self.query_head.finish(prepared, pos_boxes, pos_feats)
         out.pop("memory")
         out["co_losses"] = co_losses
         out["pos_outputs"] = [{"layers": layers, "targets": t} for layers, t in zip(pos_layers, pos_targets)]
         return out
 
     def _collaborative(self, memory, targets: Sequence[dict[str, Tensor]]
-                       ) -> tuple[dict[str, Tensor], list[Tensor], list[dict[str, Tensor]]]:
+                       ) -> tuple[dict[str, Tensor], list[Tensor], list[dict[str, Tensor]],
+                                  list[Optional[Tensor]]]:
         """One-to-many co-head supervision of the encoder, and each head's positive queries.
 
         Returns:
-            `(co_losses, pos_boxes, pos_targets)`: the weighted co-head terms (suffix `_co{k}`),
-            per co-head k (R-CNN first) the `[B, N_k, 4]` cxcywh positive boxes and their
-            targets (`build_positive_queries`).
+            `(co_losses, pos_boxes, pos_targets, pos_feats)`: the weighted co-head terms (suffix
+            `_co{k}`), per co-head k (R-CNN first) the `[B, N_k, 4]` cxcywh positive boxes, their
+            targets and (`with_coord_feat`, else None) their `[B, N_k, D]` features
+            (`build_positive_queries`).
         """
         maps = self.query_head.aux_feature_maps(memory)
         strides = self.level_strides + [self.level_strides[-1] * 2]
         sizes = torch.stack([t["size"] for t in targets]).to(maps[0].device)
         co_losses: dict[str, Tensor] = {}
         heads: list[tuple[dict[str, Tensor], list, dict[str, float]]] = []
+        with_feats = self.query_head.transformer.with_coord_feat
         if self.rpn_head is not None:  # positive-query head 0, as in mmdet
-            heads.append((*faster_rcnn_losses(self.rpn_head, self.roi_head[0], maps, targets),
+            heads.append((*faster_rcnn_losses(self.rpn_head, self.roi_head[0], maps, targets, with_feats),
                           RCNN_TERM_WEIGHTS))
         for head in self.bbox_head:
-            heads.append((*head.loss_and_positives(maps, strides, targets, focal_alpha=self.focal_alpha),
-                          ATSS_TERM_WEIGHTS))
-        pos_boxes, pos_targets = [], []
+            heads.append((*head.loss_and_positives(maps, strides, targets, focal_alpha=self.focal_alpha,
+                                                   with_feats=with_feats), ATSS_TERM_WEIGHTS))
+        pos_boxes, pos_targets, pos_feats = [], [], []
         for k, (losses, positives, weights) in enumerate(heads):
             for name, value in losses.items():
                 co_losses[f"{name}_co{k}"] = value * weights[name] * self.co_head_loss_weight
-            boxes, boxes_targets = build_positive_queries(positives, sizes, self.query_head.num_classes)
+            boxes, boxes_targets, feats = build_positive_queries(positives, sizes, self.query_head.num_classes)
             pos_boxes.append(boxes)
             pos_targets.append(boxes_targets)
-        return co_losses, pos_boxes, pos_targets
+            pos_feats.append(feats)
+        return co_losses, pos_boxes, pos_targets, pos_feats

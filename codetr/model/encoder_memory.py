@@ -26,6 +26,13 @@ class EncoderMemory:
     level_start_index: Tensor
     valid_ratios: Tensor
 
+    def level_maps(self) -> list[Tensor]:
+        """The memory as L maps `[B, D, H_l, W_l]` (views of `memory`, not detached)."""
+        batch, _, dim = self.memory.shape
+        shapes = self.spatial_shapes.tolist()
+        return [level.transpose(1, 2).reshape(batch, dim, h, w)
+                for level, (h, w) in zip(self.memory.split([h * w for h, w in shapes], 1), shapes)]
+
 
 def valid_ratios_of(mask: Tensor) -> Tensor:
     """`[B, H, W]` padding mask (True = pad) -> `[B, 2]` `(w_valid / W, h_valid / H)`."""

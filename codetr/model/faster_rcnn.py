@@ -36,7 +36,8 @@ def pixel_targets(targets: Sequence[dict], device: torch.device
 
 
 def faster_rcnn_losses(rpn_head: RPNHead, roi_head: CoStandardRoIHead, maps: Sequence[Tensor],
-                       targets: Sequence[dict]) -> tuple[dict[str, Tensor], list[PositiveSamples]]:
+                       targets: Sequence[dict], with_feats: bool = False
+                       ) -> tuple[dict[str, Tensor], list[PositiveSamples]]:
     """The co-head's unweighted losses and its positives (training only).
 
     Args:
@@ -44,6 +45,7 @@ def faster_rcnn_losses(rpn_head: RPNHead, roi_head: CoStandardRoIHead, maps: Seq
         roi_head: the RoI head (strides of `maps[:-1]`).
         maps: the L + 1 co-head maps `[B, D, H_l, W_l]` (`QueryHead.aux_feature_maps`).
         targets: B dicts (DESIGN.md data contract).
+        with_feats: the positives carry their RoIs' mean pooled features (`with_coord_feat`).
 
     Returns:
         `(losses, positives)`: scalar `loss_rpn_cls`, `loss_rpn_bbox` (summed over levels),
@@ -52,7 +54,8 @@ def faster_rcnn_losses(rpn_head: RPNHead, roi_head: CoStandardRoIHead, maps: Seq
     gt_boxes, gt_labels, sizes = pixel_targets(targets, maps[0].device)
     pad_sizes = [t.get("pad_size") for t in targets]
     rpn, proposals = rpn_head.loss_and_proposals(maps, gt_boxes, sizes, pad_sizes)
-    roi, positives, _ = roi_head.loss_and_positives(maps[:-1], proposals, gt_boxes, gt_labels)
+    roi, positives, _ = roi_head.loss_and_positives(maps[:-1], proposals, gt_boxes, gt_labels,
+                                                    with_feats)
     losses = {"loss_rpn_cls": rpn["loss_rpn_cls"].sum(), "loss_rpn_bbox": rpn["loss_rpn_bbox"].sum(),
               "loss_roi_cls": roi["loss_cls"], "loss_roi_bbox": roi["loss_bbox"]}
     return losses, positives

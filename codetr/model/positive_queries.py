@@ -38,7 +38,7 @@ def _random_indices(population: int, count: int, generator: Optional[torch.Gener
 def build_positive_queries(positives: Sequence[PositiveSamples], image_sizes: Tensor,
                            num_classes: int, min_queries: int = 9, max_queries: int = 300,
                            generator: Optional[torch.Generator] = None
-                           ) -> tuple[Tensor, dict[str, Tensor]]:
+                           ) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor]]:
     """Turns one auxiliary head's positives into padded positive queries and their targets.
 
     Args:
@@ -50,10 +50,12 @@ def build_positive_queries(positives: Sequence[PositiveSamples], image_sizes: Te
         generator: CPU random generator for the subsampling and padding (None: global RNG).
 
     Returns:
-        `(pos_boxes, targets)`: `pos_boxes` `[B, N, 4]` cxcywh normalised, the anchors (the
-        queries' reference boxes); `targets` with `labels` `[B, N]` int64 (`num_classes` for
+        `(pos_boxes, targets, pos_feats)`: `pos_boxes` `[B, N, 4]` cxcywh normalised, the anchors
+        (the queries' reference boxes); `targets` with `labels` `[B, N]` int64 (`num_classes` for
         pads) and `boxes` `[B, N, 4]` cxcywh normalised (the assigned gts; pads carry their own
-        anchor, a valid box that no loss should use). N = clip(max positives, min, max).
+        anchor, a valid box that no loss should use); `pos_feats` `[B, N, D]` the samples'
+        `feats` / `neg_feats` rows of the same anchors (mmdet's `aux_feats`), or None when the
+        samples carry none. N = clip(max positives, min, max).
     """
     if len(positives) != image_sizes.shape[0]:
         raise ValueError(f"{len(positives)} positives for {image_sizes.shape[0]} image sizes")
@@ -61,21 +63,27 @@ def build_positive_queries(positives: Sequence[PositiveSamples], image_sizes: Te
     most = max((p.anchors.shape[0] for p in positives), default=0)
     num_queries = min(max(most, min_queries), max_queries)
 
-    all_boxes, all_labels, all_targets = [], [], []
+    all_boxes, all_labels, all_targets, all_feats = [], [], [], []
     for sample, (h, w) in zip(positives, image_sizes.tolist()):
-        anchors, labels, gt_boxes = sample.anchors, sample.labels, sample.gt_boxes
+        anchors, labels, gt_boxes, feats = sample.anchors, sample.labels, sample.gt_boxes, sample.feats
         if anchors.shape[0] > num_queries:
             keep = _random_indices(anchors.shape[0], num_queries, generator).to(anchors.device)
             anchors, labels, gt_boxes = anchors[keep], labels[keep], gt_boxes[keep]
+            feats = None if feats is None else feats[keep]
         num_pad = num_queries - anchors.shape[0]
-        pads = sample.neg_anchors
+        pads, pad_feats = sample.neg_anchors, sample.neg_feats
         if pads.shape[0] == 0:
-            # No background anchor to draw from (never in a real image): pad with the image box.
+            # No background anchor to draw from (never in a real image): pad with the image box
+            # (and a zero feature).
             pads = anchors.new_tensor([[0.0, 0.0, w, h]])
+            pad_feats = None if feats is None else feats.new_zeros(1, feats.shape[1])
         # Draw only when padding is needed, as mmdet: an image with exactly N positives leaves the
         # generator untouched, so the next image's draws are mmdet's for the same seed.
-        pads = (pads[_random_indices(pads.shape[0], num_pad, generator).to(pads.device)]
-                if num_pad > 0 else pads[:0])
+        pad_index = (_random_indices(pads.shape[0], num_pad, generator).to(pads.device)
+                     if num_pad > 0 else pads.new_zeros(0, dtype=torch.long))
+        pads = pads[pad_index]
+        if feats is not None:
+            all_feats.append(torch.cat((feats, pad_feats[pad_index])))
 
         boxes = _normalise(torch.cat((anchors, pads)).float(), h, w)
         all_boxes.append(boxes)
@@ -86,4 +94,7 @@ def build_positive_queries(positives: Sequence[PositiveSamples], image_sizes: Te
     pos_boxes = torch.stack(all_boxes).to(device)
     targets = {"labels": torch.stack(all_labels).to(device),
                "boxes": torch.stack(all_targets).to(device)}
-    return pos_boxes, targets
+    if all_feats and len(all_feats) != len(positives):
+        raise ValueError("some images' positives carry features and others none")
+    pos_feats = torch.stack(all_feats).to(device) if all_feats else None
+    return pos_boxes, targets, pos_feats

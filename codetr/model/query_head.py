@@ -55,6 +55,8 @@ class QueryHead(nn.Module):
         activation_checkpoint: recompute encoder layers in backward.
         decoder_query_pos: `ref_point_head` (Co-DINO) or `proposal` (Co-Deformable-DETR: fixed
             positional queries from the proposals; no denoising).
+        with_coord_feat: positive queries also embed the co-head's feature at their anchor
+            (see `CoDinoTransformer`).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class QueryHead(nn.Module):
         num_co_heads: int,
         activation_checkpoint: bool,
         decoder_query_pos: str = "ref_point_head",
+        with_coord_feat: bool = False,
     ) -> None:
         super().__init__()
         if decoder_query_pos == "proposal" and use_dn:
@@ -98,7 +101,7 @@ class QueryHead(nn.Module):
             num_classes, hidden_dim, nheads, num_feature_levels, enc_layers, dec_layers,
             dim_feedforward, dropout, enc_n_points, dec_n_points, num_queries, two_stage_type,
             embed_init_tgt, decoder_sa_type, fix_refpoints_hw, pre_norm, num_co_heads,
-            activation_checkpoint, decoder_query_pos,
+            activation_checkpoint, decoder_query_pos, with_coord_feat,
         )
         num_branches = dec_layers + (1 if two_stage_type == "standard" else 0)
         self.cls_branches = nn.ModuleList([nn.Linear(hidden_dim, num_classes) for _ in range(num_branches)])
@@ -189,7 +192,8 @@ class QueryHead(nn.Module):
         return {"memory": memory, "content": content, "reference_unsig": reference_unsig,
                 "topk": topk, "dn": dn, "training": training}
 
-    def finish(self, prepared: dict[str, Any], positive_boxes: Sequence[Tensor] = ()
+    def finish(self, prepared: dict[str, Any], positive_boxes: Sequence[Tensor] = (),
+               positive_feats: Sequence[Optional[Tensor]] = ()
                ) -> tuple[dict[str, Any], list[list[dict[str, Tensor]]]]:
         """Second half of `forward`: one decoder call for all query groups, then the branches.
 
@@ -200,6 +204,8 @@ class QueryHead(nn.Module):
                 the matching queries, each group attending only to itself
                 (`codetr/model/joint_queries.py`), so the results equal `forward_positive`'s up
                 to floating-point summation order.
+            positive_feats: per co-head k `[B, N_k, D]` features at the positives
+                (`with_coord_feat`), or empty / Nones.
 
         Returns:
             `(out, positive_layers)`: `out` as `forward`; `positive_layers[k]` as
@@ -209,11 +215,12 @@ class QueryHead(nn.Module):
         training = prepared["training"]
         reference = prepared["reference_unsig"].sigmoid()
         groups = [(prepared["content"], reference, None if topk is None else topk.query_pos)]
-        for k, boxes in enumerate(positive_boxes):
+        feats = list(positive_feats) or [None] * len(positive_boxes)
+        for k, (boxes, pos_feats) in enumerate(zip(positive_boxes, feats, strict=True)):
             boxes = boxes.detach()
             # As forward_positive: clamped boxes embedded, raw boxes as the first reference.
             clamped = inverse_sigmoid(boxes).sigmoid()
-            groups.append((self.transformer.positive_content(clamped, k), boxes,
+            groups.append((self.transformer.positive_content(clamped, k, pos_feats), boxes,
                            self.transformer.positive_query_pos(clamped, k)))
         sizes = [g[0].shape[1] for g in groups]
         attn_mask = None if dn is None else dn.attn_mask
@@ -259,16 +266,11 @@ class QueryHead(nn.Module):
         """
         if self.downsample is None:
             raise RuntimeError("aux_feature_maps needs num_co_heads > 0")
-        batch, _, dim = memory.memory.shape
-        sizes = [h * w for h, w in memory.spatial_shapes.tolist()]
-        maps = [
-            level.transpose(1, 2).reshape(batch, dim, h, w)
-            for level, (h, w) in zip(memory.memory.split(sizes, 1), memory.spatial_shapes.tolist())
-        ]
-        maps.append(self.downsample(maps[-1]))
-        return maps
+        maps = memory.level_maps()
+        return maps + [self.downsample(maps[-1])]
 
-    def forward_positive(self, memory: EncoderMemory, pos_boxes: Tensor, head_index: int) -> list[dict[str, Tensor]]:
+    def forward_positive(self, memory: EncoderMemory, pos_boxes: Tensor, head_index: int,
+                         pos_feats: Optional[Tensor] = None) -> list[dict[str, Tensor]]:
         """Decoder pass of one co-head's customized positive queries (training only).
 
         Same decoder and branches as the matching queries; no denoising, no attention mask.
@@ -278,18 +280,17 @@ class QueryHead(nn.Module):
             pos_boxes: `[B, N, 4]` cxcywh normalised positive boxes (not clamped: w or h may exceed
                 1): the queries' references.
             head_index: co-head index `k` (selects `aux_pos_trans[k]`).
+            pos_feats: `[B, N, D]` features at the positives (`with_coord_feat`) or None.
 
         Returns:
             Per decoder layer `{pred_logits [B, N, C], pred_boxes [B, N, 4] cxcywh}`.
         """
         pos_boxes = pos_boxes.detach()
-        # mmdet's forward_aux embeds sigmoid(inverse_sigmoid(box)) (eps 1e-5: boxes clamped into
-        # [1e-5, 1 - 1e-5]) for the content, but uses the boxes AS THEY ARE as the first
-        # reference: an anchor wider than the image (w > 1) keeps its sampling points and its
-        # query_pos (parity fix 4). The fixed positional queries of `decoder_query_pos="proposal"`
-        # embed the clamped boxes, like the content.
+        # mmdet's forward_aux embeds the boxes clamped into [1e-5, 1 - 1e-5] (content; the fixed
+        # query_pos of `proposal`) but takes them AS THEY ARE as the first reference: an anchor
+        # wider than the image (w > 1) keeps its sampling points and query_pos (parity fix 4).
         clamped = inverse_sigmoid(pos_boxes).sigmoid()
-        content = self.transformer.positive_content(clamped, head_index)
+        content = self.transformer.positive_content(clamped, head_index, pos_feats)
         hidden, references = self.transformer.decoder(
             content, pos_boxes, memory.memory, memory.memory_mask, memory.spatial_shapes,
             memory.level_start_index, memory.valid_ratios, self.reg_branches[: self.dec_layers], None,

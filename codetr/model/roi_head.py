@@ -9,7 +9,7 @@ parameters) so official `roi_head.0.*` weights load 1:1.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,8 @@ class CoStandardRoIHead(nn.Module):
         return roi_feats, cls_logits, deltas
 
     def loss_and_positives(self, feats: Sequence[Tensor], proposals: Sequence[Tensor],
-                           gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]
+                           gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
+                           with_feats: bool = False
                            ) -> tuple[dict[str, Tensor], list[PositiveSamples], list[RoISamples]]:
         """Samples RoIs, runs the head, its losses and the positives for the queries.
 
@@ -104,6 +105,9 @@ class CoStandardRoIHead(nn.Module):
             proposals: per image `[P_i, 4]` xyxy pixels (detached RPN proposals).
             gt_boxes: per image `[N_i, 4]` xyxy pixels.
             gt_labels: per image `[N_i]` int64 label indices.
+            with_feats: the positives carry each RoI's pooled features averaged over the
+                `7 x 7` cells (`[D]`, mmdet's `bbox_feats.mean(-1).mean(-1)`; Co-DETR's
+                `with_coord_feat`).
 
         Returns:
             `(losses, positives, samples)`: unweighted `loss_cls`, `loss_bbox`; per image the
@@ -113,25 +117,32 @@ class CoStandardRoIHead(nn.Module):
         samples = [sample_rois(p.detach(), g, labels, self.num_classes, self.sampler)
                    for p, g, labels in zip(proposals, gt_boxes, gt_labels)]
         rois = batch_rois(samples)
-        _, cls_logits, deltas = self(feats, rois)
+        roi_feats, cls_logits, deltas = self(feats, rois)
         labels = torch.cat([s.labels for s in samples])
         losses = roi_losses(cls_logits, deltas, rois[:, 1:], labels,
                             torch.cat([s.gt_boxes for s in samples]), self.num_classes)
-        return losses, positive_samples(samples), samples
+        means = roi_feats.mean((2, 3)) if with_feats else None  # [K, D], RoIs in batch_rois order
+        return losses, positive_samples(samples, means), samples
 
 
-def positive_samples(samples: Sequence[RoISamples]) -> list[PositiveSamples]:
+def positive_samples(samples: Sequence[RoISamples], roi_feats: Optional[Tensor] = None
+                     ) -> list[PositiveSamples]:
     """What Co-DINO's RoI head hands to the positive queries, per image.
 
     As mmdet's `CoStandardRoIHead.loss`, every image keeps its first min(2000, fewest sampled
     RoIs of the batch) samples (positives come first, so only surplus negatives are cut, unless
     an image has more positives than that); the positives among them are the queries, the
-    negatives their padding pool.
+    negatives their padding pool. `roi_feats`: `[K, D]` per sampled RoI, images in order
+    (`batch_rois`), split into `feats` / `neg_feats` the same way; None: no features.
     """
     keep = min([_MAX_POSITIVE_ROIS] + [s.boxes.shape[0] for s in samples])
+    per_image = ([None] * len(samples) if roi_feats is None
+                 else roi_feats.split([s.boxes.shape[0] for s in samples]))
     out = []
-    for s in samples:
+    for s, f in zip(samples, per_image):
         pos = min(s.num_pos, keep)
         out.append(PositiveSamples(anchors=s.boxes[:pos], labels=s.labels[:pos],
-                                   gt_boxes=s.gt_boxes[:pos], neg_anchors=s.boxes[pos:keep]))
+                                   gt_boxes=s.gt_boxes[:pos], neg_anchors=s.boxes[pos:keep],
+                                   feats=None if f is None else f[:pos],
+                                   neg_feats=None if f is None else f[pos:keep]))
     return out

@@ -5,7 +5,8 @@ State-dict names (under `query_head.transformer.`, as in the official Co-DINO ch
 `enc_output.*` + `enc_output_norm.*` (two-stage only), `query_embed.weight` `[Q, D]` (content
 queries; absent for two-stage with `embed_init_tgt=False`), `refpoint_embed.weight` (+ `hw_embed`)
 (`two_stage_type="no"` only, DINO's names), `aux_pos_trans.{k}.*` + `aux_pos_trans_norm.{k}.*`
-(one per co-head).
+(one per co-head), with `with_coord_feat` also `pos_feats_trans.{k}.*` + `pos_feats_norm.{k}.*`
+and (Co-Deformable-DETR) `head_pos_embed.weight` `[K, 1]`.
 
 The class/box branches are the query head's (`cls_branches`, `reg_branches`); the transformer
 receives them in `select_queries` and `decode`, as mmdet's transformer does.
@@ -17,13 +18,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from codetr.boxes import inverse_sigmoid
 from codetr.model.decoder import Decoder
 from codetr.model.deformable_attention import MultiScaleDeformableAttention
 from codetr.model.encoder import Encoder
 from codetr.model.encoder_memory import EncoderMemory, valid_ratios_of
-from codetr.model.position_encoding import sine_embed_boxes
-from codetr.model.proposal_queries import box_queries
+from codetr.model.learned_references import (init_reference_embeddings, learned_references,
+                                             reference_embeddings)
+from codetr.model.proposal_queries import box_queries, xywh_sine_embed
 from codetr.model.two_stage import TopKProposals, encoder_proposals, select_topk_proposals
 
 
@@ -57,6 +58,10 @@ class CoDinoTransformer(nn.Module):
         decoder_query_pos: `ref_point_head` (DINO: positional queries from each layer's refined
             box) or `proposal` (Deformable DETR: from the selected proposals through
             `pos_trans`, fixed for all layers; `standard` two-stage only).
+        with_coord_feat: Co-DETR's anchor features: a positive query's content also gets
+            `pos_feats_norm[k](pos_feats_trans[k](feature at its anchor))` (Linear D -> D,
+            LayerNorm D), and with `proposal` its positional query the learned scalar
+            `head_pos_embed.weight[k]` (an `nn.Embedding(K, 1)`, the authors' kept "bug").
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class CoDinoTransformer(nn.Module):
         num_co_heads: int,
         activation_checkpoint: bool,
         decoder_query_pos: str = "ref_point_head",
+        with_coord_feat: bool = False,
     ) -> None:
         super().__init__()
         if two_stage_type not in ("standard", "no"):
@@ -113,7 +119,7 @@ class CoDinoTransformer(nn.Module):
                 self.query_embed = nn.Embedding(num_queries, hidden_dim)
         else:
             self.query_embed = nn.Embedding(num_queries, hidden_dim)
-            self._build_reference_embedding(num_queries, fix_refpoints_hw)
+            self.refpoint_embed, self.hw_embed = reference_embeddings(num_queries, fix_refpoints_hw)
         # Co-DINO's positive queries get content only (D); Co-Deformable-DETR's pos + content (2D).
         aux_dim = 2 * hidden_dim if self.proposal_pos else hidden_dim
         self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * hidden_dim, aux_dim) for _ in range(num_co_heads)])
@@ -121,19 +127,12 @@ class CoDinoTransformer(nn.Module):
         if self.proposal_pos:
             self.pos_trans = nn.Linear(2 * hidden_dim, 2 * hidden_dim)
             self.pos_trans_norm = nn.LayerNorm(2 * hidden_dim)
+        self.with_coord_feat = with_coord_feat and num_co_heads > 0
+        if self.with_coord_feat:
+            self.pos_feats_trans = nn.ModuleList([nn.Linear(hidden_dim, hidden_dim) for _ in range(num_co_heads)])
+            self.pos_feats_norm = nn.ModuleList([nn.LayerNorm(hidden_dim) for _ in range(num_co_heads)])
+            self.head_pos_embed = nn.Embedding(num_co_heads, 1) if self.proposal_pos else None
         self.reset_parameters()
-
-    def _build_reference_embedding(self, num_queries: int, fix_refpoints_hw: float) -> None:
-        """Learned reference boxes of `two_stage_type="no"` (DINO's `init_ref_points`)."""
-        if fix_refpoints_hw == -1:
-            self.refpoint_embed = nn.Embedding(num_queries, 4)
-        elif fix_refpoints_hw == -2:
-            self.refpoint_embed = nn.Embedding(num_queries, 2)
-            self.hw_embed = nn.Embedding(1, 2)
-        elif fix_refpoints_hw > 0:
-            self.refpoint_embed = nn.Embedding(num_queries, 2)
-        else:
-            raise ValueError(f"fix_refpoints_hw must be -1, -2 or > 0, got {fix_refpoints_hw}")
 
     def reset_parameters(self) -> None:
         """DINO's init: Xavier for every matrix, then the deformable attention's own init."""
@@ -147,13 +146,7 @@ class CoDinoTransformer(nn.Module):
         if self.query_embed is not None:
             nn.init.normal_(self.query_embed.weight)
         if self.refpoint_embed is not None:
-            nn.init.normal_(self.refpoint_embed.weight)
-            if self.refpoint_embed.weight.shape[1] == 2:
-                # DINO's random_refpoints_xy: centres uniform over the image.
-                with torch.no_grad():
-                    self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.rand_like(self.refpoint_embed.weight)))
-        if self.hw_embed is not None:
-            nn.init.normal_(self.hw_embed.weight)
+            init_reference_embeddings(self.refpoint_embed, self.hw_embed)
 
     def encode(
         self, mlvl_feats: Sequence[Tensor], mlvl_masks: Sequence[Tensor], mlvl_pos: Sequence[Tensor]
@@ -218,13 +211,7 @@ class CoDinoTransformer(nn.Module):
 
     def _learned_references(self) -> Tensor:
         """`[Q, 4]` inverse-sigmoid reference boxes of `two_stage_type="no"`."""
-        centres = self.refpoint_embed.weight
-        if self.hw_embed is not None:
-            return torch.cat([centres, self.hw_embed.weight.expand(centres.shape[0], -1)], -1)
-        if centres.shape[1] == 2:
-            fixed = torch.full_like(centres, float(self.fix_refpoints_hw))
-            return torch.cat([centres, inverse_sigmoid(fixed)], -1)
-        return centres
+        return learned_references(self.refpoint_embed, self.hw_embed, self.fix_refpoints_hw)
 
     def decode(
         self,
@@ -259,28 +246,39 @@ class CoDinoTransformer(nn.Module):
         )
 
     def positive_query_pos(self, boxes: Tensor, head_index: int) -> Optional[Tensor]:
-        """`[B, N, D]` positional queries of positive boxes (`proposal` only; DINO: None)."""
+        """`[B, N, D]` positional queries of positive boxes (`proposal` only; DINO: None), plus
+        `head_pos_embed.weight[k]` with `with_coord_feat` (mmdet's `forward_aux`)."""
         if not self.proposal_pos:
             return None
-        return box_queries(boxes, self.aux_pos_trans[head_index], self.aux_pos_trans_norm[head_index])[0]
+        query_pos = box_queries(boxes, self.aux_pos_trans[head_index], self.aux_pos_trans_norm[head_index])[0]
+        if self.with_coord_feat:
+            query_pos = query_pos + self.head_pos_embed.weight[head_index]
+        return query_pos
 
-    def positive_content(self, boxes: Tensor, head_index: int) -> Tensor:
-        """Content of customized positive queries: `LayerNorm(Linear(sine_embed(box)))`.
+    def positive_content(self, boxes: Tensor, head_index: int, feats: Optional[Tensor] = None) -> Tensor:
+        """Content of customized positive queries: `LayerNorm(Linear(sine_embed(box)))`, plus
+        `pos_feats_norm[k](pos_feats_trans[k](feats))` with `with_coord_feat`.
 
-        The sine embedding uses `D / 2` features per coordinate, temperature 10000.
+        The sine embedding uses `D / 2` features per coordinate in mmdet's (cx, cy, w, h) block
+        order, temperature 10000 (`get_proposal_pos_embed`).
 
         Args:
             boxes: `[B, N, 4]` cxcywh normalised.
             head_index: which co-head's projection to use.
+            feats: `[B, N, D]` the co-head's feature at each positive (`build_positive_queries`);
+                given exactly when `with_coord_feat`.
 
         Returns:
             `[B, N, D]`.
         """
+        if (feats is not None) != self.with_coord_feat:
+            raise ValueError(f"with_coord_feat={self.with_coord_feat} but the positives' features "
+                             f"are {'given' if feats is not None else 'missing'}")
+        trans, norm = self.aux_pos_trans[head_index], self.aux_pos_trans_norm[head_index]
         if self.proposal_pos:
-            return box_queries(boxes, self.aux_pos_trans[head_index], self.aux_pos_trans_norm[head_index])[1]
-        feats = self.hidden_dim // 2
-        embed = sine_embed_boxes(boxes, feats).to(self.aux_pos_trans[head_index].weight.dtype)  # (y, x, w, h)
-        # Co-DINO's get_proposal_pos_embed orders the blocks (x, y, w, h): swap so the official
-        # aux_pos_trans weights see the layout they were trained on.
-        embed = torch.cat([embed[..., feats:2 * feats], embed[..., :feats], embed[..., 2 * feats:]], -1)
-        return self.aux_pos_trans_norm[head_index](self.aux_pos_trans[head_index](embed))
+            content = box_queries(boxes, trans, norm)[1]
+        else:
+            content = norm(trans(xywh_sine_embed(boxes, self.hidden_dim // 2).to(trans.weight.dtype)))
+        if feats is not None:
+            content = content + self.pos_feats_norm[head_index](self.pos_feats_trans[head_index](feats))
+        return content

@@ -85,6 +85,11 @@ class ModelConfig:
     co_head_num_convs: int = _f(4, gt=0)
     # Not in TAO: Co-DINO's Faster R-CNN co-head (RPN + RoI head) beside the ATSS heads.
     use_rcnn_co_head: bool = _f(False)
+    # Not in TAO (mmdet's name): a positive query's content also embeds its co-head's feature at
+    # the anchor (ATSS: the map row; R-CNN: the RoI's mean pooled feature), and with
+    # decoder_query_pos=proposal its position a per-head scalar. Co-DETR's default for
+    # Co-Deformable-DETR; off in every official Co-DINO config.
+    with_coord_feat: bool = _f(False)
     soft_nms_enabled: bool = _f(False)
     soft_nms_method: str = _f("linear", choices=("linear", "gaussian"))
     soft_nms_iou_threshold: float = _f(0.8, min=0.0, max=1.0)

@@ -5,7 +5,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 from torch import Tensor
 
-from codetr.zoo.mmdet_keys import CONSTANT_BUFFERS, has_rcnn_co_head, map_key
+from codetr.zoo.mmdet_keys import CONSTANT_BUFFERS, has_rcnn_co_head, map_key, map_value
 from codetr.zoo.report import ImportReport
 from codetr.zoo.swin_keys import has_original_swin_names, original_swin_to_mmdet
 
@@ -57,6 +57,8 @@ def import_official(state: Mapping[str, Any], target: Mapping[str, Tensor], sour
         if not isinstance(key, str) or not isinstance(tensor, Tensor):
             continue
         name, reason = map_key(key, with_rcnn)
+        if name is not None:
+            tensor = map_value(name, tensor, with_rcnn)
         if name is None:
             report.dropped.append((key, reason))
         elif name not in target:

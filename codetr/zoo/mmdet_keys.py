@@ -7,11 +7,13 @@ mmdet -> codetr (../shared/reference/mmdet-codino/README.md, "Name map"):
   (`codetr/model/swin.py`) keeps mmdet's Swin names, so the same prefix rule covers it.
 - `query_head.dn_generator.label_embedding.weight` (mmdet 3.x) and
   `query_head.label_embedding.weight` (Sense-X) -> `query_head.label_embedding.weight`.
-- `query_head.transformer.aux_pos_trans{,_norm}.k`: mmdet numbers the co-heads with the Faster
-  R-CNN head FIRST (index 0) and the ATSS heads after it. When the target model has the R-CNN
-  co-head (`rpn_head.*` keys, spec `model.use_rcnn_co_head: true`), they map 1:1; otherwise index
-  k goes to k-1 and index 0, `rpn_head.*` and `roi_head.*` are dropped on purpose. A by-name load
-  would put the R-CNN projection into our ATSS slot 0, with the right shape.
+- `query_head.transformer.aux_pos_trans{,_norm}.k` (and `pos_feats_{trans,norm}.k` of
+  `with_coord_feat`): mmdet numbers the co-heads with the Faster R-CNN head FIRST (index 0) and
+  the ATSS heads after it. When the target model has the R-CNN co-head (`rpn_head.*` keys, spec
+  `model.use_rcnn_co_head: true`), they map 1:1; otherwise index k goes to k-1 and index 0,
+  `rpn_head.*` and `roi_head.*` are dropped on purpose. A by-name load would put the R-CNN
+  projection into our ATSS slot 0, with the right shape. `head_pos_embed.weight` holds one row
+  per co-head in the same order: without the R-CNN co-head its row 0 is cut (`map_value`).
 - Everything else (`neck.*`, `query_head.*`, `bbox_head.k.*`) has the same name.
 - A Sense-X Swin with the original Swin names is converted to mmdet's names first
   (`swin_keys.original_swin_to_mmdet`, called by `importer.import_official`).
@@ -26,6 +28,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional, Tuple
 
+from torch import Tensor
+
 NO_RCNN_REASON = "no Faster R-CNN co-head in this spec (model.use_rcnn_co_head: false)"
 EMA_REASON = "EMA shadow copy (mmcv EMAHook buffer); the model weights are loaded"
 COUNTER_REASON = "BatchNorm step counter the model does not keep"
@@ -33,7 +37,9 @@ INDEX_REASON = "Swin relative_position_index: a constant the model computes itse
 # Buffers an official file carries that hold no learned value: dropped when the model lacks them.
 CONSTANT_BUFFERS = {"num_batches_tracked": COUNTER_REASON, "relative_position_index": INDEX_REASON}
 
-_AUX_POS = re.compile(r"^(query_head\.transformer\.aux_pos_trans(?:_norm)?)\.(\d+)\.(.+)$")
+_AUX_POS = re.compile(r"^(query_head\.transformer\.(?:aux_pos_trans(?:_norm)?|pos_feats_(?:trans|norm)))"
+                      r"\.(\d+)\.(.+)$")
+HEAD_POS_EMBED = "query_head.transformer.head_pos_embed.weight"
 _LABEL_EMBEDDINGS = ("query_head.dn_generator.label_embedding.", "query_head.label_embedding.")
 _RCNN_PREFIXES = ("rpn_head.", "roi_head.")
 # A key only mmdet 3.x's Co-DINO has (ours put the trunk under `backbone.body.`; our R-CNN
@@ -84,3 +90,11 @@ def map_key(key: str, with_rcnn: bool) -> Tuple[Optional[str], str]:
             return None, NO_RCNN_REASON
         return f"{name}.{index - 1}.{rest}", ""
     return key, ""
+
+
+def map_value(name: str, tensor: Tensor, with_rcnn: bool) -> Tensor:
+    """The value of an official tensor under its codetr name: `head_pos_embed.weight`'s rows
+    follow mmdet's co-head order (R-CNN first), so without the R-CNN co-head row 0 goes."""
+    if name == HEAD_POS_EMBED and not with_rcnn:
+        return tensor[1:]
+    return tensor
