@@ -15,7 +15,9 @@ all set it off), so each step is checked against a transcription of Sense-X's so
   features are not detached (they train the encoder, as mmdet's);
 - the checkpoint importer renumbers the new keys as mmdet's co-head order requires.
 
-Float32 throughout; tolerances 1e-6 relative where the same operations run in another order.
+Float32 throughout. Tolerances: exact (assert_close's float32 default, 1.3e-6 relative) where the
+same operations run; 1e-5 for the joint decoder call (its masked self-attention sums in another
+order); 1e-4 absolute for boxes scaled back to pixels (values up to ~100, float32 rounding).
 """
 import math
 
@@ -38,6 +40,14 @@ COORD = ["model.with_coord_feat=true"]
 
 def tiny_model(*extra):
     return build_model(load_spec(None, TINY + list(extra)), num_classes=3).train()
+
+
+def test_without_a_co_head_the_spec_refuses_it():
+    from codetr.spec import SpecError
+
+    with pytest.raises(SpecError, match="with_coord_feat=false"):
+        load_spec(None, COORD + ["model.num_co_heads=0"])
+    assert load_spec(None, COORD + ["model.num_co_heads=0", "model.use_rcnn_co_head=true"])
 
 
 def test_recipe_and_defaults():
@@ -84,14 +94,15 @@ def test_query_embedding_is_sense_x_forward_aux(proposal):
         plain.positive_content(clamped, k, feats)
 
 
-def _row_at_anchor(maps, anchors_per_level, b, box):
-    """The map row under an anchor box, found by the box itself (independent of the flattening)."""
-    for level, (m, anchors) in enumerate(zip(maps, anchors_per_level)):
-        hit = (anchors == box).all(1).nonzero()
-        if len(hit):
-            index = int(hit[0])
-            return m[b, :, index // m.shape[-1], index % m.shape[-1]]
-    raise AssertionError(f"anchor {box} is on no level")
+def _row_at_anchor(maps, strides, scale, b, box):
+    """The map cell under an anchor box, from the box alone: its side gives the level (ATSS
+    anchors are `scale * stride` squares), its centre over the stride the (y, x) cell (mmdet's
+    anchor centres sit at the cells' top-left corners: centre offset 0)."""
+    side = float(box[2] - box[0])
+    level = [round(scale * s) for s in strides].index(round(side))
+    cx, cy = float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2
+    x, y = round(cx / strides[level]), round(cy / strides[level])
+    return maps[level][b, :, y, x]
 
 
 def test_atss_features_are_the_map_rows_at_the_anchors():
@@ -102,14 +113,15 @@ def test_atss_features_are_the_map_rows_at_the_anchors():
     maps = [torch.randn(2, 32, s, s * 3 // 2, requires_grad=True) for s in (8, 4, 2, 1)]
     strides = [8, 16, 32, 64]
     _, positives = head.loss_and_positives(maps, strides, targets, with_feats=True)
-    anchors = head.anchors(maps, strides)
+    scale = head.octave_base_scale
     for b, p in enumerate(positives):
         assert p.feats.shape == (p.anchors.shape[0], 32) and p.feats.requires_grad  # not detached
-        assert p.neg_feats.shape == (p.neg_anchors.shape[0], 32)
+        assert p.neg_rows.shape == (p.neg_anchors.shape[0],) and p.neg_feats.requires_grad
         for box, feat in zip(p.anchors, p.feats):
-            torch.testing.assert_close(feat, _row_at_anchor(maps, anchors, b, box))
+            torch.testing.assert_close(feat, _row_at_anchor(maps, strides, scale, b, box))
         for i in torch.randperm(p.neg_anchors.shape[0])[:20]:
-            torch.testing.assert_close(p.neg_feats[i], _row_at_anchor(maps, anchors, b, p.neg_anchors[i]))
+            torch.testing.assert_close(p.neg_feats[p.neg_rows[i]],
+                                       _row_at_anchor(maps, strides, scale, b, p.neg_anchors[i]))
     _, plain = head.loss_and_positives(maps, strides, targets)
     assert all(p.feats is None and p.neg_feats is None for p in plain)
 
@@ -120,8 +132,9 @@ def test_rcnn_features_are_the_kept_rois_pooled_means():
     torch.manual_seed(3)
     model = tiny_model(*COORD, "model.use_rcnn_co_head=true")
     roi_head = model.roi_head[0]
-    maps = [torch.randn(2, 32, s, s * 3 // 2) for s in (16, 8, 4)]
-    gt = [torch.tensor([[10.0, 12.0, 60.0, 50.0], [70.0, 5.0, 90.0, 40.0]]), torch.tensor([[20.0, 20.0, 80.0, 60.0]])]
+    maps = [torch.randn(2, 32, s, s * 3 // 2, requires_grad=True) for s in (16, 8, 4)]
+    gt = [torch.tensor([[10.0, 12.0, 60.0, 50.0], [70.0, 5.0, 90.0, 40.0]]),
+          torch.tensor([[20.0, 20.0, 80.0, 60.0]])]
     labels = [torch.tensor([0, 2]), torch.tensor([1])]
     proposals = [torch.cat([g + torch.randn(30, 4) * 4 for g in gts]) for gts in gt]
     proposals = [torch.cat([p, torch.rand(200, 4).sort(1).values * 90]) for p in proposals]
@@ -131,20 +144,25 @@ def test_rcnn_features_are_the_kept_rois_pooled_means():
         kept = torch.cat((p.anchors, p.neg_anchors))
         rois = torch.cat((torch.full((kept.shape[0], 1), float(b)), kept), 1)
         pooled = roi_head.bbox_roi_extractor(maps, rois).mean(-1).mean(-1)
-        torch.testing.assert_close(torch.cat((p.feats, p.neg_feats)), pooled)
+        torch.testing.assert_close(torch.cat((p.feats, p.neg_feats[p.neg_rows])), pooled)
+        assert p.feats.requires_grad and p.neg_feats.requires_grad  # they train the encoder
         torch.testing.assert_close(p.anchors, s.boxes[:p.anchors.shape[0]])
 
 
 def _samples_with_feats(num_pos, num_neg, dim=6):
-    """Positives whose feature encodes their own box (feat[:4] = box), so a draw can be checked."""
+    """Anchors whose feature encodes their own box (feat[:4] = box), so a draw can be checked;
+    the negatives' features sit at shuffled rows of a larger table (`neg_rows`), as ATSS's."""
     def boxes(n):
         xy = torch.rand(n, 2) * 40
         return torch.cat((xy, xy + 5 + torch.rand(n, 2) * 30), 1)
 
     pos, neg = boxes(num_pos), boxes(num_neg)
     code = lambda b: torch.cat((b, torch.randn(b.shape[0], dim - 4)), 1)  # noqa: E731
+    table = torch.randn(num_neg + 17, dim)
+    rows = torch.randperm(table.shape[0])[:num_neg]
+    table[rows] = code(neg)
     return PositiveSamples(anchors=pos, labels=torch.randint(0, 3, (num_pos,)), gt_boxes=pos + 1,
-                           neg_anchors=neg, feats=code(pos), neg_feats=code(neg))
+                           neg_anchors=neg, feats=code(pos), neg_feats=table, neg_rows=rows)
 
 
 @pytest.mark.parametrize("num_pos,max_queries", [(3, 300), (40, 16)])
@@ -164,6 +182,16 @@ def test_features_follow_their_boxes_through_subsampling_and_padding(num_pos, ma
                                          samples[1].neg_anchors)]
     with pytest.raises(ValueError, match="features"):
         build_positive_queries(mixed, sizes, 3)
+
+
+def test_an_image_without_negatives_pads_with_zero_features():
+    sample = _samples_with_feats(2, 1)
+    lone = PositiveSamples(sample.anchors, sample.labels, sample.gt_boxes, sample.neg_anchors[:0],
+                           sample.feats, sample.neg_feats, sample.neg_rows[:0])
+    boxes, targets, feats = build_positive_queries([lone], torch.tensor([[80.0, 96.0]]), 3)
+    assert boxes.shape[1] == 9 and torch.equal(targets["labels"][0, 2:], torch.full((7,), 3))
+    torch.testing.assert_close(feats[0, :2], sample.feats)
+    assert torch.equal(feats[0, 2:], torch.zeros(7, 6))
 
 
 def test_joint_call_equals_the_own_pass_with_features():
@@ -217,3 +245,25 @@ def test_checkpoint_keys_follow_mmdets_co_head_order():
     assert torch.equal(map_value(HEAD_POS_EMBED, rows, False), rows[1:])
     other = torch.randn(3, 1)
     assert map_value("query_head.transformer.level_embeds", other, False) is other
+
+
+@pytest.mark.parametrize("rcnn", [True, False])
+def test_an_official_co_deformable_detr_state_dict_imports_its_new_keys(rcnn):
+    """An official-layout state dict (both co-heads: R-CNN 0, ATSS 1) into our model with or
+    without the R-CNN co-head: the ATSS head's projections and scalar land in our slot."""
+    from codetr.zoo.importer import import_official
+
+    with torch.device("meta"):
+        full = build_model(load_spec(RECIPE), num_classes=91, load_pretrained_backbone=False).state_dict()
+        ours = build_model(load_spec(RECIPE, [f"model.use_rcnn_co_head={str(rcnn).lower()}"]),
+                           num_classes=91, load_pretrained_backbone=False).state_dict()
+    prefix = "query_head.transformer."
+    official = {k: torch.randn(v.shape) for k, v in full.items()
+                if k.startswith(prefix + "pos_feats") or k == HEAD_POS_EMBED}
+    mapped, report = import_official(official, ours, "synthetic")
+    assert not report.mismatched and not report.unexpected
+    slot = 0 if not rcnn else 1
+    torch.testing.assert_close(mapped[HEAD_POS_EMBED], official[HEAD_POS_EMBED] if rcnn
+                               else official[HEAD_POS_EMBED][1:])
+    torch.testing.assert_close(mapped[f"{prefix}pos_feats_trans.{slot}.weight"],
+                               official[f"{prefix}pos_feats_trans.1.weight"])

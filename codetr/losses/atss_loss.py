@@ -39,7 +39,10 @@ class PositiveSamples:
             order (mmdet's padding pool).
         feats: `[P, D]` the co-head's feature at each positive (Co-DETR's `with_coord_feat`:
             the map's row at the anchor; an R-CNN RoI's pooled mean), or None when not asked for.
-        neg_feats: `[M, D]` the same for `neg_anchors`, or None.
+        neg_feats: `[R, D]` a table holding the features of `neg_anchors` (ATSS: every anchor's
+            row, a view; R-CNN: the image's kept RoIs), or None.
+        neg_rows: `[M]` int64, the row of each of `neg_anchors` in `neg_feats` (given with it):
+            only the few drawn as padding are ever gathered (`build_positive_queries`).
     """
     anchors: Tensor
     labels: Tensor
@@ -47,6 +50,7 @@ class PositiveSamples:
     neg_anchors: Tensor
     feats: Optional[Tensor] = None
     neg_feats: Optional[Tensor] = None
+    neg_rows: Optional[Tensor] = None
 
 
 def delta_xywh_encode(anchors_xyxy: Tensor, boxes_xyxy: Tensor,
@@ -126,7 +130,7 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
                 centerness: Sequence[Tensor], anchors: Sequence[Tensor],
                 targets: Sequence[dict], num_classes: int, focal_alpha: float = 0.25,
                 gamma: float = 2.0, topk: int = 9, per_level: bool = False,
-                feats: Optional[Sequence[Tensor]] = None
+                feature_maps: Optional[Sequence[Tensor]] = None
                 ) -> tuple[dict[str, Tensor], list[PositiveSamples]]:
     """ATSS assignment and losses for a batch, plus the positives of every image.
 
@@ -148,8 +152,8 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
         topk: ATSS candidates per level and gt.
         per_level: return each term as its `[L]` per-level parts instead (mmdet's per-level
             log; same normalisers, so they sum to the scalars).
-        feats: per level `[B, D, H_l, W_l]` maps (the head's input) whose row at each anchor
-            becomes `PositiveSamples.feats` / `neg_feats` (not detached, as mmdet's
+        feature_maps: per level `[B, D, H_l, W_l]` maps (the head's input) whose row at each
+            anchor becomes `PositiveSamples.feats` / `neg_feats` (not detached, as mmdet's
             `get_aux_targets`); None: no features.
 
     Returns:
@@ -212,13 +216,14 @@ def atss_losses(cls_scores: Sequence[Tensor], deltas: Sequence[Tensor],
     ctr_bce = F.binary_cross_entropy_with_logits(ctr_flat[positive].float(), ctr_target, reduction="none")
     ctr_per_level = _sum_by_level(ctr_bce, pos_level, len(counts)) / num_pos
 
-    feats_flat = None if feats is None else _flatten_levels(feats)  # [B, A, D]
+    rows = None if feature_maps is None else _flatten_levels(feature_maps)  # [B, A, D]
     positives = [
         PositiveSamples(anchors=anchors_all[positive[b]], labels=labels[b, positive[b]],
                         gt_boxes=matched_gt[b, positive[b]],
                         neg_anchors=anchors_all[~positive[b]],
-                        feats=None if feats_flat is None else feats_flat[b, positive[b]],
-                        neg_feats=None if feats_flat is None else feats_flat[b, ~positive[b]])
+                        feats=None if rows is None else rows[b, positive[b]],
+                        neg_feats=None if rows is None else rows[b],
+                        neg_rows=None if rows is None else (~positive[b]).nonzero()[:, 0])
         for b in range(batch)
     ]
     losses = {"loss_cls": cls_per_level, "loss_bbox": bbox_per_level, "loss_centerness": ctr_per_level}

@@ -240,4 +240,4 @@ class CoATSSHead(nn.Module):
         cls_scores, deltas, centerness = self(feats)
         return atss_losses(cls_scores, deltas, centerness, self.anchors(feats, strides),
                            targets, self.num_classes, focal_alpha=focal_alpha, gamma=gamma,
-                           per_level=per_level, feats=feats if with_feats else None)
+                           per_level=per_level, feature_maps=feats if with_feats else None)

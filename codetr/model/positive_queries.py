@@ -71,19 +71,20 @@ def build_positive_queries(positives: Sequence[PositiveSamples], image_sizes: Te
             anchors, labels, gt_boxes = anchors[keep], labels[keep], gt_boxes[keep]
             feats = None if feats is None else feats[keep]
         num_pad = num_queries - anchors.shape[0]
-        pads, pad_feats = sample.neg_anchors, sample.neg_feats
-        if pads.shape[0] == 0:
-            # No background anchor to draw from (never in a real image): pad with the image box
-            # (and a zero feature).
+        pads = sample.neg_anchors
+        # No background anchor to draw from (never in a real image): pad with the image box.
+        no_negatives = pads.shape[0] == 0
+        if no_negatives:
             pads = anchors.new_tensor([[0.0, 0.0, w, h]])
-            pad_feats = None if feats is None else feats.new_zeros(1, feats.shape[1])
         # Draw only when padding is needed, as mmdet: an image with exactly N positives leaves the
         # generator untouched, so the next image's draws are mmdet's for the same seed.
         pad_index = (_random_indices(pads.shape[0], num_pad, generator).to(pads.device)
                      if num_pad > 0 else pads.new_zeros(0, dtype=torch.long))
         pads = pads[pad_index]
-        if feats is not None:
-            all_feats.append(torch.cat((feats, pad_feats[pad_index])))
+        if feats is not None:  # only the drawn negatives' rows are gathered (zeros for the image box)
+            pad_feats = (feats.new_zeros(num_pad, feats.shape[1]) if no_negatives else
+                         sample.neg_feats[sample.neg_rows.to(pad_index.device)[pad_index]])
+            all_feats.append(torch.cat((feats, pad_feats.to(feats.device))))
 
         boxes = _normalise(torch.cat((anchors, pads)).float(), h, w)
         all_boxes.append(boxes)

@@ -209,7 +209,7 @@ class QueryHead(nn.Module):
 
         Returns:
             `(out, positive_layers)`: `out` as `forward`; `positive_layers[k]` as
-            `forward_positive(memory, positive_boxes[k], k)`.
+            `forward_positive(memory, positive_boxes[k], k, positive_feats[k])`.
         """
         memory, topk, dn = prepared["memory"], prepared["topk"], prepared["dn"]
         training = prepared["training"]

@@ -144,5 +144,6 @@ def positive_samples(samples: Sequence[RoISamples], roi_feats: Optional[Tensor] 
         out.append(PositiveSamples(anchors=s.boxes[:pos], labels=s.labels[:pos],
                                    gt_boxes=s.gt_boxes[:pos], neg_anchors=s.boxes[pos:keep],
                                    feats=None if f is None else f[:pos],
-                                   neg_feats=None if f is None else f[pos:keep]))
+                                   neg_feats=None if f is None else f[pos:keep],
+                                   neg_rows=None if f is None else torch.arange(keep - pos, device=f.device)))
     return out

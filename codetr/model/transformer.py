@@ -128,10 +128,15 @@ class CoDinoTransformer(nn.Module):
             self.pos_trans = nn.Linear(2 * hidden_dim, 2 * hidden_dim)
             self.pos_trans_norm = nn.LayerNorm(2 * hidden_dim)
         self.with_coord_feat = with_coord_feat and num_co_heads > 0
+        self.pos_feats_trans: Optional[nn.ModuleList] = None
+        self.pos_feats_norm: Optional[nn.ModuleList] = None
+        self.head_pos_embed: Optional[nn.Embedding] = None
         if self.with_coord_feat:
-            self.pos_feats_trans = nn.ModuleList([nn.Linear(hidden_dim, hidden_dim) for _ in range(num_co_heads)])
-            self.pos_feats_norm = nn.ModuleList([nn.LayerNorm(hidden_dim) for _ in range(num_co_heads)])
-            self.head_pos_embed = nn.Embedding(num_co_heads, 1) if self.proposal_pos else None
+            heads = range(num_co_heads)
+            self.pos_feats_trans = nn.ModuleList([nn.Linear(hidden_dim, hidden_dim) for _ in heads])
+            self.pos_feats_norm = nn.ModuleList([nn.LayerNorm(hidden_dim) for _ in heads])
+            if self.proposal_pos:
+                self.head_pos_embed = nn.Embedding(num_co_heads, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

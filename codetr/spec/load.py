@@ -140,6 +140,10 @@ def check_spec(spec: ExperimentSpec) -> None:
                         f"positional queries from the encoder proposals: it needs "
                         f"model.two_stage_type=standard (got {m.two_stage_type}) and "
                         f"model.use_dn=false (got {str(m.use_dn).lower()})")
+    if m.with_coord_feat and m.num_co_heads == 0 and not m.use_rcnn_co_head:
+        raise SpecError("model.with_coord_feat=true embeds the co-heads' anchor features in their "
+                        "positive queries, but there is no co-head (model.num_co_heads=0, "
+                        "model.use_rcnn_co_head=false): set model.with_coord_feat=false")
     if not m.loss_types:
         raise SpecError("model.loss_types must name at least one of: labels, boxes")
     if m.hidden_dim % m.nheads:
