@@ -13,7 +13,7 @@ import time
 import torch
 
 
-def _cpu_ms(fn, repeats: int) -> float:
+def cpu_ms(fn, repeats: int) -> float:
     """Median process-CPU milliseconds of `fn` after one warm-up."""
     fn()
     times = []
@@ -87,6 +87,6 @@ def co_head_parts(variant, repeats: int) -> dict[str, float]:
              lambda: convs(head.forward_per_tower), "ATSS head + assign + loss": head_and_loss,
              "positive queries, own pass": separate, "main decoder alone": main_only,
              "main decoder + positives, one call": joint, "matcher, per image (before)": per_image}
-    res = {name: _cpu_ms(fn, repeats) for name, fn in parts.items()}
-    res["matcher, whole batch"] = _cpu_ms(lambda: matcher(logits, pred, b.targets), repeats)
+    res = {name: cpu_ms(fn, repeats) for name, fn in parts.items()}
+    res["matcher, whole batch"] = cpu_ms(lambda: matcher(logits, pred, b.targets), repeats)
     return res

@@ -14,11 +14,14 @@ its 16 batched GEMMs alone (forward + both gradients) as the part the FLOP savin
 """
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_parts import cpu_ms  # noqa: E402  (median process-CPU ms after a warm-up)
 
 # F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G g G^T) * (B^T d B)] A, as Kronecker products
 # acting on row-major flattened tiles.
@@ -26,6 +29,7 @@ B_T = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], 
 G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float32)
 A_T = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float32)
 INPUT_T, WEIGHT_T, OUTPUT_T = torch.kron(B_T, B_T), torch.kron(G, G), torch.kron(A_T, A_T)
+REPEATS = 15
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -42,16 +46,6 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = OUTPUT_T @ m.reshape(16, -1)                                      # [4, T*K]
     y = y.view(2, 2, batch, tiles_h, tiles_w, out_channels)
     return y.permute(2, 5, 3, 0, 4, 1).reshape(batch, out_channels, height, width)
-
-
-def median_ms(fn, repeats: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return 1e3 * statistics.median(times)
 
 
 def fwd_bwd(conv, x: torch.Tensor, weight: torch.Tensor):
@@ -74,12 +68,12 @@ def main() -> None:
         x = torch.randn(batch, channels, side, side, generator=gen)
         ref = F.conv2d(x.double(), weight.double(), padding=1)
         err = ((winograd_conv3x3(x, weight).double() - ref).abs().max() / ref.abs().max()).item()
-        direct = median_ms(fwd_bwd(lambda a, w: F.conv2d(a, w, padding=1), x, weight))
-        wino = median_ms(fwd_bwd(winograd_conv3x3, x, weight))
+        direct = cpu_ms(fwd_bwd(lambda a, w: F.conv2d(a, w, padding=1), x, weight), REPEATS)
+        wino = cpu_ms(fwd_bwd(winograd_conv3x3, x, weight), REPEATS)
         tiles = batch * (side // 2) ** 2
         v = torch.randn(16, tiles, channels, generator=gen)
         u = torch.randn(16, channels, out_channels, generator=gen)
-        gemms = median_ms(fwd_bwd(torch.bmm, v, u))
+        gemms = cpu_ms(fwd_bwd(torch.bmm, v, u), REPEATS)
         for k, ms in enumerate((direct, wino, gemms)):
             totals[k] += ms
         print(f"  {side}x{side}: {direct:.2f} / {wino:.2f} / {gemms:.2f}   error {err:.1e}")
