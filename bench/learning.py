@@ -12,7 +12,8 @@ training-time budget:
 - `ours_rcnn`: the same with `model.use_rcnn_co_head=true` (the full Co-DINO: Faster R-CNN
   co-head beside the ATSS heads; what the R-CNN head buys on top of ATSS);
 - `ours_deformable`: the same as Co-Deformable-DETR (`model.decoder_query_pos=proposal`,
-  `model.use_dn=false`, position temperature 10000; not in the default `--models`);
+  `model.use_dn=false`, `model.encoder_proposal_classes=class_agnostic`, position temperature
+  10000; not in the default `--models`);
 - `peer`: HF `DeformableDetrForObjectDetection`, two-stage + box refinement, with three fixes
   (see `bench/peer_hf.py`), trained by our `SetCriterion`.
 

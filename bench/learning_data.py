@@ -31,6 +31,7 @@ from codetr.spec.schema import ExperimentSpec
 from codetr.spec.yaml_io import load_yaml
 
 CO_DEFORMABLE = ["model.decoder_query_pos=proposal", "model.use_dn=false",
+                 "model.encoder_proposal_classes=class_agnostic",
                  "model.pe_temperatureH=10000", "model.pe_temperatureW=10000"]
 # The crop branch of the train policy crops sides in [min, max] but never more than the image:
 # 4 x the size keeps every image whole (aspect ratios up to 4), i.e. no zoom crop, as the default.

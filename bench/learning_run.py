@@ -34,13 +34,13 @@ def build_detector(model: str, spec: ExperimentSpec, num_classes: int
                    ) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """`(detector, criterion, info)`: both speak our model/criterion contract (docs/DESIGN.md)."""
     if model == "peer":
-        from peer_hf import PeerCriterion, build_peer, check_wiring
+        from peer_hf import build_peer, check_wiring, peer_criterion
 
         detector, info = build_peer(spec, num_classes)
         info["wiring"] = check_wiring(detector, spec)
         if max(info["wiring"].values()) > 1e-4:
             raise RuntimeError(f"peer wiring broken: max |diff| {info['wiring']}")
-        return detector, PeerCriterion(build_criterion(spec, num_classes)), info
+        return detector, peer_criterion(spec, num_classes), info
     detector = build_model(spec, num_classes)
     report = detector.backbone.load_report
     info = {} if report is None else {"load": {"loaded": len(report.loaded),

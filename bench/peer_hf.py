@@ -5,7 +5,7 @@ built offline with our sizes and wrapped so that it speaks our model contract (d
 `forward(images, masks, targets) -> {pred_logits, pred_boxes[, aux_outputs, interm_outputs]}`.
 Three fixes make it a fair peer:
 
-(a) its own loss ignores the encoder proposals of two-stage selection: `PeerCriterion` trains it
+(a) its own loss ignores the encoder proposals of two-stage selection: `peer_criterion` trains it
     with OUR `SetCriterion` (final layer, every earlier decoder layer and the encoder proposals).
     HF picks the proposals by the logit of class 0 (Deformable DETR's class-agnostic two-stage
     rule), so the proposal term uses class-agnostic targets, as the original Deformable DETR does.
@@ -18,6 +18,7 @@ Three fixes make it a fair peer:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from codetr.boxes import inverse_sigmoid  # noqa: E402
 from codetr.losses.criterion import SetCriterion  # noqa: E402
+from codetr.model.builder import build_criterion  # noqa: E402
 from codetr.model.backbone import NATIVE_CNN_SLOTS, timm_model_name  # noqa: E402
 from codetr.model.pretrained import LoadReport, load_backbone_weights  # noqa: E402
 from codetr.spec.schema import ExperimentSpec  # noqa: E402
@@ -177,32 +179,17 @@ class PeerDetector(nn.Module):
         return result
 
 
-class PeerCriterion(nn.Module):
-    """Fix (a): our `SetCriterion` on the peer's outputs, encoder proposals class-agnostic.
+def peer_criterion(spec: ExperimentSpec, num_classes: int) -> SetCriterion:
+    """Fix (a): our `SetCriterion` of `spec` with class-agnostic encoder proposals.
 
-    The decoder groups go through `criterion` as they are. The proposals (`interm_outputs`) are
-    matched and weighted as `criterion` does for ours (`interm_loss_coef`, `no_interm_box_loss`,
-    suffix `_interm`) but with every target label set to 0: HF selects the top-k proposals by the
-    class-0 logit, so that logit must mean "object" (the original Deformable DETR's rule).
+    The decoder groups are supervised as ours. HF selects the top-k proposals by the class-0
+    logit, so that logit must mean "object": the proposals (`interm_outputs`, every location) are
+    matched and supervised with every gt labelled 0 (`model.encoder_proposal_classes:
+    class_agnostic`, the original Deformable DETR's rule), weighted as ours (`interm_loss_coef`,
+    `no_interm_box_loss`, suffix `_interm`).
     """
-
-    def __init__(self, criterion: SetCriterion) -> None:
-        super().__init__()
-        self.criterion = criterion
-
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Weighted loss terms named as `SetCriterion`'s; the training loss is their sum."""
-        decoder = {k: v for k, v in outputs.items() if k != "interm_outputs"}
-        losses = self.criterion(decoder, targets)
-        if "interm_outputs" in outputs:
-            agnostic = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]}
-                        for t in targets]
-            interm = self.criterion(outputs["interm_outputs"], agnostic)
-            for name, value in interm.items():
-                if self.criterion.no_interm_box_loss and name != "loss_ce":
-                    continue
-                losses[name + "_interm"] = value * self.criterion.interm_loss_coef
-        return losses
+    model = dataclasses.replace(spec.model, encoder_proposal_classes="class_agnostic")
+    return build_criterion(dataclasses.replace(spec, model=model), num_classes)
 
 
 @torch.no_grad()

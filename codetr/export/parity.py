@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from codetr.export.graph import DetectorGraph, topk_detections
-from codetr.model.two_stage import forced_selection
+from codetr.model.two_stage import forced_selection, proposal_scores
 
 
 @dataclasses.dataclass
@@ -98,7 +98,7 @@ def _selection(model: torch.nn.Module, images: Tensor, indices: Tensor,
 
     def grab(module, args, output):  # the encoder class branch: [B, S, C] logits of every location
         if output.dim() == 3 and output.shape[1] >= indices.shape[1]:
-            scores["max"] = output.max(-1)[0]
+            scores["rank"] = proposal_scores(output, model.query_head.transformer.proposal_classes)
 
     branch = model.query_head.cls_branches[-1]
     handle = branch.register_forward_hook(grab)
@@ -107,8 +107,8 @@ def _selection(model: torch.nn.Module, images: Tensor, indices: Tensor,
             logits, boxes = DetectorGraph(model)(images)
     finally:
         handle.remove()
-    own = scores["max"].topk(indices.shape[1], dim=1)
-    picked = scores["max"].gather(1, indices)
+    own = scores["rank"].topk(indices.shape[1], dim=1)
+    picked = scores["rank"].gather(1, indices)
     differ = own.indices != indices
     return int(differ.sum()), bool(((picked - own.values).abs() <= tolerance).all()), logits, boxes
 

@@ -54,7 +54,8 @@ class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher, cls_loss_coef: float,
                  bbox_loss_coef: float, giou_loss_coef: float, focal_alpha: float,
                  loss_types: list[str], aux_loss: bool, interm_loss_coef: float,
-                 no_interm_box_loss: bool, cls_loss_type: str = "focal") -> None:
+                 no_interm_box_loss: bool, cls_loss_type: str = "focal",
+                 interm_class_agnostic: bool = False) -> None:
         """Builds the criterion.
 
         Args:
@@ -73,6 +74,9 @@ class SetCriterion(nn.Module):
                 2) or `quality_focal` (IoU of the detached predicted box with its gt as the target
                 of the positive entry, beta 2; Co-DINO). The matcher's class cost is focal in
                 both cases.
+            interm_class_agnostic: match and supervise the encoder proposals with every gt
+                labelled 0 (Deformable DETR's class-agnostic proposals, `class_agnostic` in
+                `codetr.model.two_stage`), else with the gt classes.
         """
         super().__init__()
         unknown = set(loss_types) - set(LOSS_TYPES)
@@ -92,6 +96,7 @@ class SetCriterion(nn.Module):
         self.aux_loss = aux_loss
         self.interm_loss_coef = interm_loss_coef
         self.no_interm_box_loss = no_interm_box_loss
+        self.interm_class_agnostic = interm_class_agnostic
 
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Computes every loss term whose outputs are present (missing keys are skipped).
@@ -124,7 +129,9 @@ class SetCriterion(nn.Module):
                 for layer, aux in enumerate(outputs.get("aux_outputs", [])):
                     self._matched(losses, aux, targets, num_boxes, f"_{layer}", 1.0, True)
             if "interm_outputs" in outputs:
-                self._matched(losses, outputs["interm_outputs"], targets, num_boxes, "_interm",
+                interm_targets = targets if not self.interm_class_agnostic else [
+                    dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+                self._matched(losses, outputs["interm_outputs"], interm_targets, num_boxes, "_interm",
                               self.interm_loss_coef, not self.no_interm_box_loss)
             if "dn_outputs" in outputs:
                 self._denoising(losses, outputs["dn_outputs"], targets, num_boxes)

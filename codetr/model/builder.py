@@ -60,6 +60,7 @@ def build_model(spec: ExperimentSpec, num_classes: int, load_pretrained_backbone
         activation_checkpoint=spec.train.activation_checkpoint,
         decoder_query_pos=m.decoder_query_pos,
         with_coord_feat=m.with_coord_feat,
+        proposal_classes=m.encoder_proposal_classes,
     )
     co_heads = [
         CoATSSHead(num_classes=num_classes, in_channels=m.hidden_dim, num_levels=m.num_feature_levels + 1,
@@ -119,7 +120,8 @@ def build_criterion(spec: ExperimentSpec, num_classes: int) -> SetCriterion:
                         bbox_loss_coef=m.bbox_loss_coef, giou_loss_coef=m.giou_loss_coef,
                         focal_alpha=m.focal_alpha, loss_types=list(m.loss_types), aux_loss=m.aux_loss,
                         interm_loss_coef=m.interm_loss_coef, no_interm_box_loss=m.no_interm_box_loss,
-                        cls_loss_type=m.cls_loss_type)
+                        cls_loss_type=m.cls_loss_type,
+                        interm_class_agnostic=m.encoder_proposal_classes == "class_agnostic")
 
 
 def build_postprocess(spec: ExperimentSpec) -> PostProcess:

@@ -57,6 +57,7 @@ class QueryHead(nn.Module):
             positional queries from the proposals; no denoising).
         with_coord_feat: positive queries also embed the co-head's feature at their anchor
             (see `CoDinoTransformer`).
+        proposal_classes: `per_class` or `class_agnostic` encoder proposals (`CoDinoTransformer`).
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class QueryHead(nn.Module):
         activation_checkpoint: bool,
         decoder_query_pos: str = "ref_point_head",
         with_coord_feat: bool = False,
+        proposal_classes: str = "per_class",
     ) -> None:
         super().__init__()
         if decoder_query_pos == "proposal" and use_dn:
@@ -101,7 +103,7 @@ class QueryHead(nn.Module):
             num_classes, hidden_dim, nheads, num_feature_levels, enc_layers, dec_layers,
             dim_feedforward, dropout, enc_n_points, dec_n_points, num_queries, two_stage_type,
             embed_init_tgt, decoder_sa_type, fix_refpoints_hw, pre_norm, num_co_heads,
-            activation_checkpoint, decoder_query_pos, with_coord_feat,
+            activation_checkpoint, decoder_query_pos, with_coord_feat, proposal_classes,
         )
         num_branches = dec_layers + (1 if two_stage_type == "standard" else 0)
         self.cls_branches = nn.ModuleList([nn.Linear(hidden_dim, num_classes) for _ in range(num_branches)])
@@ -154,8 +156,8 @@ class QueryHead(nn.Module):
         Returns:
             `pred_logits` `[B, Q, C]`, `pred_boxes` `[B, Q, 4]` cxcywh normalised (last layer),
             `memory` (`EncoderMemory`); in training with targets also `aux_outputs` (first
-            dec_layers - 1 layers), `interm_outputs` (`standard` only: the top-k encoder
-            proposals), and `dn_outputs` `{pred_logits [B, pad, C], pred_boxes, aux_outputs,
+            dec_layers - 1 layers), `interm_outputs` (`standard` only: the encoder proposals'
+            `TopKProposals.loss_outputs`), and `dn_outputs` `{pred_logits [B, pad, C], pred_boxes, aux_outputs,
             dn_meta}` when `use_dn` and the batch has at least one gt box.
         """
         return self.finish(self.prepare(mlvl_feats, mlvl_masks, mlvl_pos, targets))[0]
@@ -180,12 +182,9 @@ class QueryHead(nn.Module):
         enc_reg = self.reg_branches[-1] if self.two_stage_type == "standard" else None
         content, reference_unsig, topk = self.transformer.select_queries(memory, enc_cls, enc_reg)
         training = self.training and targets is not None
-        dn = None
-        if training and self.use_dn:
-            dn = build_denoising_queries(
-                targets, self.label_embedding, self.num_classes, content.shape[1], self.dn_number,
-                self.dn_label_noise_ratio, self.dn_box_noise_scale,
-            )
+        dn = None if not (training and self.use_dn) else build_denoising_queries(
+            targets, self.label_embedding, self.num_classes, content.shape[1], self.dn_number,
+            self.dn_label_noise_ratio, self.dn_box_noise_scale)
         if dn is not None:
             content = torch.cat([dn.content, content], 1)
             reference_unsig = torch.cat([dn.reference_unsig, reference_unsig], 1)
@@ -247,7 +246,7 @@ class QueryHead(nn.Module):
             return out, positive_layers
         out["aux_outputs"] = matching[:-1]
         if topk is not None:
-            out["interm_outputs"] = {"pred_logits": topk.logits, "pred_boxes": topk.boxes_unsig.sigmoid()}
+            out["interm_outputs"] = topk.loss_outputs()
         if dn is not None:
             denoising = [{k: v[:, :pad] for k, v in p.items()} for p in per_layer]
             out["dn_outputs"] = dict(denoising[-1], aux_outputs=denoising[:-1], dn_meta=dict(dn.meta))

@@ -25,7 +25,7 @@ from codetr.model.encoder_memory import EncoderMemory, valid_ratios_of
 from codetr.model.learned_references import (init_reference_embeddings, learned_references,
                                              reference_embeddings)
 from codetr.model.proposal_queries import box_queries, xywh_sine_embed
-from codetr.model.two_stage import TopKProposals, encoder_proposals, select_topk_proposals
+from codetr.model.two_stage import PROPOSAL_CLASSES, TopKProposals, encoder_proposals, select_topk_proposals
 
 
 class CoDinoTransformer(nn.Module):
@@ -62,6 +62,9 @@ class CoDinoTransformer(nn.Module):
             `pos_feats_norm[k](pos_feats_trans[k](feature at its anchor))` (Linear D -> D,
             LayerNorm D), and with `proposal` its positional query the learned scalar
             `head_pos_embed.weight[k]` (an `nn.Embedding(K, 1)`, the authors' kept "bug").
+        proposal_classes: how `standard` ranks the encoder proposals and what the intermediate
+            loss sees (`codetr.model.two_stage`): `per_class` (DINO) or `class_agnostic`
+            (Deformable DETR).
     """
 
     def __init__(
@@ -86,13 +89,17 @@ class CoDinoTransformer(nn.Module):
         activation_checkpoint: bool,
         decoder_query_pos: str = "ref_point_head",
         with_coord_feat: bool = False,
+        proposal_classes: str = "per_class",
     ) -> None:
         super().__init__()
+        if proposal_classes not in PROPOSAL_CLASSES:
+            raise ValueError(f"proposal_classes must be one of {PROPOSAL_CLASSES}, got {proposal_classes!r}")
         if two_stage_type not in ("standard", "no"):
             raise ValueError(f"two_stage_type must be 'standard' or 'no', got {two_stage_type!r}")
         if decoder_query_pos == "proposal" and two_stage_type != "standard":
             raise ValueError("decoder_query_pos='proposal' needs two_stage_type='standard'")
         self.proposal_pos = decoder_query_pos == "proposal"
+        self.proposal_classes = proposal_classes
         self.hidden_dim = hidden_dim
         self.num_queries = num_queries
         self.two_stage_type = two_stage_type
@@ -202,7 +209,8 @@ class CoDinoTransformer(nn.Module):
         if self.two_stage_type == "standard":
             output_memory, proposals = encoder_proposals(memory.memory, memory.memory_mask, memory.spatial_shapes)
             output_memory = self.enc_output_norm(self.enc_output(output_memory))
-            topk = select_topk_proposals(output_memory, proposals, enc_cls_branch, enc_reg_branch, self.num_queries)
+            topk = select_topk_proposals(output_memory, proposals, enc_cls_branch, enc_reg_branch,
+                                         self.num_queries, self.proposal_classes)
             k = topk.content.shape[1]
             content = topk.content.detach()
             if self.proposal_pos:  # Deformable DETR: both halves from the detached proposal boxes

@@ -140,6 +140,10 @@ def check_spec(spec: ExperimentSpec) -> None:
                         f"positional queries from the encoder proposals: it needs "
                         f"model.two_stage_type=standard (got {m.two_stage_type}) and "
                         f"model.use_dn=false (got {str(m.use_dn).lower()})")
+    if m.encoder_proposal_classes == "class_agnostic" and m.two_stage_type != "standard":
+        raise SpecError(f"model.encoder_proposal_classes=class_agnostic classifies the encoder "
+                        f"proposals of model.two_stage_type=standard, but two_stage_type="
+                        f"{m.two_stage_type} has none: set encoder_proposal_classes=per_class")
     if m.with_coord_feat and m.num_co_heads == 0 and not m.use_rcnn_co_head:
         raise SpecError("model.with_coord_feat=true embeds the co-heads' anchor features in their "
                         "positive queries, but there is no co-head (model.num_co_heads=0, "

@@ -57,6 +57,11 @@ class ModelConfig:
     # (from the selected encoder proposals, fixed for every layer; needs two_stage_type=standard
     # and use_dn=false).
     decoder_query_pos: str = _f("ref_point_head", choices=("ref_point_head", "proposal"))
+    # codetr's key: how two_stage_type=standard classifies its encoder proposals. per_class = DINO /
+    # Co-DINO (ranked by the best class logit, the top-k supervised with the gt classes);
+    # class_agnostic = Deformable DETR / Co-Deformable-DETR (ranked by class 0's logit, every
+    # location supervised with all gt labelled 0).
+    encoder_proposal_classes: str = _f("per_class", choices=("per_class", "class_agnostic"))
     fix_refpoints_hw: int = _f(-1)
     pe_temperatureH: int = _f(20, gt=0)
     pe_temperatureW: int = _f(20, gt=0)
