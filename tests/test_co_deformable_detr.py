@@ -113,11 +113,12 @@ def test_tiny_co_deformable_detr_trains(embed_init_tgt, rcnn):
     assert loss_fell(losses), losses
 
 
-@pytest.mark.parametrize("query_pos, forward_twice", [(PROPOSAL, False), ([], True)])
-def test_layer_boxes_refine_detached_references_only_in_co_deformable_detr(query_pos, forward_twice):
-    """Sense-X's Co-Deformable-DETR head predicts layer l from the detached inter_references, so
-    layer 1's box loss does not reach layer 0's box branch (eps 1e-5); Co-DINO looks forward
-    twice (it does, eps 1e-3)."""
+@pytest.mark.parametrize("query_pos, eps", [(PROPOSAL, 1e-5), ([], 1e-3)])
+def test_both_decoders_look_forward_twice(query_pos, eps):
+    """Sense-X's Co-Deformable-DETR config sets `look_forward_twice=True` (as DINO does): layer
+    l's box refines the UNDETACHED box of layer l - 1, so layer 1's box loss reaches layer 0's box
+    branch (layer 1's sampling does not: test_transformer's detach test). Only the
+    inverse_sigmoid eps differs: Deformable DETR's 1e-5, DINO's 1e-3."""
     from test_model import TINY, random_batch
 
     torch.manual_seed(1)
@@ -130,5 +131,6 @@ def test_layer_boxes_refine_detached_references_only_in_co_deformable_detr(query
     out = model(images, masks, targets)
     out["pred_boxes"].sum().backward()  # layer 1 of 2
     grad = head.reg_branches[0][-1].weight.grad
-    assert (grad is not None and grad.abs().sum() > 0) == forward_twice
-    assert head.transformer.decoder.refine_eps == (1e-3 if forward_twice else 1e-5)
+    assert grad is not None and grad.abs().sum() > 0
+    assert head.transformer.decoder.refine_eps == eps
+

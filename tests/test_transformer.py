@@ -1,4 +1,5 @@
 """Deformable attention module, encoder, decoder refinement, two-stage proposals."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,14 +125,18 @@ def test_pre_norm_normalises_encoder_output():
     torch.testing.assert_close(out.mean(-1), torch.zeros(1, 9), atol=1e-5, rtol=0)
 
 
-def test_decoder_refinement_detach_semantics():
+@pytest.mark.parametrize("query_pos_source", ["ref_point_head", "proposal"])
+def test_decoder_refinement_detach_semantics(query_pos_source):
+    """Both decoders (DINO's; Deformable DETR's with `look_forward_twice=True`, as Sense-X's
+    Co-Deformable-DETR config) sample around detached boxes but return them undetached."""
     torch.manual_seed(5)
-    dec = Decoder(D, 2, 1, 2, 16, 0.0, 2, "sa", 3)
+    dec = Decoder(D, 2, 1, 2, 16, 0.0, 2, "sa", 3, query_pos_source)
     reg = nn.ModuleList([MLP(D, D, 4, 3) for _ in range(2)])
     memory = torch.randn(1, 16, D)
     boxes = torch.cat([torch.rand(1, 4, 2) * 0.5 + 0.25, torch.rand(1, 4, 2) * 0.2 + 0.1], -1)
+    query_pos = torch.randn(1, 4, D) if query_pos_source == "proposal" else None
     hidden, refs = dec(torch.randn(1, 4, D), boxes, memory, None, torch.tensor([[4, 4]]), torch.tensor([0]),
-                       torch.ones(1, 1, 2), reg)
+                       torch.ones(1, 1, 2), reg, query_pos=query_pos)
     assert len(hidden) == 2 and len(refs) == 3 and refs[0] is boxes
     reg0 = list(reg[0].parameters())
     # Layer 1 samples around a DETACHED box: its output does not depend on reg_branches[0] ...

@@ -175,10 +175,9 @@ class Decoder(nn.Module):
         dino = query_pos_source == "ref_point_head"
         self.ref_point_head: Optional[MLP] = MLP(2 * embed_dim, embed_dim, embed_dim, 2) if dino else None
         self.norm: nn.Module = nn.LayerNorm(embed_dim) if dino else nn.Identity()
-        # DINO "looks forward twice": layer l's box is predicted from its undetached input
-        # reference, so its loss also trains layer l - 1's box branch (eps 1e-3). Deformable
-        # DETR (Sense-X's Co-Deformable-DETR head) predicts from the detached references, eps 1e-5.
-        self.look_forward_twice = dino
+        # Both "look forward twice" (references returned undetached, see forward): DINO, and
+        # Sense-X's Co-Deformable-DETR config (`look_forward_twice=True`). The inverse_sigmoid
+        # eps differs: DINO's 1e-3, Deformable DETR's (mmdet's default) 1e-5.
         self.refine_eps = REFINE_EPS if dino else DEFORMABLE_REFINE_EPS
         # DINO shares one label embedding between all ca_label layers.
         self.sa_label_embedding = nn.Embedding(num_classes, embed_dim) if sa_type == "ca_label" else None
@@ -249,5 +248,5 @@ class Decoder(nn.Module):
             new_reference = (reg_branches[lid](output) + inverse_sigmoid(reference, self.refine_eps)).sigmoid()
             reference = new_reference.detach()
             hidden_states.append(self.norm(output))
-            references.append(new_reference if self.look_forward_twice else reference)
+            references.append(new_reference)
         return hidden_states, references

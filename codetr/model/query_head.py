@@ -129,8 +129,9 @@ class QueryHead(nn.Module):
     def _predict(self, layer: int, hidden: Tensor, reference: Tensor) -> dict[str, Tensor]:
         """Layer `layer`'s `{pred_logits [B, N, C], pred_boxes [B, N, 4] cxcywh}`.
 
-        The box refines the layer's INPUT reference, as the decoder hands it: undetached for
-        Co-DINO ("look forward twice"), detached for Co-Deformable-DETR (`Decoder.refine_eps`)."""
+        The box refines the layer's INPUT reference as the decoder hands it, undetached ("look
+        forward twice": the loss also trains the previous layer's box branch), with the
+        decoder's `refine_eps`."""
         delta = self.reg_branches[layer](hidden)
         return {
             "pred_logits": self.cls_branches[layer](hidden),
