@@ -133,4 +133,3 @@ def test_both_decoders_look_forward_twice(query_pos, eps):
     grad = head.reg_branches[0][-1].weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert head.transformer.decoder.refine_eps == eps
-
