@@ -43,9 +43,10 @@ from step_setup import training_setup  # noqa: E402
 PARAMS = REPO / "params.yaml"
 # `<variant><suffix>`: the variant as it was before one speed change, timed in the same run:
 #   `_onednn_dw`: oneDNN's depthwise weight gradient (before codetr/ops/depthwise_conv.py);
-#   `_per_tower`: the ATSS co-head layer by layer (before its towers were stacked).
+#   `_per_tower`: the ATSS co-head layer by layer (before its towers were stacked);
+#   `_nd_rows`: the transformer's Linears on N-D inputs (before `codetr.model.mlp.flat_rows`).
 # e.g. `--variants ours,ours_per_tower,ours_no_co`.
-BEFORE = ("_onednn_dw", "_per_tower")
+BEFORE = ("_onednn_dw", "_per_tower", "_nd_rows")
 
 
 def split_variant(name: str) -> tuple[str, str]:
@@ -69,6 +70,8 @@ class Variant:
         if suffix == "_per_tower":
             for head in getattr(self.model, "bbox_head", []):
                 head.forward = head.forward_per_tower  # what nn.Module.__call__ runs
+        if suffix == "_nd_rows":
+            nd_rows(self.model)
         self.model.train()
         self.clip = spec.train.clip_grad_norm
         self._batches = iter(self.loader)
@@ -100,6 +103,27 @@ class Variant:
         t0 = self.clock()
         self.step(b)
         self.times.append(self.clock() - t0)
+
+
+def nd_rows(model: torch.nn.Module) -> None:
+    """`model`'s MLP / FFN / deformable-attention value projections as they were before
+    `flat_rows`: their Linears return views of the 2-D result, so the in-place ReLUs and padding
+    fill make autograd rebase those views (the same values)."""
+    from torch import nn
+
+    from codetr.model.deformable_attention import MultiScaleDeformableAttention
+    from codetr.model.mlp import FFN, MLP
+
+    def as_view(linear: nn.Linear):
+        return lambda rows: nn.functional.linear(rows[None], linear.weight, linear.bias)[0]
+
+    for module in model.modules():
+        if isinstance(module, MLP):
+            module.forward = nn.Sequential.forward.__get__(module)
+        elif isinstance(module, FFN):
+            module.forward = (lambda m: lambda x: x + m.layers(x))(module)
+        elif isinstance(module, MultiScaleDeformableAttention):
+            module.value_proj.forward = as_view(module.value_proj)
 
 
 def round_ratios(a: list[float], b: list[float]) -> tuple[float, float, float]:

@@ -1,14 +1,21 @@
-"""bench/step_profile.py's per-round ratio statistics (the figures BENCHMARKS.md quotes)."""
+"""bench/step_profile.py's per-round ratio statistics (the figures BENCHMARKS.md quotes) and its
+before-a-change variants."""
 import random
 import statistics
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from codetr.model.builder import build_criterion, build_model
+from codetr.spec import load_spec
+from tests.test_flat_rows import VIEW_REBASE, _graph_nodes
+from tests.tiny_detector import TINY_HEAD, fixed_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from step_profile import round_ratios, split_variant  # noqa: E402
+from step_profile import nd_rows, round_ratios, split_variant  # noqa: E402
 
 
 def test_round_ratios_cancel_a_load_change_between_rounds():
@@ -32,3 +39,26 @@ def test_variant_names_split_into_model_and_before_suffix():
     assert split_variant("ours_no_co_onednn_dw") == ("ours_no_co", "_onednn_dw")
     assert split_variant("ours_per_tower") == ("ours", "_per_tower")
     assert split_variant("peer") == ("peer", "")
+
+
+def test_nd_rows_restores_the_view_rebasing_forwards_with_the_same_values():
+    """The `_nd_rows` variant times what `flat_rows` removed: CopySlices back in the graph, the
+    loss and its gradients unchanged."""
+    spec = load_spec(None, TINY_HEAD + ["model.backbone=resnet_18", "train.activation_checkpoint=false"])
+    torch.manual_seed(0)
+    model = build_model(spec, num_classes=3).train()
+    criterion = build_criterion(spec, num_classes=3)
+    images, masks, targets = fixed_batch()
+    results = []
+    for patch in (False, True):
+        if patch:
+            nd_rows(model)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same denoising draws
+        loss = sum(criterion(model(images, masks, targets), targets).values())
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                        _graph_nodes(loss)))
+    (loss_a, grads_a, nodes_a), (loss_b, grads_b, nodes_b) = results
+    assert not nodes_a & VIEW_REBASE and nodes_b >= VIEW_REBASE
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))

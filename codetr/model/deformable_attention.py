@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from codetr.model.mlp import flat_rows
 from codetr.ops.msda import multi_scale_deformable_attention
 
 
@@ -106,10 +107,10 @@ class MultiScaleDeformableAttention(nn.Module):
         bs, num_query, _ = query.shape
         num_value = value.shape[1]
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
-        value = self.value_proj(value)
+        value = self.value_proj(flat_rows(value))  # [B*Nk, D]: fresh, not a view (flat_rows)
         if key_padding_mask is not None:
             # In place on value_proj's fresh output (addmm's backward does not read it).
-            value.masked_fill_(key_padding_mask[..., None], 0.0)
+            value.masked_fill_(key_padding_mask.reshape(-1, 1), 0.0)
         value = value.view(bs, num_value, heads, self.embed_dim // heads)
         if self.fused_query_weight is not None:
             both = nn.functional.linear(query, self.fused_query_weight, self.fused_query_bias)

@@ -32,6 +32,10 @@ class MLP(nn.Sequential):
                 modules.append(nn.ReLU(inplace=True))
         super().__init__(*modules)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """`[..., input_dim] -> [..., output_dim]`, the layers run on `x` as `[N, input_dim]`."""
+        return super().forward(flat_rows(x)).view(*x.shape[:-1], self[-1].out_features)
+
 
 class FFN(nn.Module):
     """Transformer feed-forward block with its residual: `x + Dropout(W2 Dropout(ReLU(W1 x)))`.
@@ -55,5 +59,13 @@ class FFN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Returns `x + ffn(x)`, same shape as `x`."""
-        return x + self.layers(x)
+        """Returns `x + ffn(x)`, same shape as `x` (the layers run on it as `[N, embed_dim]`)."""
+        return x + self.layers(flat_rows(x)).view(x.shape)
+
+
+def flat_rows(x: Tensor) -> Tensor:
+    """`[..., D] -> [N, D]`: a Linear of a 2-D input returns a fresh tensor, of a 3-D one a view
+    of its 2-D result; an in-place op on that view (the ReLUs here, a masked fill) makes autograd
+    rebase it (`CopySlices` + `AsStridedBackward0`: two copies and a zero-fill of the whole
+    tensor per op in the backward pass). Same values either way."""
+    return x.reshape(-1, x.shape[-1])
