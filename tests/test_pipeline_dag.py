@@ -110,8 +110,9 @@ def _under(path: str, folder: str) -> bool:
     return Path(path) == Path(folder) or Path(folder) in Path(path).parents
 
 
-# The files a user copies to params.yaml for `dvc repro`: the default and the small-data recipe.
-PIPELINE_PARAMS = ("params.yaml", "params/finetune-small.yaml")
+# The files a user copies to params.yaml for `dvc repro`: the default, the small-data recipe and
+# the COCO recipe.
+PIPELINE_PARAMS = ("params.yaml", "params/finetune-small.yaml", "params/coco-r50.yaml")
 
 
 @pytest.mark.parametrize("name", PIPELINE_PARAMS)
@@ -121,9 +122,13 @@ def test_spec_paths_point_into_the_declared_outputs(name):
     outs = {s.name: s.outs for s in read_stages(REPO / "dvc.yaml")}
     data, = outs["prepare"]
     ds = spec.dataset
+    # `prepare.coco.images: none` leaves the images where they are (COCO's 118k): only the
+    # annotation files and the class map are the stage's outputs then
+    images_copied = params["prepare"].get("coco", {}).get("images") != "none"
     for src in ds.train_data_sources + ds.val_data_sources + [ds.test_data_sources]:
-        assert _under(src.json_file, data) and _under(src.image_dir, data)
-    assert _under(ds.infer_data_sources.image_dir, data) and _under(ds.infer_data_sources.classmap, data)
+        assert _under(src.json_file, data) and _under(src.image_dir, data) == images_copied
+    assert _under(ds.infer_data_sources.image_dir, data) == images_copied
+    assert _under(ds.infer_data_sources.classmap, data)
     assert Path(spec.model.pretrained_backbone_path).parent == Path(outs["backbone"][0])
     assert spec.task_results_dir("train") == outs["train"][0]
     assert spec.task_results_dir("inference") == outs["infer"][0]

@@ -6,6 +6,7 @@ parameters, Swin-L 235M); the official key lists come from ../shared/reference/m
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,25 @@ def test_the_full_swin_l_key_list_maps_onto_the_swin_l_spec(mmdet_reference):
     # Through the mmdet-compatible Swin (codetr/model/swin.py, mmdet's names under backbone.body.).
     _check_full_map(mmdet_reference, "keys_co_dino_5scale_swin_l.json",
                     "co_dino_5scale_swin_l_1x.yaml", (NO_RCNN_REASON, INDEX_REASON))
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    """A nested spec dict as `{dotted key: value}`."""
+    if not isinstance(tree, dict):
+        return {prefix.removesuffix("."): tree}
+    return {k: v for name, sub in tree.items() for k, v in _leaves(sub, f"{prefix}{name}.").items()}
+
+
+def test_the_coco_pipeline_recipe_trains_the_official_r50_lsj_recipe():
+    """params/coco-r50.yaml (trained by the pipeline) = params/co_dino_5scale_r50_lsj.yaml (the
+    released model's spec) but for where data, weights and results live and TAO's label ids."""
+    pipeline, official = (_leaves(asdict(load_spec(str(PARAMS / n), [])))
+                          for n in ("coco-r50.yaml", "co_dino_5scale_r50_lsj.yaml"))
+    where = ("dataset.train_data_sources", "dataset.val_data_sources", "dataset.test_data_sources",
+             "evaluate.checkpoint", "inference.checkpoint", "results_dir",
+             "model.pretrained_backbone_path", "export")
+    labels = {"dataset.num_classes": (91, 80), "dataset.contiguous_labels": (False, True)}
+    differ = {k for k in pipeline.keys() | official.keys() if pipeline.get(k) != official.get(k)}
+    assert {k for k in differ if not k.startswith(where)} == set(labels)
+    assert all((pipeline[k], official[k]) == v for k, v in labels.items())
+    assert pipeline["model.co_head_loss_weight"] == 12.0 and pipeline["dataset.augmentation.train_padding"] == "lsj"
