@@ -37,7 +37,7 @@ def main() -> None:
     _, one = timed(lambda: check_images(args.images, src.file_names, workers=1, use_cache=False))
     _, two = timed(lambda: check_images(args.images, src.file_names, workers=2, use_cache=False))
     _, full = timed(lambda: [load_rgb(os.path.join(args.images, n)) for n in src.file_names])
-    print(f"| images | load_coco, first | load_coco, cached | check, 1 thread | check, 2 threads | full decode (load_rgb) | full / check |")
+    print("| images | load_coco, first | load_coco, cached | check, 1 thread | check, 2 threads | full decode (load_rgb) | full / check |")
     print(f"| {len(src)} | {first:.2f} s | {cached:.3f} s | {one:.2f} s | {two:.2f} s | {full:.2f} s | {full / one:.1f}x |")
 
 

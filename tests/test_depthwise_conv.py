@@ -14,7 +14,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from codetr.model.backbone import Backbone
-from codetr.model.fast_depthwise import DepthwiseConv2d, fast_depthwise, is_swappable
+from codetr.model.fast_depthwise import DepthwiseConv2d, is_swappable
 from codetr.ops.depthwise_conv import (_DepthwiseConv2d, depthwise_conv2d,
                                        depthwise_weight_grad, onednn_weight_grad,
                                        transposed_weight_grad_applies)

@@ -1,5 +1,4 @@
 """`last.pth` is written after every epoch, also between `checkpoint_interval` files."""
-import pytest
 import torch
 
 from codetr.data.synthetic import generate

@@ -15,7 +15,7 @@ from torchvision.ops import nms as torchvision_nms
 
 import codetr.model.decoder as decoder_module
 import codetr.model.query_head as query_head_module
-from codetr.boxes import box_xyxy_to_cxcywh, inverse_sigmoid
+from codetr.boxes import inverse_sigmoid
 from codetr.losses.criterion import SetCriterion
 from codetr.losses.matcher import HungarianMatcher
 from codetr.losses.rpn_loss import rpn_assign

@@ -1,7 +1,6 @@
 """Inference output names are contained, collision-free by construction and indexed."""
 import json
 import random
-from pathlib import Path
 
 import pytest
 

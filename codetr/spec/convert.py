@@ -5,7 +5,7 @@ import dataclasses
 import math
 import difflib
 import typing
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Union
 
 from codetr.spec.errors import SpecError
 

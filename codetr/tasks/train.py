@@ -158,7 +158,7 @@ def report_end(module: CoDETRModule, final_path: str, best: Optional[BestCheckpo
               + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if module.ema is not None:
         chosen = module.final_weights()
-        why = (f"the better AP on the last validation (train.ema.final_weights: best)"
+        why = ("the better AP on the last validation (train.ema.final_weights: best)"
                if module.ema_final_weights == "best" and len(module.val_metrics) == 2
                else f"train.ema.final_weights: {module.ema_final_weights}")
         _info(f"{final_path} hands the {chosen} weights to evaluate/inference ({why})")
