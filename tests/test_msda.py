@@ -123,6 +123,23 @@ def test_cpu_paths_match_reference(case, fn):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("bags_per_chunk", [1, 7])
+def test_cpu_chunked_backward_matches_reference(monkeypatch, bags_per_chunk):
+    """`WeightedRowSum.backward` in many chunks (one bag, and 7 bags: a ragged last chunk) gives
+    the reference gradients; the default size runs these tiny cases in one chunk."""
+    from codetr.ops import msda_cpu
+
+    case = CASES[2]  # 2 * 70 * 1 = 140 bags of L * P * 4 = 32 rows of D = 6
+    bag_elements = len(case[5]) * case[4] * 4 * case[3]
+    monkeypatch.setattr(msda_cpu, "_CHUNK_ELEMENTS", bags_per_chunk * bag_elements)
+    inputs = make_inputs(*case)
+    grad_out = torch.randn(case[0], case[1], case[2] * case[3])
+    expected = forward_and_grads(multi_scale_deformable_attention_pytorch, inputs, grad_out)
+    actual = forward_and_grads(multi_scale_deformable_attention_cpu, inputs, grad_out)
+    for got, want in zip(actual, expected):
+        assert_close(got, want)
+
+
 def test_outside_points_read_zero_and_get_zero_location_grads():
     value, shapes, starts, loc, attn = make_inputs(1, 5, 2, 4, 2, [(4, 6), (3, 3)])
     # Beyond the half-pixel padding ring every corner lies outside the map.
