@@ -10,7 +10,6 @@ from torchvision.models.detection._utils import BoxCoder
 from codetr.losses.atss_assigner import anchors_inside_image, atss_assign
 from codetr.losses.atss_loss import (
     atss_losses,
-    centerness_targets,
     delta_xywh_decode,
     delta_xywh_encode,
 )
@@ -193,7 +192,14 @@ def test_losses_match_reference_and_reach_the_features():
         ref_cls += ops.sigmoid_focal_loss(logits[valid], onehot[valid], reduction="sum")
         pos = index >= 0
         pos_gts = gts[index[pos]]
-        centre_t = centerness_targets(flat_anchors[pos], pos_gts)
+        # FCOS centerness, written out: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))
+        # of the anchor centre's distances to the gt's sides.
+        cx = (flat_anchors[pos, 0] + flat_anchors[pos, 2]) / 2
+        cy = (flat_anchors[pos, 1] + flat_anchors[pos, 3]) / 2
+        left, right = cx - pos_gts[:, 0], pos_gts[:, 2] - cx
+        top, bottom = cy - pos_gts[:, 1], pos_gts[:, 3] - cy
+        centre_t = torch.sqrt(torch.minimum(left, right) / torch.maximum(left, right)
+                              * torch.minimum(top, bottom) / torch.maximum(top, bottom))
         boxes = delta_xywh_decode(flat_anchors[pos], torch.cat([d[b].flatten(1).T
                                                                 for d in deltas])[pos])
         ref_giou += (ops.generalized_box_iou_loss(boxes, pos_gts) * centre_t).sum()
