@@ -164,3 +164,6 @@ def test_export_attention_path_equals_the_reference(monkeypatch):
                                multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights))
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert select_backend(value, "triton") == "export"  # whatever is forced, the graph is standard ops
+    # The export-only branch (a real permute instead of the complex64 one) gives the same values.
+    torch.testing.assert_close(multi_scale_deformable_attention_export(value, shapes, starts, locations, weights),
+                               multi_scale_deformable_attention_pytorch(value, shapes, starts, locations, weights))
