@@ -156,7 +156,13 @@ def test_fused_window_attention_equals_the_explicit_softmax():
     fused = attn(x, mask)
     (g_fused,) = torch.autograd.grad(fused.square().sum(), attn.relative_position_bias_table)
     q, k, v = attn.qkv(x).view(12, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
-    logits = (q * attn.scale) @ k.transpose(-2, -1) + attn.position_bias()
+    # Swin's relative position bias written out: token i at (yi, xi) attending to j at
+    # (yj, xj) reads row (yi - yj + w - 1) * (2w - 1) + (xi - xj + w - 1) of the table.
+    w, table = 4, attn.relative_position_bias_table  # [(2w - 1)^2, heads]
+    rows = torch.tensor([[(i // w - j // w + w - 1) * (2 * w - 1) + (i % w - j % w + w - 1)
+                          for j in range(w * w)] for i in range(w * w)])
+    bias = table[rows].permute(2, 0, 1)  # [heads, N, N]
+    logits = (q * attn.scale) @ k.transpose(-2, -1) + bias
     logits = (logits.view(2, 6, 4, 16, 16) + mask[None, :, None]).view(12, 4, 16, 16)
     explicit = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(12, 16, 32))
     (g_explicit,) = torch.autograd.grad(explicit.square().sum(), attn.relative_position_bias_table)
