@@ -10,7 +10,7 @@ import torch
 
 from codetr.model.builder import build_criterion, build_model
 from codetr.spec import load_spec
-from tests.test_flat_rows import VIEW_REBASE, _graph_nodes
+from tests.autograd_graph import VIEW_REBASE, graph_nodes
 from tests.tiny_detector import TINY_HEAD, fixed_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -58,7 +58,7 @@ def test_nd_rows_restores_the_view_rebasing_forwards_with_the_same_values():
         loss = sum(criterion(model(images, masks, targets), targets).values())
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
-                        _graph_nodes(loss)))
+                        graph_nodes(loss)))
     (loss_a, grads_a, nodes_a), (loss_b, grads_b, nodes_b) = results
     assert not nodes_a & VIEW_REBASE and nodes_b >= VIEW_REBASE
     assert torch.equal(loss_a, loss_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))

@@ -10,21 +10,8 @@ from torch import nn
 
 from codetr.model.deformable_attention import MultiScaleDeformableAttention
 from codetr.model.mlp import FFN, MLP
+from tests.autograd_graph import VIEW_REBASE, graph_nodes
 
-VIEW_REBASE = {"CopySlices", "AsStridedBackward0"}
-
-
-def _graph_nodes(out: torch.Tensor) -> set[str]:
-    """Type names of every autograd node behind `out`."""
-    seen, stack, names = set(), [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
 
 
 def _plain_ffn(ffn: FFN, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +23,7 @@ def _values_and_grads(module: nn.Module, forward, x: torch.Tensor):
     x = x.clone().requires_grad_(True)
     out = forward(x)
     (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(7))).sum().backward()
-    return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}, _graph_nodes(out)
+    return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}, graph_nodes(out)
 
 
 def test_mlp_and_ffn_rebase_no_view_and_match_the_plain_forward():
@@ -66,7 +53,7 @@ def test_deformable_attention_fills_the_padding_on_fresh_rows():
     query, refs = torch.randn(2, 11, 32), torch.rand(2, 11, 2, 2)
     pad = torch.rand(2, 39) < 0.3
     out = attn(query, refs, value.requires_grad_(True), shapes, starts, pad)
-    assert not _graph_nodes(out) & VIEW_REBASE
+    assert not graph_nodes(out) & VIEW_REBASE
     out.backward(torch.randn(out.shape))
     assert value.grad[pad].abs().max() == 0 and value.grad[~pad].abs().max() > 0
     # padded keys read zeros after the projection: what they held does not matter
