@@ -13,7 +13,6 @@ from codetr.model.mlp import FFN, MLP
 from tests.autograd_graph import VIEW_REBASE, graph_nodes
 
 
-
 def _plain_ffn(ffn: FFN, x: torch.Tensor) -> torch.Tensor:
     return x + ffn.layers(x)  # the N-D form flat_rows replaces
 
