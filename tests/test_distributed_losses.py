@@ -42,36 +42,44 @@ def _boxes(*shape) -> torch.Tensor:
 
 def _batch(gen_seed: int) -> dict:
     """A whole batch of `WORLD * PER_RANK` images: query-head outputs (main, 2 aux, encoder
-    proposals, one co-head's positive queries), ATSS head maps and targets. Tensors only, so it
-    loads with `weights_only=True` in the workers."""
+    proposals, one co-head's positive queries: `pred_logits` `[B, Q, C]`, `pred_boxes` `[B, Q, 4]`
+    cxcywh), ATSS head maps (per level `[B, C | 4 | 1, H_l, W_l]`) and B targets. Tensors only,
+    so it loads with `weights_only=True` in the workers.
+
+    Rank 1's images differ from rank 0's by construction, so that a mean of per-rank means is
+    not the batch mean whatever the seed: fewer gts (`GT_COUNTS`) and positive queries (6 and 5
+    against 2 and 1), logits 3x larger, gts left of every predicted box, ATSS centerness logits
+    shifted."""
     torch.manual_seed(gen_seed)
     b = WORLD * PER_RANK
+    worse = torch.tensor([0.0] * PER_RANK + [1.0] * PER_RANK)  # [B]: 1 on rank 1's images
+    scale = (1 + 2 * worse).view(b, 1, 1)
 
     def group(q):
-        return {"pred_logits": torch.randn(b, q, C), "pred_boxes": _boxes(b, q)}
+        boxes = _boxes(b, q)
+        boxes[..., 0] = boxes[..., 0] + 0.15 * worse.view(b, 1)  # cx: rank 1 further off
+        return {"pred_logits": torch.randn(b, q, C) * scale, "pred_boxes": boxes}
 
-    pos_labels = torch.randint(0, C, (b, 7))
-    pos_labels[torch.rand(b, 7) < 0.4] = C  # background slots
-    pos_labels[0, :3] = 1  # rank 0 has more positive queries than rank 1
-    pos_labels[WORLD * PER_RANK - 1] = C
-    pos_labels[WORLD * PER_RANK - 1, 0] = 2
-    scale = torch.tensor([1.0] * PER_RANK + [3.0] * PER_RANK).view(b, 1, 1, 1)
+    pos_labels = torch.full((b, 7), C)  # background slots
+    for row, count in enumerate((6, 5, 2, 1)):
+        pos_labels[row, :count] = torch.randint(0, C, (count,))
     sizes = [(96, 80), (72, 96), (96, 96), (80, 64)]
     targets = []
-    for n, (h, w) in zip(GT_COUNTS, sizes):
+    for image, (n, (h, w)) in enumerate(zip(GT_COUNTS, sizes)):
         xy = torch.rand(n, 2) * 0.5 + 0.2
         wh = torch.rand(n, 2) * 0.25 + 0.1
+        if worse[image]:  # left of every predicted centre: rank 1's matched boxes are worse
+            xy[:, 0], wh[:, 0] = 0.12, torch.rand(n) * 0.1 + 0.1
         targets.append({"labels": torch.randint(0, C, (n,)), "boxes": torch.cat([xy, wh], 1),
                         "size": torch.tensor([h, w])})
+    maps = [(PADDED // s, PADDED // s) for s in STRIDES]
     return {
         "query": {**group(6), "aux_outputs": [group(6), group(6)], "interm_outputs": group(6),
                   "pos_outputs": [{"layers": [group(7), group(7)],
                                    "targets": {"labels": pos_labels, "boxes": _boxes(b, 7)}}]},
-        # Rank 1's logits are 3x larger: its per-positive losses differ from rank 0's, so a
-        # mean of per-rank means is not the mean over the batch.
-        "atss": {"cls": [torch.randn(b, C, PADDED // s, PADDED // s) * scale for s in STRIDES],
-                 "deltas": [torch.randn(b, 4, PADDED // s, PADDED // s) * 0.3 for s in STRIDES],
-                 "ctr": [torch.randn(b, 1, PADDED // s, PADDED // s) * scale for s in STRIDES]},
+        "atss": {"cls": [torch.randn(b, C, *hw) * scale[..., None] for hw in maps],
+                 "deltas": [torch.randn(b, 4, *hw) * 0.3 for hw in maps],
+                 "ctr": [torch.randn(b, 1, *hw) + 5 * worse.view(b, 1, 1, 1) for hw in maps]},
         "targets": targets,
     }
 
@@ -155,12 +163,14 @@ def test_ranks_with_half_batches_reproduce_the_whole_batch_losses_and_gradients(
         mean = sum(r["losses"][name] for r in ranks) / WORLD
         torch.testing.assert_close(mean, whole, rtol=1e-5, atol=1e-7, msg=f"{name} (seed {seed})")
     for rank, result in enumerate(ranks):
+        assert len(result["grads"]) == len(whole_grads)
         for k, (got, whole) in enumerate(zip(result["grads"], whole_grads)):
             torch.testing.assert_close(got / WORLD, whole[_rank_rows(rank)], rtol=1e-5,
                                        atol=1e-8, msg=f"rank {rank} gradient {k} (seed {seed})")
 
-    # The test can fail: normalising each half by its own counts gives different losses.
+    # The test can fail: normalising each half by its own counts gives different losses (by
+    # 2% or more over 200 seeds, 1e-3 asked: 100x the tolerance above).
     local = _split_without_communication(batch)
     for name in ("loss_ce", "loss_bbox", "loss_ce_pos0_1", "atss_loss_cls", "atss_loss_centerness"):
-        assert not torch.allclose(local[name], whole_losses[name], rtol=1e-2), name
+        assert not torch.allclose(local[name], whole_losses[name], rtol=1e-3), f"{name} (seed {seed})"
 

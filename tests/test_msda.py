@@ -123,10 +123,11 @@ def test_cpu_paths_match_reference(case, fn):
         assert_close(got, want)
 
 
-@pytest.mark.parametrize("bags_per_chunk", [1, 7])
+@pytest.mark.parametrize("bags_per_chunk", [1, 9])
 def test_cpu_chunked_backward_matches_reference(monkeypatch, bags_per_chunk):
-    """`WeightedRowSum.backward` in many chunks (one bag, and 7 bags: a ragged last chunk) gives
-    the reference gradients; the default size runs these tiny cases in one chunk."""
+    """`WeightedRowSum.backward` in many chunks (one bag; 9 bags: 15 full chunks and a ragged
+    one of 5) gives the reference gradients; the default size runs these tiny cases in one
+    chunk."""
     from codetr.ops import msda_cpu
 
     case = CASES[2]  # 2 * 70 * 1 = 140 bags of L * P * 4 = 32 rows of D = 6
