@@ -4,7 +4,7 @@ faster? One part of `ours_no_co` compiled, timed against the same model in eager
 Two `bench/step_profile.py` variants with identical seeds (same weights, same batches), one with
 `--part` wrapped in `torch.compile(backend=...)`, stepped alternately: the ratio compiled/eager
 per round cancels the machine's load. The first two compiled steps (tracing and code
-generation) are timed on their own. Parts:
+generation, plus loading one batch) are timed on their own. Parts:
 
 - `trunk`: `model.backbone.body` (the timm CNN: BatchNorm + ReLU6 + padding are what inductor
   could fuse; the depthwise convolutions fall back to `F.conv2d` under compile,
@@ -38,26 +38,42 @@ PARTS = {"trunk": ("backbone", "body"), "encoder": ("query_head", "transformer",
          "encoder_real_grid": ("query_head", "transformer", "encoder")}
 
 
+class _RealGridForward(torch.nn.Module):
+    """Runs `module` with `torch.onnx.is_in_onnx_export` reporting True: `msda_levels` then
+    permutes the sampling grid as real (x, y) pairs (its export form). Only this forward sees
+    the patch; the backward needs none (autograd recorded the permute)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        with mock.patch.object(torch.onnx, "is_in_onnx_export", lambda: True):
+            return self.module(*args, **kwargs)
+
+
 def compile_part(variant: Variant, part: str, backend: str) -> None:
     """Replace `part` of `variant.model` by `torch.compile(part, backend=backend)`."""
     *path, leaf = PARTS[part]
     owner = variant.model
     for name in path:
         owner = getattr(owner, name)
-    setattr(owner, leaf, torch.compile(getattr(owner, leaf), backend=backend))
-    if part == "encoder_real_grid":
-        # msda_levels permutes the grid as real (x, y) pairs while exporting; the probe asks
-        # for that form during the compiled variant's steps only.
-        variant.context = lambda: mock.patch.object(torch.onnx, "is_in_onnx_export", lambda: True)
+    compiled = torch.compile(getattr(owner, leaf), backend=backend)
+    setattr(owner, leaf, _RealGridForward(compiled) if part == "encoder_real_grid" else compiled)
 
 
-def probe(part: str, rounds: int, backend: str, batch: int = 4) -> dict:
-    """Compile seconds, eager / compiled step times and the first step's two losses."""
-    data = synthetic_data(PARAMS, REPO / "bench" / "out", 1000, 100)
+def probe(part: str, rounds: int, backend: str, out_dir: Path, num_train: int = 1000,
+          num_val: int = 100, batch: int = 4) -> dict:
+    """Compile seconds, eager / compiled step times and the first step's two losses.
+
+    Both variants step through the same batches in the same order (same loader seed).
+    """
+    data = synthetic_data(PARAMS, out_dir, num_train, num_val)
     eager = Variant("ours_no_co", data, batch, clock=time.perf_counter)
     compiled = Variant("ours_no_co", data, batch, clock=time.perf_counter)
     compile_part(compiled, part, backend)
     first = eager.batch()
+    compiled.batch()  # the same batch as `first`: both loaders stay in step
     torch.manual_seed(1)  # the same denoising noise and dropout in both first steps
     loss_eager = eager.step(first)
     start = time.perf_counter()
@@ -85,7 +101,7 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    r = probe(args.part, args.rounds, args.backend)
+    r = probe(args.part, args.rounds, args.backend, REPO / "bench" / "out")
     print(f"{r['part']} ({r['backend']}, {args.threads} threads): compile + 2 steps "
           f"{r['compile_s']:.1f} s; eager {r['eager_s']:.3f} s/step, compiled "
           f"{r['compiled_s']:.3f} s/step; compiled / eager per round {r['ratio']:.3f} "
