@@ -91,6 +91,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5
     torch.testing.assert_close(actual, expected, rtol=rel * 10, atol=rel * (1 + expected.abs().max().item()))
 
 
+def assert_matches_reference(fn, case) -> None:
+    """`fn`'s output and three gradients equal the reference's on fresh inputs of `case`."""
+    inputs = make_inputs(*case)
+    grad_out = torch.randn(case[0], case[1], case[2] * case[3])
+    expected = forward_and_grads(multi_scale_deformable_attention_pytorch, inputs, grad_out)
+    actual = forward_and_grads(fn, inputs, grad_out)
+    for got, want in zip(actual, expected):
+        assert_close(got, want)
+
+
 @pytest.mark.parametrize("case", CASES[:2])
 def test_reference_matches_naive_loop(case):
     inputs = make_inputs(*case)
@@ -115,12 +125,7 @@ def test_gradcheck_float64(fn):
 @pytest.mark.parametrize("fn", FAST_PATHS)
 @pytest.mark.parametrize("case", CASES)
 def test_cpu_paths_match_reference(case, fn):
-    inputs = make_inputs(*case)
-    grad_out = torch.randn(case[0], case[1], case[2] * case[3])
-    expected = forward_and_grads(multi_scale_deformable_attention_pytorch, inputs, grad_out)
-    actual = forward_and_grads(fn, inputs, grad_out)
-    for got, want in zip(actual, expected):
-        assert_close(got, want)
+    assert_matches_reference(fn, case)
 
 
 @pytest.mark.parametrize("bags_per_chunk", [1, 9])
@@ -133,12 +138,7 @@ def test_cpu_chunked_backward_matches_reference(monkeypatch, bags_per_chunk):
     case = CASES[2]  # 2 * 70 * 1 = 140 bags of L * P * 4 = 32 rows of D = 6
     bag_elements = len(case[5]) * case[4] * 4 * case[3]
     monkeypatch.setattr(msda_cpu, "_CHUNK_ELEMENTS", bags_per_chunk * bag_elements)
-    inputs = make_inputs(*case)
-    grad_out = torch.randn(case[0], case[1], case[2] * case[3])
-    expected = forward_and_grads(multi_scale_deformable_attention_pytorch, inputs, grad_out)
-    actual = forward_and_grads(multi_scale_deformable_attention_cpu, inputs, grad_out)
-    for got, want in zip(actual, expected):
-        assert_close(got, want)
+    assert_matches_reference(multi_scale_deformable_attention_cpu, case)
 
 
 def test_outside_points_read_zero_and_get_zero_location_grads():
