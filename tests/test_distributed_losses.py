@@ -173,4 +173,3 @@ def test_ranks_with_half_batches_reproduce_the_whole_batch_losses_and_gradients(
     local = _split_without_communication(batch)
     for name in ("loss_ce", "loss_bbox", "loss_ce_pos0_1", "atss_loss_cls", "atss_loss_centerness"):
         assert not torch.allclose(local[name], whole_losses[name], rtol=1e-3), f"{name} (seed {seed})"
-
