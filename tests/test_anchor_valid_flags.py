@@ -31,6 +31,9 @@ def test_pad_size_is_the_own_size_rounded_up_also_under_fixed_zero_padding():
 def test_atss_ignores_anchors_beyond_the_pad_size(seed):
     torch.manual_seed(seed)
     head, feats, targets = _tiny_head_and_batch(requires_grad=False)
+    # Logits away from the focal prior: at p = 0.01 an anchor's negative focal term is ~4e-6, so
+    # the anchors beyond the pad size would move the loss by about the tolerance of allclose.
+    torch.nn.init.normal_(head.atss_cls.bias)
     padded = [dict(t, pad_size=tuple(t["size"].tolist())) for t in targets]  # divisor 1: pad = own size
     anchors = torch.cat(head.anchors(feats, STRIDES))
     with torch.no_grad():
@@ -48,7 +51,7 @@ def test_atss_ignores_anchors_beyond_the_pad_size(seed):
         onehot[rows, sample.labels] = 1.0
         expected += ops.sigmoid_focal_loss(cls[b][valid], onehot[valid], reduction="sum")
     torch.testing.assert_close(losses["loss_cls"], expected / max(num_pos, 1))
-    assert not torch.allclose(losses["loss_cls"], all_valid["loss_cls"])  # the flags matter
+    assert (all_valid["loss_cls"] - losses["loss_cls"]).abs() > 1e-2 * losses["loss_cls"]  # flags matter
 
 
 def test_rpn_assigns_and_samples_only_valid_anchors():
