@@ -62,7 +62,7 @@ def _loop_assign(anchors, counts, gts, labels, topk, valid_hw):
 def test_assigner_matches_loop_reference_on_random_boxes(layout):
     # Grid anchors are the head's; random anchors of random sizes make the IoU threshold bind
     # (on the grid the centre-inside rule alone often decides).
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     total_pos = 0
     for _ in range(6):
         if layout == "grid":
@@ -114,7 +114,7 @@ def test_assigner_hand_cases():
 
 
 def test_box_coder_matches_torchvision():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     anchors = _random_gts(50, 200.0, 300.0, gen, torch.float32)
     boxes = _random_gts(50, 200.0, 300.0, gen, torch.float32)
     coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))  # = 1 / (0.1, 0.1, 0.2, 0.2)
@@ -133,12 +133,11 @@ def test_box_coder_matches_torchvision():
 
 
 def _tiny_head_and_batch(num_gts=(3, 2), requires_grad=True):
-    torch.manual_seed(torch.seed() % 2**31)
     head = CoATSSHead(num_classes=5, in_channels=16, num_levels=len(STRIDES), stacked_convs=1)
     feats = [torch.randn(2, 16, PADDED // s, PADDED // s, requires_grad=requires_grad)
              for s in STRIDES]
     sizes = [(128, 100), (96, 128)]
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     targets = []
     for n, (h, w) in zip(num_gts, sizes):
         gts = _random_gts(n, h, w, gen, torch.float32) / torch.tensor([w, h, w, h])

@@ -17,7 +17,7 @@ def test_stacked_towers_match_the_per_tower_form(stacked_convs, num_classes, lay
     maps as the encoder memory gives them (channels-last views of `[B, S, D]`); `contiguous`:
     NCHW copies of them.
     """
-    seed = torch.seed() % 2**31
+    seed = int(torch.randint(2**31, ()))
     torch.manual_seed(seed)
     dim, batch, sides = 64, 2, [16, 8, 4, 2]  # GroupNorm(32): 2 channels a group
     head = CoATSSHead(num_classes, dim, num_levels=len(sides), stacked_convs=stacked_convs).double()

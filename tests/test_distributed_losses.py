@@ -148,7 +148,7 @@ def _split_without_communication(batch: dict) -> dict:
 
 
 def test_ranks_with_half_batches_reproduce_the_whole_batch_losses_and_gradients(tmp_path):
-    seed = int(torch.seed() % 2**31)
+    seed = int(torch.randint(2**31, ()))
     batch = _batch(seed)
     batch_file = tmp_path / "batch.pt"
     torch.save(batch, batch_file)

@@ -83,7 +83,6 @@ def test_normalisation_and_generator_reproducibility():
 
 
 def test_queries_from_the_head_sit_on_positive_locations():
-    torch.manual_seed(torch.seed() % 2**31)
     strides = [8, 16, 32]
     head = CoATSSHead(num_classes=NUM_CLASSES, in_channels=8, num_levels=3, stacked_convs=1)
     feats = [torch.randn(2, 8, 96 // s, 96 // s) for s in strides]
