@@ -168,8 +168,9 @@ def test_ranks_with_half_batches_reproduce_the_whole_batch_losses_and_gradients(
             torch.testing.assert_close(got / WORLD, whole[_rank_rows(rank)], rtol=1e-5,
                                        atol=1e-8, msg=f"rank {rank} gradient {k} (seed {seed})")
 
-    # The test can fail: normalising each half by its own counts gives different losses (by
-    # 2% or more over 200 seeds, 1e-3 asked: 100x the tolerance above).
+    # The test can fail: normalising each half by its own counts gives different losses (gap
+    # >= 359x the 1e-3 asked over 700 seeds). Not loss_bbox: it shares loss_ce's normaliser,
+    # and its gap scales with the halves' per-box L1 difference, which a draw can make ~0.
     local = _split_without_communication(batch)
-    for name in ("loss_ce", "loss_bbox", "loss_ce_pos0_1", "atss_loss_cls", "atss_loss_centerness"):
+    for name in ("loss_ce", "loss_ce_pos0_1", "atss_loss_cls", "atss_loss_centerness"):
         assert not torch.allclose(local[name], whole_losses[name], rtol=1e-3), f"{name} (seed {seed})"
