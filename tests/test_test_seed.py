@@ -18,13 +18,17 @@ def test_b():
 '''
 
 
-def _run(folder: Path, seed: str | None) -> str:
+def _run(folder: Path, seed: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CODETR_TEST_SEED"}
     if seed is not None:
         env["CODETR_TEST_SEED"] = seed
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rN",
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rN",
                            str(folder)], cwd=folder, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def _failed_run(folder: Path, seed: str | None) -> str:
+    done = _run(folder, seed)
     assert done.returncode == 1, done.stdout + done.stderr  # both probe tests fail, by design
     return done.stdout
 
@@ -36,16 +40,14 @@ def _draws(out: str) -> list[str]:
 def test_fresh_seed_per_test_reported_and_replayed(tmp_path):
     (tmp_path / "conftest.py").write_text(CONFTEST.read_text())
     (tmp_path / "test_probe.py").write_text(PROBE)
-    out = _run(tmp_path, None)
+    out = _failed_run(tmp_path, None)
     seeds = re.findall(r"replay with CODETR_TEST_SEED=(\d+)", out)
     draws = _draws(out)
     assert len(seeds) == 2 and len(draws) == 2, out
     assert seeds[0] != seeds[1] and draws[0] != draws[1]  # 1 in 2**31 to collide
-    assert _draws(_run(tmp_path, seeds[1]))[1] == draws[1]  # torch, numpy and random replayed
-    again = _run(tmp_path, None)
+    assert _draws(_failed_run(tmp_path, seeds[1]))[1] == draws[1]  # torch, numpy and random replayed
+    again = _failed_run(tmp_path, None)
     assert _draws(again) != draws  # a fresh run draws afresh
-    bad = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, CODETR_TEST_SEED="x7"))
+    bad = _run(tmp_path, "x7")
     assert bad.returncode != 0 and "CODETR_TEST_SEED='x7': expected an integer seed" in (
         bad.stdout + bad.stderr)
