@@ -9,6 +9,11 @@ from codetr.data.subset import SubsetError, select_categories, split_by_image
 from pipeline.prepare import PrepareError, run
 
 
+def _fresh_rng() -> np.random.Generator:
+    """A generator seeded from numpy's global one, which tests/conftest.py seeds per test (replayable)."""
+    return np.random.default_rng(np.random.randint(2**31))
+
+
 def _random_coco(rng: np.random.Generator, num_images: int = 40) -> dict:
     """A COCO dict with 3 categories (ids 5, 9, 12), 0..4 boxes per image, shuffled image ids."""
     ids = rng.permutation(np.arange(100, 100 + num_images)).tolist()
@@ -24,7 +29,7 @@ def _random_coco(rng: np.random.Generator, num_images: int = 40) -> dict:
 
 
 def test_select_categories_keeps_ids_and_drops_empty_images():
-    rng = np.random.default_rng()
+    rng = _fresh_rng()
     coco = _random_coco(rng)
     before = json.dumps(coco)
     sub = select_categories(coco, ["dog", "cow"])
@@ -42,14 +47,14 @@ def test_select_categories_keeps_ids_and_drops_empty_images():
 @pytest.mark.parametrize("names, match", [([], "at least one"), (["cat", "cat"], "repeated"),
                                           (["horse"], r"unknown category name\(s\) \['horse'\]")])
 def test_select_categories_errors_name_the_key(names, match):
-    coco = _random_coco(np.random.default_rng())
+    coco = _random_coco(_fresh_rng())
     with pytest.raises(SubsetError, match=match) as info:
         select_categories(coco, names, where="prepare.coco.categories")
     assert "prepare.coco.categories" in str(info.value)
 
 
 def test_split_by_image_partitions_deterministically():
-    rng = np.random.default_rng()
+    rng = _fresh_rng()
     coco = _random_coco(rng, num_images=int(rng.integers(30, 60)))
     seed = int(rng.integers(0, 1000))
     parts = split_by_image(coco, {"val": 0.25, "test": 0.1}, seed=seed)
@@ -71,7 +76,7 @@ def test_split_by_image_partitions_deterministically():
 
 
 def test_split_by_image_zero_fraction_and_errors():
-    coco = _random_coco(np.random.default_rng(), num_images=5)
+    coco = _random_coco(_fresh_rng(), num_images=5)
     assert set(split_by_image(coco, {"val": 0.2, "test": 0.0})) == {"train", "val"}
     for fractions, match in [({"train": 0.5}, "unknown held-out split"),
                              ({"val": 1.0}, r"in \[0, 1\)"), ({"val": "x"}, "must be a number"),
