@@ -110,8 +110,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
 def _require_codetr(ckpt: Dict[str, Any], path: Path) -> Dict[str, Any]:
     if "codetr" not in ckpt:
         raise CheckpointError(f"{path} is not a codetr checkpoint: it has no 'codetr' section with "
-                              f"the spec and label map (top-level keys: {sorted(ckpt)[:10]})")
+                              f"the spec and label map (top-level keys: {sorted(map(str, ckpt))[:10]})")
+    codetr_section(ckpt, path)
     return ckpt
+
+
+def codetr_section(ckpt: Dict[str, Any], path: str | os.PathLike) -> Dict[str, Any]:
+    """The checked `codetr` section of a loaded checkpoint: a dict whose `format_version` (when
+    present) is an int this codetr reads and whose `spec` and `label_map` are dicts.
+
+    Raises:
+        CheckpointError: naming the file and the entry that is missing or malformed.
+    """
+    meta = ckpt.get("codetr")
+    damaged = "the file is damaged or was not written by codetr's training"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its 'codetr' section is a {type(meta).__name__}, not a "
+                              f"dict with the spec and label map; {damaged}")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{path}: codetr.format_version is {version!r}, not an integer; {damaged}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version}; this codetr "
+                              f"reads up to {FORMAT_VERSION}: upgrade codetr")
+    for key in ("spec", "label_map"):
+        if not isinstance(meta.get(key), dict):
+            got = "missing" if key not in meta else f"a {type(meta[key]).__name__}"
+            raise CheckpointError(f"{path}: codetr.{key} must be a dict, it is {got}; {damaged}")
+    return meta
 
 
 def model_state_dict(ckpt: Dict[str, Any], prefer_ema: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
@@ -223,12 +249,13 @@ def restore_detector(path: str | os.PathLike, device: torch.device | str = "cpu"
         if is_official_checkpoint(ckpt):
             return restore_official(ckpt, str(path), spec, device)
         ckpt = _require_codetr(ckpt, Path(path))
-    meta = ckpt["codetr"]
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {meta['format_version']}; this codetr "
-                              f"reads up to {FORMAT_VERSION}: upgrade codetr")
+    meta = codetr_section(ckpt, path)
     spec = spec_from_dict(meta["spec"], origin=f"{path} (stored spec)")
-    label_map = LabelMap.from_dict(meta["label_map"])
+    try:
+        label_map = LabelMap.from_dict(meta["label_map"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: codetr.label_map is malformed ({type(err).__name__}: "
+                              f"{err}); it needs category_ids, names, contiguous and num_classes") from None
     state, which = model_state_dict(ckpt)
     # The trained weights also say which ViT-L MLP `vit_large_codetr` was built with.
     model = build_model(spec, label_map.num_classes, load_pretrained_backbone=False, trained_state=state)
