@@ -4,8 +4,11 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import shutil
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +73,37 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+# `.<target name>.<mkstemp's 8 random characters>.tmp`, exactly what atomic_write_bytes creates:
+# mkstemp draws the characters from [a-z0-9_] (tempfile._RandomNameSequence).
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, older_than_s: float = 60.0,
+                            recursive: bool = False) -> list[Path]:
+    """Deletes the temporary files that killed atomic writes left in `directory`; returns them.
+
+    Only regular files named like `atomic_write_bytes`'s temporaries are touched (no links, no
+    other dotfiles). A file modified in the last `older_than_s` seconds is kept: an atomic write
+    in progress keeps its temporary's mtime fresh, so only dead writers' files are old. The caller
+    must still make sure no other process writes the folder (the train task holds its RunLock).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    candidates = root.rglob(".*.tmp") if recursive else root.glob(".*.tmp")
+    cutoff = time.time() - older_than_s
+    removed = []
+    for path in sorted(candidates):
+        if not _TEMP_NAME.match(path.name):
+            continue
+        try:
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode) or st.st_mtime > cutoff:
+                continue
+            path.unlink()
+        except OSError:  # gone meanwhile, or not ours to delete: housekeeping never stops a run
+            continue
+        removed.append(path)
+    return removed

@@ -65,6 +65,11 @@ class RunLock:
         self._fd = fd
         return self
 
+    @property
+    def held(self) -> bool:
+        """True while this process holds the lock (False on ranks > 0 and without flock)."""
+        return self._fd is not None
+
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the flock; the file stays (harmless)

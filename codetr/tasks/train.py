@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import warnings
 from typing import List, Optional
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from codetr.data import LabelMap, build_label_map, load_split_sources
 from codetr.errors import InputValueError, MissingInputError, OutOfMemoryAdviceError
-from codetr.fileio import atomic_write_bytes
+from codetr.fileio import atomic_write_bytes, remove_stale_temp_files
 from codetr.spec import ExperimentSpec, SpecError, spec_to_dict
 from codetr.spec.load import save_spec
 from codetr.tasks.best_checkpoint import BEST, BestCheckpoint
@@ -31,6 +30,7 @@ from codetr.tasks.checkpoint import (AtomicCheckpointIO, load_checkpoint, load_p
                                      model_state_dict, require_same_architecture)
 from codetr.tasks.datamodule import CoDETRDataModule
 from codetr.tasks.epoch_checkpoint import checkpoint_callback
+from codetr.tasks.loggers import build_logger
 from codetr.tasks.module import CoDETRModule
 from codetr.tasks.optim import freeze_parameters
 from codetr.tasks.run_lock import RunLock
@@ -51,8 +51,19 @@ def run(spec: ExperimentSpec) -> int:
     if spec.train.is_dry_run:
         return _train(spec, train_dir)
     ensure_writable_dir(train_dir, "train results directory")
-    with RunLock(train_dir):
+    with RunLock(train_dir) as lock:
+        if lock.held:  # no other run writes here now: temporaries there are a killed run's
+            remove_stale_temps(train_dir)
         return _train(spec, train_dir)
+
+
+def remove_stale_temps(train_dir: str) -> None:
+    """Removes (with a notice) the temporaries that killed atomic writes left in `train_dir`
+    (checkpoints, logs in its subfolders): each is as large as its file, and DVC would cache them."""
+    removed = remove_stale_temp_files(train_dir, recursive=True)
+    if removed:
+        _info(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
+              + ", ".join(str(p) for p in removed))
 
 
 def _train(spec: ExperimentSpec, train_dir: str) -> int:
@@ -229,33 +240,6 @@ def load_pretrained(model: nn.Module, path: str) -> None:
         raise InputValueError(f"train.pretrained_model_path {path}: no tensor matches the model by name "
                          f"and shape; is it a Co-DETR checkpoint?\n{report.summary()}")
     _info(f"pretrained weights ({which}) from {path}:\n{report.summary()}")
-
-
-def build_logger(train_dir: str, resume: bool):
-    """DVCLive in `<train_dir>/dvclive`; a CSV logger in `<train_dir>/csv` where DVCLive would
-    crash (inside a git repository without any commit)."""
-    if _git_without_commits(os.getcwd()):
-        _info("notice: DVCLive cannot log inside a git repository without commits; "
-              f"logging to {os.path.join(train_dir, 'csv')} instead")
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(train_dir, name="csv", version="")
-    from dvclive.lightning import DVCLiveLogger
-
-    return DVCLiveLogger(dir=os.path.join(train_dir, "dvclive"), dvcyaml=None, save_dvc_exp=False,
-                         log_model=False, resume=resume)
-
-
-def _git_without_commits(cwd: str) -> bool:
-    try:
-        inside = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=cwd, capture_output=True)
-        if inside.returncode != 0:
-            return False
-        head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd,
-                              capture_output=True)
-        return head.returncode != 0
-    except OSError:  # no git executable: DVCLive will not find a repository either
-        return False
 
 
 def _info(message: str) -> None:
