@@ -95,7 +95,8 @@ def run(source: str, out_dir: str | Path, sha256: Optional[str] = None, timeout:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
-    weights.unlink(missing_ok=True)  # a stale file from another source must not survive
+    # Nothing in out_dir changes until the new state is in hand: a failed download or a bad file
+    # keeps the previous weights and the source.json that describes them.
     if source.lower() == "none":
         state = None
     elif source.startswith(("http://", "https://")):
@@ -124,9 +125,14 @@ def run(source: str, out_dir: str | Path, sha256: Optional[str] = None, timeout:
                   f"backbone.sha256: {sha256_of(path)} to pin it", file=sys.stderr)
         state = state_dict_from_file(path)
     info = {"source": source, "file": None, "sha256": None, "num_tensors": 0}
+    # source.json goes first and comes back last: a crash in between leaves no source.json (an
+    # incomplete output) rather than one naming the sha256 of weights that are not there
+    (out_dir / SOURCE_FILE).unlink(missing_ok=True)
     if state is not None:
         atomic_torch_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, weights)
         info.update(file=WEIGHTS_FILE, sha256=sha256_of(weights), num_tensors=len(state))
+    else:
+        weights.unlink(missing_ok=True)  # a stale file from another source must not survive
     atomic_write_text(out_dir / SOURCE_FILE, json.dumps(info, indent=2) + "\n")
     return info
 

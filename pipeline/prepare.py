@@ -79,6 +79,19 @@ def _place_coco_split(split: str, data: dict, image_dir: Path, out: Path, images
             shutil.copy2(image_dir / name, target)
 
 
+def _split_paths(coco: dict, split: str) -> tuple[Path, Path]:
+    """`prepare.coco.<split>` as (json_file, image_dir); else a PrepareError, not a KeyError."""
+    src, needed = coco[split], ("json_file", "image_dir")
+    if not isinstance(src, dict):
+        raise PrepareError(f"prepare.coco.{split} must be a mapping {{json_file: <COCO file>, "
+                           f"image_dir: <image folder>}}, got {src!r}")
+    missing = [k for k in needed if not isinstance(src.get(k), str) or not src[k].strip()]
+    if missing:
+        raise PrepareError(f"prepare.coco.{split} needs json_file and image_dir (paths); "
+                           f"{' and '.join(missing)} missing or not a path in {src!r}")
+    return Path(src["json_file"]), Path(src["image_dir"])
+
+
 def _coco_splits(coco: dict) -> Dict[str, tuple]:
     """The `prepare.coco` section as `{split: (coco_dict, image_dir)}`, subsets applied."""
     cut = coco.get("split")
@@ -93,9 +106,8 @@ def _coco_splits(coco: dict) -> Dict[str, tuple]:
                            f"seed: 0}}, got {cut!r}")
     splits = {}
     for s in given:
-        src = coco[s]
-        json_file, image_dir = Path(src["json_file"]), Path(src["image_dir"])
-        load_coco(json_file, image_dir)  # the user's file validated (file and line) as given
+        json_file, image_dir = _split_paths(coco, s)
+        load_coco(json_file, image_dir, where=f"prepare.coco.{s}.json_file")  # the user's file, as given
         data = json.loads(json_file.read_text())
         if coco.get("categories") is not None:
             data = select_categories(data, coco["categories"], where="prepare.coco.categories")
@@ -194,9 +206,14 @@ def run(params: dict, out_dir: str | Path) -> dict:
             image_dirs = {s: tmp / s / "images" for s in SPLITS}
         elif kind == "coco":
             coco = params.get("coco") or {}
+            if not isinstance(coco, dict):
+                raise PrepareError(f"prepare.coco must be a mapping with train, val, test, got {coco!r}")
             images = coco.get("images", "symlink")
             if images not in IMAGE_MODES:
                 raise PrepareError(f"prepare.coco.images must be one of {IMAGE_MODES}, got {images!r}")
+            for s in SPLITS:  # bad entries fail here, before _check_inside_inputs reads them
+                if coco.get(s):
+                    _split_paths(coco, s)
             if params.get("inputs") is not None:  # the pipeline's params always give it
                 _check_inside_inputs(coco, str(params["inputs"]), images)
             try:
@@ -223,11 +240,22 @@ def run(params: dict, out_dir: str | Path) -> dict:
         stats["categories"] = categories
         write_classmap(tmp / "classmap.txt", [c["name"] for c in categories])
         atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2) + "\n")
+        old = None
         if out_dir.is_symlink() or out_dir.is_file():
             out_dir.unlink()
         elif out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            # renamed aside, not removed, until the new folder is in place: an rmtree first would
+            # leave no data (or half of it) if the run died before the rename
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out_dir)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         # the temporary folder was private (0700): give the data folder the usual permissions
         out_dir.chmod(0o755)
     finally:

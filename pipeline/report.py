@@ -1,7 +1,6 @@
 """Stage `report`: one self-contained HTML page and a markdown summary of a pipeline run.
 
-`params.yaml` section `report`: `title`, `max_images` (annotated predictions in the grid),
-`columns` (of the grid).
+`params.yaml` section `report`: `title`, `max_images` (annotated predictions), `columns` (of the grid).
 
 Reads (each part is optional: a missing input gives a "not available" note, not a failure):
 - `<data>/stats.json` (prepare): images and boxes per split and class;
@@ -11,10 +10,8 @@ Reads (each part is optional: a missing input gives a "not available" note, not 
 - `<inference>/images_annotated/*` (inference): the first `max_images`, sorted by name;
 - `<metrics>/train.json` (train): steps, epochs, training time, the chosen weights, the epoch
   of `model_best.pth` and whether the run stopped early;
-- `<export>/export_report.json` (export, optional `--export`): the ONNX file, its size, its
-  onnxruntime latency and its parity with PyTorch;
-- the params file, shown in full, and where the run came from (`pipeline.provenance`: git
-  commit, params hash, runner, the train command).
+- `<export>/export_report.json` (optional `--export`): the ONNX file, size, latency, parity;
+- the params file, and the run's origin (`pipeline.provenance`: commit, params hash, runner, command).
 
 Writes `<out>/report.html` (figures embedded as base64 PNG/JPEG, inline CSS, no external
 resource), `<out>/report.md` and the figures as files under `<out>/figures/` for the markdown.
@@ -27,9 +24,11 @@ import csv
 import html
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from codetr.errors import InputValueError
 from codetr.fileio import atomic_write_bytes, atomic_write_text
 from pipeline import report_figures, report_validation
 from pipeline.params import load_params, section
@@ -50,22 +49,33 @@ def _read_csv(path: Path) -> Optional[List[dict]]:
         return list(csv.DictReader(f))
 
 
+def _number(tsv: Path, line: int, row: dict, column: str) -> float:
+    try:
+        return float(row[column])
+    except (TypeError, ValueError):  # a short row has None in its missing columns
+        raise InputValueError(f"{tsv}:{line}: column {column} holds {row[column]!r}, not a number") from None
+
+
 def read_dvclive(train_dir: Path) -> Dict[str, Dict[str, report_figures.Series]]:
     """DVCLive step series: `{"train" | "val": {metric: (steps, values)}}`.
 
     Each `dvclive/plots/metrics/<group>/<name>.tsv` has a `step` column and a `<name>` column.
+    DVCLive ends every row it appends with a newline: an unterminated last line is a row cut by a
+    run stopped mid-write, skipped with a warning; any other bad row is an InputValueError.
     """
     root = train_dir / "dvclive" / "plots" / "metrics"
     out: Dict[str, Dict[str, report_figures.Series]] = {}
     for tsv in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
         group = tsv.relative_to(root).parts[0] if len(tsv.relative_to(root).parts) > 1 else ""
         name = tsv.relative_to(root / group).with_suffix("").as_posix()
-        with open(tsv, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        value_key = name.rsplit("/", 1)[-1]
-        if rows and "step" in rows[0] and value_key in rows[0]:
-            out.setdefault(group, {})[name] = ([float(r["step"]) for r in rows],
-                                               [float(r[value_key]) for r in rows])
+        lines = tsv.read_text(encoding="utf-8").splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            warnings.warn(f"{tsv}:{len(lines)}: skipped the truncated last line {lines.pop()!r}", stacklevel=2)
+        reader, key = csv.DictReader(lines, delimiter="\t"), name.rsplit("/", 1)[-1]
+        rows = [(reader.line_num, r) for r in reader]
+        if rows and {"step", key} <= set(reader.fieldnames):
+            out.setdefault(group, {})[name] = ([_number(tsv, n, r, "step") for n, r in rows],
+                                               [_number(tsv, n, r, key) for n, r in rows])
     return out
 
 
@@ -131,30 +141,26 @@ def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, (int, float)) and value < 0) else f"{value:.3f}"
 
 
-def _table(header: List[str], rows: List[List[str]]) -> List[List[str]]:
-    return [header] + rows
-
-
 def tables(found: dict) -> Dict[str, List[List[str]]]:
     """The report's tables as rows of cells (first row = header)."""
     out: Dict[str, List[List[str]]] = {}
     if found.get("provenance"):
-        out["provenance"] = _table(["", ""], [[k, str(v)] for k, v in found["provenance"].items()])
+        out["provenance"] = [["", ""]] + [[k, str(v)] for k, v in found["provenance"].items()]
     run = found.get("train_record")
     if run:
         run = {**run, **{f"best_{k}": v for k, v in (run.get("best") or {}).items() if k in ("epoch", "AP")}}
         keys = [k for k in ("steps", "epochs", "train_seconds", "val_ema_AP", "val_raw_AP", "ema_chosen",
                             "best_epoch", "best_AP", "stopped_early") if k in run]
-        out["training"] = _table(keys, [[str(run[k]) for k in keys]])
+        out["training"] = [keys, [str(run[k]) for k in keys]]
     per_epoch = report_validation.validation_table(found["live"], run)
     if per_epoch:
         out["validation"] = per_epoch
     m = found["metrics"]
     if m:
-        out["metrics"] = _table(list(METRIC_KEYS), [[_fmt(m.get(k)) for k in METRIC_KEYS]])
+        out["metrics"] = [list(METRIC_KEYS), [_fmt(m.get(k)) for k in METRIC_KEYS]]
     if found["per_class"]:
-        out["per_class"] = _table(["class", "AP", "AP50"], [
-            [r["name"], _fmt(float(r["AP"])), _fmt(float(r["AP50"]))] for r in found["per_class"]])
+        out["per_class"] = [["class", "AP", "AP50"]] + [
+            [r["name"], _fmt(float(r["AP"])), _fmt(float(r["AP50"]))] for r in found["per_class"]]
     if found.get("export"):
         out["export"] = export_table(found["export"])
     stats = found["stats"]
@@ -163,7 +169,7 @@ def tables(found: dict) -> Dict[str, List[List[str]]]:
         rows = [[split, str(s["images"]), str(s["empty_images"]), str(s["boxes"])]
                 + [str(s["boxes_per_class"].get(n, 0)) for n in names]
                 for split, s in stats["splits"].items()]
-        out["data"] = _table(["split", "images", "without objects", "boxes"] + names, rows)
+        out["data"] = [["split", "images", "without objects", "boxes"] + names] + rows
     return out
 
 
@@ -173,12 +179,11 @@ def export_table(rep: dict) -> List[List[str]]:
     worst = (max(max(p["max_score_diff"], p["max_box_diff"]) for p in parity) if parity else None)
     images = rep.get("inputs", {}).get("images", [])
     latency = rep.get("latency_ms_per_image")
-    return _table(["ONNX file", "size (MiB)", "input", "opset", "latency (ms/image)",
-                   "max abs diff vs PyTorch"],
-                  [[Path(str(rep.get("onnx_file", "?"))).name, f"{rep.get('size_bytes', 0) / 2**20:.1f}",
-                    "x".join(str(d) for d in images), str(rep.get("opset_version", "?")),
-                    "n/a" if latency is None else f"{latency:.1f} ({rep.get('threads', '?')} threads)",
-                    "n/a" if worst is None else f"{worst:.1e}"]])
+    return [["ONNX file", "size (MiB)", "input", "opset", "latency (ms/image)", "max abs diff vs PyTorch"],
+            [Path(str(rep.get("onnx_file", "?"))).name, f"{rep.get('size_bytes', 0) / 2**20:.1f}",
+             "x".join(str(d) for d in images), str(rep.get("opset_version", "?")),
+             "n/a" if latency is None else f"{latency:.1f} ({rep.get('threads', '?')} threads)",
+             "n/a" if worst is None else f"{worst:.1e}"]]
 
 
 def _html_table(rows: List[List[str]]) -> str:
@@ -280,8 +285,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     parser.add_argument("--train-metrics", default=None, help="the train stage's metrics record")
     args = parser.parse_args(argv)
-    paths = run(args.params, args.data, args.train, args.evaluate, args.inference, args.out,
-                args.export, args.train_metrics)
+    try:
+        paths = run(args.params, args.data, args.train, args.evaluate, args.inference, args.out,
+                    args.export, args.train_metrics)
+    except ValueError as err:  # InputValueError: a malformed input, named by its file and line
+        print(f"report: error: {err}", file=sys.stderr)
+        return 1
     print(f"report: wrote {len(paths)} files, open {Path(args.out) / 'report.html'}")
     return 0
 

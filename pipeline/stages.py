@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
+from codetr.fileio import atomic_write_text
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -157,10 +159,10 @@ def write_if_changed(path: str | os.PathLike, text: str, outputs_current: Callab
     path = Path(path)
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    if outputs_current():
-        os.utime(tmp, (0, 0))
-    os.replace(tmp, path)
+    current = outputs_current()
+    # A unique, fsynced temporary file: Snakefile parses running at once (dry runs, several
+    # snakemake calls) each write their own, and none is left behind on an error.
+    atomic_write_text(path, text)
+    if current:
+        os.utime(path, (0, 0))
     return True

@@ -1,5 +1,6 @@
 """Loading and validating one COCO source: agreement with pycocotools and every bad input."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -156,3 +157,46 @@ def test_images_without_annotations_are_negatives(tmp_path):
     assert src.stats["negative_images"] == 2
     edit_coco(json_file, annotations=[])
     assert load_coco(json_file, image_dir).boxes.shape == (0, 4)
+
+
+@pytest.mark.parametrize("flag", ["0", "1", "false", "", 2, -1, 0.0, 1.0, None, [0], {"v": 1}])
+def test_iscrowd_other_than_0_1_true_false_is_an_error(tmp_path, flag):
+    # bool("0") is True: a string flag used to turn the box into crowd, dropped from training
+    rng = np.random.default_rng()
+    n = [int(k) for k in rng.integers(1, 4, 3)]
+    json_file, image_dir = make_coco(tmp_path, n_images=3, boxes_per_image=n, seed=int(rng.integers(1e6)))
+    data = json.loads(json_file.read_text())
+    bad = int(rng.integers(len(data["annotations"])))
+    data["annotations"][bad]["iscrowd"] = flag
+    edit_coco(json_file, annotations=data["annotations"])
+    aid = data["annotations"][bad]["id"]
+    with pytest.raises(CocoFormatError, match=rf"{json_file.name}: annotation id {aid} has iscrowd "
+                                              rf".*; allowed: 0, 1, true, false"):
+        load_coco(json_file, image_dir)
+
+
+def test_iscrowd_ints_and_json_booleans_are_read(tmp_path):
+    rng = np.random.default_rng()
+    json_file, image_dir = make_coco(tmp_path, n_images=4, boxes_per_image=[3, 2, 3, 0],
+                                     seed=int(rng.integers(1e6)))
+    data = json.loads(json_file.read_text())
+    flags = [[0, 1, False, True][k] for k in rng.integers(0, 4, len(data["annotations"]))]
+    for ann, flag in zip(data["annotations"], flags):
+        ann["iscrowd"] = flag
+    del data["annotations"][0]["iscrowd"]  # absent: not crowd
+    flags[0] = 0
+    edit_coco(json_file, annotations=data["annotations"])
+    src = load_coco(json_file, image_dir)
+    by_id = dict(zip(src.ann_ids.tolist(), src.iscrowd.tolist()))
+    assert by_id == {a["id"]: bool(f) for a, f in zip(data["annotations"], flags)}
+    assert src.stats["crowd"] == sum(bool(f) for f in flags)
+
+
+def test_missing_annotation_file_names_the_spec_key(tmp_path):
+    index = int(np.random.randint(0, 5))
+    key = f"dataset.val_data_sources[{index}].json_file"
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(key)}: annotation file .*nope.json does "
+                                                r"not exist$"):
+        load_coco(tmp_path / "nope.json", tmp_path, where=key)
+    with pytest.raises(FileNotFoundError, match=r"^annotation file .*nope.json does not exist$"):
+        load_coco(tmp_path / "nope.json", tmp_path)  # no key known: the path alone, as before

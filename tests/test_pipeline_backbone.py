@@ -71,11 +71,56 @@ def test_url_download_with_checksum(server, tmp_path):
 def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     root, base = server
     torch.save(_weights(), root / "w.pth")
-    (tmp_path / "out").mkdir()
-    torch.save(_weights(1), tmp_path / "out" / "backbone.pth")  # stale result of a previous run
     with pytest.raises(BackboneError, match="sha256 mismatch"):
         run(f"{base}/w.pth", tmp_path / "out", sha256="0" * 64, progress=False)
-    assert _leftovers(tmp_path / "out") == []
+    assert _leftovers(tmp_path / "out") == []  # no partial download, no weights, no source.json
+
+
+def _consistent(out: Path) -> dict:
+    """The source.json of `out`, after checking it describes the backbone.pth beside it."""
+    info = json.loads((out / "source.json").read_text())
+    assert info["sha256"] == sha256_of(out / "backbone.pth")
+    assert len(torch.load(out / "backbone.pth", weights_only=True)) == info["num_tensors"]
+    return info
+
+
+def test_failed_source_keeps_the_previous_weights_and_their_source_json(server, tmp_path):
+    root, base = server
+    state = {f"layer{i}.weight": torch.randn(int(torch.randint(1, 6, ())), 3)
+             for i in range(int(torch.randint(1, 5, ())))}
+    torch.save(state, root / "good.pth")
+    out = tmp_path / "out"
+    before = run(f"{base}/good.pth", out, progress=False)
+    weights_before = (out / "backbone.pth").read_bytes()
+    with socket.socket() as s:  # a port that nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}/w.pth"
+    torch.save(_weights(), root / "other.pth")
+    for source, match in [(f"{base}/absent.pth", "HTTP error 404"), (refused, "cannot connect"),
+                          (f"{base}/other.pth", "sha256 mismatch"), ("no/such.pth", "not none")]:
+        with pytest.raises(BackboneError, match=match):
+            run(source, out, sha256="0" * 64, timeout=5.0, progress=False)
+        assert _consistent(out) == before and (out / "backbone.pth").read_bytes() == weights_before
+        assert _leftovers(out) == ["backbone.pth", "source.json"]
+    info = run("none", out)  # a successful switch to random init removes the old weights
+    assert info["file"] is None and _leftovers(out) == ["source.json"]
+
+
+def test_crash_while_saving_leaves_no_source_json_naming_absent_weights(tmp_path, monkeypatch):
+    torch.save({"w": torch.randn(3, 2)}, tmp_path / "a.pth")
+    out = tmp_path / "out"
+    run(str(tmp_path / "a.pth"), out)
+
+    def crash(obj, path):
+        raise OSError("simulated crash while writing the weights")
+
+    torch.save({"w": torch.randn(4, 2), "b": torch.randn(4)}, tmp_path / "b.pth")
+    monkeypatch.setattr(backbone, "atomic_torch_save", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        run(str(tmp_path / "b.pth"), out)
+    # the old weights are intact, and no source.json claims they are b.pth's
+    assert not (out / "source.json").exists()
+    assert torch.load(out / "backbone.pth", weights_only=True).keys() == {"w"}
 
 
 @pytest.mark.parametrize("code", [404, 500])

@@ -1,8 +1,10 @@
 """Stage `prepare`: synthetic and user COCO sources, contiguous ids, stats, failure hygiene."""
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from codetr.data.coco import CocoFormatError, load_coco
@@ -131,3 +133,52 @@ def test_bad_params_and_main(tmp_path, capsys):
     assert "num_classes=21" in capsys.readouterr().err
     assert prepare.main(["--params", str(params), "--out", str(tmp_path / "data")]) == 0
     assert "train: 3 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("entry", ["train.json", ["a.json", "imgs"], {"json_file": "J"},
+                                   {"image_dir": "I"}, {"json_file": 3, "image_dir": "I"},
+                                   {"json_file": " ", "image_dir": "I"}])
+def test_bad_coco_split_entry_names_the_key(tmp_path, entry):
+    generate(tmp_path / "user", 3, 2, 2, image_size=64, seed=int(np.random.randint(1000)))
+    good = {s: {"json_file": str(tmp_path / "user" / s / "annotations.json"),
+                "image_dir": str(tmp_path / "user" / s / "images")} for s in ("train", "val", "test")}
+    split = str(np.random.choice(["train", "val", "test"]))
+    fill = {"J": good[split]["json_file"], "I": good[split]["image_dir"]}
+    bad = {k: fill.get(v, v) for k, v in entry.items()} if isinstance(entry, dict) else entry
+    lacking = [k for k in ("json_file", "image_dir") if not isinstance(entry, dict) or
+               entry.get(k) not in fill]
+    expected = ("must be a mapping" if not isinstance(entry, dict) else
+                rf"needs json_file and image_dir \(paths\); {' and '.join(lacking)} missing or not a path")
+    for extra in ({}, {"inputs": str(tmp_path)}):  # with prepare.inputs, the check of the paths
+        with pytest.raises(PrepareError, match=rf"^prepare\.coco\.{split} {expected}"):
+            run({"source": "coco", **extra, "coco": {**good, split: bad}}, tmp_path / "data")
+    with pytest.raises(PrepareError, match="prepare.coco must be a mapping"):
+        run({"source": "coco", "coco": "train.json"}, tmp_path / "data")
+    missing = {**good, split: {**good[split], "json_file": str(tmp_path / "nope.json")}}
+    with pytest.raises(FileNotFoundError, match=rf"^prepare\.coco\.{split}\.json_file: annotation file "):
+        run({"source": "coco", "coco": missing}, tmp_path / "data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["user"]
+
+
+@pytest.mark.parametrize("crash", [OSError, KeyboardInterrupt])
+def test_a_crash_while_replacing_the_data_folder_keeps_the_old_one(tmp_path, monkeypatch, crash):
+    out = tmp_path / "data"
+    first = run({"source": "synthetic", "synthetic": {**SYN, "seed": int(np.random.randint(1000))}}, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_replace = os.replace
+
+    def crashing_replace(src, dst):  # only the rename of the new folder into place fails
+        if Path(src).name.startswith(".data.tmp-"):
+            raise crash("simulated crash while renaming the new data folder into place")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(prepare.os, "replace", crashing_replace)
+    second = {**SYN, "seed": int(np.random.randint(1000, 2000)), "num_train": 5}
+    with pytest.raises(crash, match="simulated crash"):
+        run({"source": "synthetic", "synthetic": second}, out)
+    monkeypatch.undo()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert json.loads((out / "stats.json").read_text()) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no .data.tmp-*, .data.old-*
+    assert run({"source": "synthetic", "synthetic": second}, out)["splits"]["train"]["images"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from codetr.errors import InputValueError
 from pipeline import report
 from pipeline.prepare import run as prepare_run
 
@@ -167,3 +168,36 @@ def test_validation_table_without_ema_or_best_records():
     live["val"]["best/epoch"] = ([9.0, 19.0, 19.0], [1.0, 1.0, 2.0])
     assert report.report_validation.validation_table(live)[1:] == [
         ["1", "0.200", "0.400", ""], ["2", "0.150", "0.300", "model_best.pth"]]
+
+
+def _live_tsv(tmp_path, body: str):
+    tsv = tmp_path / "train" / "dvclive" / "plots" / "metrics" / "train" / "loss2.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text(body)
+    return tsv
+
+
+def test_a_row_cut_by_a_stopped_run_is_skipped_with_a_warning(tmp_path):
+    # the report of a run killed while DVCLive appended a row is still wanted: only that row goes
+    rng = np.random.default_rng()
+    values = rng.uniform(0.1, 5.0, int(rng.integers(1, 8))).round(4).tolist()
+    rows = "".join(f"{i}\t{v}\n" for i, v in enumerate(values))
+    cut = f"{len(values)}\t{rng.uniform():.4f}"[:int(rng.integers(1, 4))]  # e.g. "7", "7\t", "7\t0"
+    tsv = _live_tsv(tmp_path, "step\tloss2\n" + rows + cut)
+    with pytest.warns(UserWarning, match=rf"loss2.tsv:{len(values) + 2}: skipped the truncated last"):
+        live = report.read_dvclive(tmp_path / "train")
+    assert live["train"]["loss2"] == ([float(i) for i in range(len(values))], values)
+    tsv.write_text("step\tloss2\n0\t1.5\n1")  # the reviewer's case: a bare TypeError before
+    with pytest.warns(UserWarning, match=r"loss2.tsv:3: skipped the truncated last line '1'"):
+        assert report.read_dvclive(tmp_path / "train")["train"]["loss2"] == ([0.0], [1.5])
+
+
+@pytest.mark.parametrize("bad", ["{step}\n", "{step}\tx{value}\n", "\t{value}\n"])
+def test_a_bad_complete_row_names_the_file_and_line(tmp_path, bad):
+    rng = np.random.default_rng()
+    n = int(rng.integers(0, 6))
+    rows = "".join(f"{i}\t{rng.uniform():.5f}\n" for i in range(n))
+    _live_tsv(tmp_path, "step\tloss2\n" + rows + bad.format(step=n, value=rng.uniform())
+              + f"{n + 1}\t{rng.uniform():.5f}\n")
+    with pytest.raises(InputValueError, match=rf"loss2.tsv:{n + 2}: column (step|loss2) holds .*not a number"):
+        report.read_dvclive(tmp_path / "train")

@@ -35,10 +35,21 @@ def split_sources(spec: ExperimentSpec, split: str) -> list[DataSource]:
     return sources
 
 
+def json_file_key(spec: ExperimentSpec, split: str, source: DataSource) -> str:
+    """The dotted spec key of `source.json_file`, e.g. `dataset.train_data_sources[1].json_file`
+    (the index in the spec's list, which `split_sources` may have filtered)."""
+    if split == "test":
+        return "dataset.test_data_sources.json_file"
+    listed = getattr(spec.dataset, f"{split}_data_sources")
+    index = next((i for i, s in enumerate(listed) if s is source), "?")
+    return f"dataset.{split}_data_sources[{index}].json_file"
+
+
 def load_split_sources(spec: ExperimentSpec, split: str) -> list[CocoSource]:
     """Loads and validates every source of a split (see `codetr.data.coco.load_coco`)."""
     skip = spec.dataset.skip_bad_images
-    return [load_coco(s.json_file, s.image_dir, skip_bad_images=skip) for s in split_sources(spec, split)]
+    return [load_coco(s.json_file, s.image_dir, skip_bad_images=skip, where=json_file_key(spec, split, s))
+            for s in split_sources(spec, split)]
 
 
 def merge_categories(sources: Sequence[CocoSource]) -> list[dict]:
@@ -75,14 +86,15 @@ def build_label_map(spec: ExperimentSpec, checkpoint_label_map: Optional[LabelMa
                 specs = split_sources(spec, split)
             except SpecError:
                 continue
-            train_sources = [load_coco(s.json_file, s.image_dir, check_files=False) for s in specs]
+            train_sources = [load_coco(s.json_file, s.image_dir, check_files=False,
+                                       where=json_file_key(spec, split, s)) for s in specs]
             break
     if train_sources:
         return LabelMap.from_categories(merge_categories(train_sources), ds.num_classes,
                                         ds.contiguous_labels)
     if ds.infer_data_sources is not None and ds.infer_data_sources.classmap:
         return label_map_from_classmap(ds.infer_data_sources.classmap, ds.num_classes,
-                                       ds.contiguous_labels)
+                                       ds.contiguous_labels, where="dataset.infer_data_sources.classmap")
     raise SpecError("no categories to build the label map from: give dataset.train_data_sources, "
                     "val/test data sources, or dataset.infer_data_sources.classmap")
 
@@ -108,8 +120,8 @@ def build_infer_dataset(spec: ExperimentSpec,
     infer = spec.dataset.infer_data_sources
     if infer is None or not infer.image_dir:
         raise SpecError("dataset.infer_data_sources.image_dir is not set")
-    return ImageFolderDataset(infer.image_dir,
-                              build_transforms(spec.dataset.augmentation, False, input_size))
+    return ImageFolderDataset(infer.image_dir, build_transforms(spec.dataset.augmentation, False, input_size),
+                              where="dataset.infer_data_sources.image_dir")
 
 
 def build_collator(spec: ExperimentSpec, split: str,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from codetr.data.labels import LabelMap
 from codetr.errors import InputValueError
@@ -19,17 +19,18 @@ class ClassmapError(InputValueError):
     """A classmap file is missing, malformed or does not fit the label map; the message names it."""
 
 
-def read_classmap(path: str | os.PathLike) -> list[str]:
+def read_classmap(path: str | os.PathLike, where: Optional[str] = None) -> list[str]:
     """Reads the class names of a classmap file.
 
     Trailing blank lines are ignored; a blank line before the last name, a duplicate name or an empty
-    file is an error naming the file and line.
+    file is an error naming the file and line. `where` is the spec key that gave `path` (e.g.
+    `dataset.infer_data_sources.classmap`), named by the error when the file is missing.
     """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ClassmapError(f"classmap file {path} does not exist") from None
+    except FileNotFoundError:  # the spec key says what to fix, the path what was looked for
+        raise ClassmapError(f"{where + ': ' if where else ''}classmap file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ClassmapError(f"cannot read classmap file {path}: {err}") from None
     lines = [line.strip() for line in text.splitlines()]
@@ -57,9 +58,11 @@ def write_classmap(path: str | os.PathLike, names: Sequence[str]) -> None:
     atomic_write_text(path, "".join(f"{name}\n" for name in names))
 
 
-def label_map_from_classmap(path: str | os.PathLike, num_classes: int, contiguous: bool) -> LabelMap:
-    """A label map from a classmap alone: line i (1-based) is category id i."""
-    names = read_classmap(path)
+def label_map_from_classmap(path: str | os.PathLike, num_classes: int, contiguous: bool,
+                            where: Optional[str] = None) -> LabelMap:
+    """A label map from a classmap alone: line i (1-based) is category id i (`where`: see
+    `read_classmap`)."""
+    names = read_classmap(path, where)
     return LabelMap(tuple(range(1, len(names) + 1)), tuple(names), contiguous, num_classes)
 
 

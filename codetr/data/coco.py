@@ -86,12 +86,13 @@ class CocoSource:
                            self.ann_ids[a:b], bool(self.exif[index]) if len(self.exif) else True)
 
 
-def _read_json(json_file: str) -> dict:
+def _read_json(json_file: str, where: str | None = None) -> dict:
     try:
         with open(json_file, "r", encoding="utf-8") as f:
             data = json.load(f)
-    except FileNotFoundError:
-        raise MissingInputError(f"annotation file {json_file} does not exist") from None
+    except FileNotFoundError:  # the spec key says which of several sources to fix
+        raise MissingInputError(f"{where + ': ' if where else ''}annotation file {json_file} "
+                                "does not exist") from None
     except json.JSONDecodeError as err:
         raise CocoFormatError(f"{json_file}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
     except UnicodeDecodeError as err:
@@ -175,8 +176,8 @@ def _images(data: dict, json_file: str) -> tuple[list[int], list[str], list, lis
     return ids, names, heights, widths
 
 
-def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
-              check_files: bool = True, skip_bad_images: bool = False) -> CocoSource:
+def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike, check_files: bool = True,
+              skip_bad_images: bool = False, where: str | None = None) -> CocoSource:
     """Loads and validates one COCO source.
 
     Args:
@@ -186,6 +187,7 @@ def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
             size with the JSON's; False reads only the headers of images without a JSON size.
         skip_bad_images: drop images that are missing, cannot be decoded or whose size
             contradicts the JSON (with their annotations and a counted warning) instead of failing.
+        where: the spec key of `json_file` (`dataset.val_data_sources[0].json_file`), for errors.
 
     Raises:
         FileNotFoundError: the JSON file or image files are missing (names them).
@@ -194,7 +196,7 @@ def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
             JSON size contradicts its image file.
     """
     json_file, image_dir = str(json_file), str(image_dir)
-    data = _read_json(json_file)
+    data = _read_json(json_file, where)
     categories = _categories(data, json_file)
     known_categories = {c["id"] for c in categories}
     ids, names, heights, widths = _images(data, json_file)
@@ -238,7 +240,11 @@ def load_coco(json_file: str | os.PathLike, image_dir: str | os.PathLike,
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
             raise CocoFormatError(f"{json_file}: annotation id {aid} bbox {bbox!r} must be "
                                   "[x, y, width, height] numbers")
-        rows.append((img, aid, cid, bool(ann.get("iscrowd", 0)), *bbox))
+        crowd = ann.get("iscrowd", 0)  # bool("0") is True: a string would drop the box silently
+        if not isinstance(crowd, (int, bool)) or crowd not in (0, 1):
+            raise CocoFormatError(f"{json_file}: annotation id {aid} has iscrowd {crowd!r}; allowed: "
+                                  "0, 1, true, false")
+        rows.append((img, aid, cid, bool(crowd), *bbox))
 
     table = np.asarray(rows, dtype=np.float64).reshape(-1, 8)
     img_idx = table[:, 0].astype(np.int64)

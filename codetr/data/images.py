@@ -75,16 +75,18 @@ def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
+def list_images(root: str | os.PathLike, where: Optional[str] = None) -> list[Path]:
     """Image files under `root`, recursively, sorted by relative path.
 
     Symlinked folders are followed (each real folder once, so a link loop ends); hidden entries
     (names starting with '.', e.g. macOS `._x.jpg` forks, `..jpg`) are skipped with a warning
-    that counts them, as are folders seen twice through links.
+    that counts them, as are folders seen twice through links. `where` is the spec key that gave
+    `root` (e.g. `dataset.infer_data_sources.image_dir`), named by the error when it is missing.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise MissingInputError(f"image folder {root} does not exist or is not a directory")
+    if not root.is_dir():  # the spec key says what to fix, the path what was looked for
+        raise MissingInputError(f"{where + ': ' if where else ''}image folder {root} does not exist "
+                                "or is not a directory")
     found, hidden, seen, loops = [], [], set(), []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -124,21 +126,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     "orig_size": int64 `[2]` (h, w) as displayed, "size": int64 `[2]` (h, w) after the transform}.
     """
 
-    def __init__(self, image_dirs: str | Sequence[str], transforms: Optional[SampleTransform]) -> None:
+    def __init__(self, image_dirs: str | Sequence[str], transforms: Optional[SampleTransform],
+                 where: Optional[str] = None) -> None:
         """Lists the images now, so a missing folder fails before inference starts.
 
         Args:
             image_dirs: a folder or a list of folders, searched recursively.
             transforms: the eval transform (see `codetr.data.transforms.build_transforms`); None
                 returns the image as float in [0, 1] without resizing or normalisation.
+            where: the spec key that gave `image_dirs` (`dataset.infer_data_sources.image_dir`),
+                named, with the list index, by the error of a missing folder.
         """
-        dirs = [image_dirs] if isinstance(image_dirs, (str, os.PathLike)) else list(image_dirs)
+        single = isinstance(image_dirs, (str, os.PathLike))
+        dirs = [image_dirs] if single else list(image_dirs)
         if not dirs:
             raise ValueError("no image folder given")
         self.transforms = transforms
         self.items: list[tuple[str, str]] = []  # (root, relative posix path)
-        for root in dirs:
-            self.items.extend((str(root), p.relative_to(root).as_posix()) for p in list_images(root))
+        for i, root in enumerate(dirs):
+            key = where if single or where is None else f"{where}[{i}]"
+            self.items.extend((str(root), p.relative_to(root).as_posix()) for p in list_images(root, key))
         if not self.items:
             raise MissingInputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {dirs}")
 
