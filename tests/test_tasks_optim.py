@@ -129,7 +129,22 @@ def test_runtime_cpu_and_gpu_resolution():
     rt = resolve_runtime(2, [0], 1, "fp16", "fsdp", cuda_count=4)
     assert rt.devices == [0, 1] and rt.precision == "16-mixed" and type(rt.strategy).__name__ == "FSDPStrategy"
     assert resolve_runtime(2, [2, 3], 1, "fp32", "ddp", cuda_count=4).devices == [2, 3]
-    with pytest.raises(ValueError, match="do not exist"):
+    with pytest.raises(ValueError, match=r"train\.gpu_ids \[5\] do not exist"):
         resolve_runtime(1, [5], 1, "fp32", "ddp", cuda_count=2)
-    with pytest.raises(ValueError, match="must list"):
-        resolve_runtime(3, [0, 1], 1, "fp32", "ddp", cuda_count=4)
+
+
+def test_runtime_follows_the_setting_with_more_gpus():
+    """TAO (seed 001): inconsistent num_gpus / gpu_ids follow the larger, with a notice that
+    names the full keys; more ids than num_gpus raise num_gpus, more num_gpus extend the ids."""
+    rt = resolve_runtime(1, [2, 0], 1, "fp32", "ddp", cuda_count=4)
+    assert rt.devices == [2, 0] and rt.world_size == 2
+    assert any("train.num_gpus=1 and train.gpu_ids=[2, 0]" in n and "train.num_gpus=2" in n
+               for n in rt.notices), rt.notices
+    rt = resolve_runtime(3, [1, 3], 1, "fp32", "ddp", cuda_count=4, task="train")
+    assert rt.devices == [1, 3, 0] and rt.world_size == 3
+    assert any("train.gpu_ids=[1, 3, 0]" in n for n in rt.notices), rt.notices
+    # no GPU: the reconciled count is the number of CPU processes
+    assert resolve_runtime(1, [0, 1, 2], 1, "fp32", "ddp", cuda_count=0).devices == 3
+    # TAO's default ids with num_gpus > 1 is the usual way to ask for N GPUs: no notice
+    assert not [n for n in resolve_runtime(2, [0], 1, "fp32", "ddp", cuda_count=2).notices
+                if "disagree" in n]

@@ -85,19 +85,23 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is Union:
         if value is None and _NONE in args:
             return None
-        errors = []
+        errors = {}
         for option in (a for a in args if a is not _NONE):
             try:
                 return _coerce(option, value, key)
             except SpecError as err:
-                errors.append(str(err))
-        raise SpecError(errors[-1] if len(errors) == 1 else
+                errors[option] = str(err)
+        # A list given for a string-or-list key failed inside the list: that item's error says more.
+        lists = [e for o, e in errors.items() if typing.get_origin(o) in (list, List)]
+        if isinstance(value, (list, tuple)) and len(lists) == 1:
+            raise SpecError(lists[0])
+        raise SpecError(next(iter(errors.values())) if len(errors) == 1 else
                         f"{key}: expected {_type_name(tp)}, got {_show(value)}")
     if dataclasses.is_dataclass(tp):
         return to_dataclass(tp, value, key)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            raise SpecError(f"{key}: expected a list of {_type_name(args[0])}, got {_show(value)}")
+            raise SpecError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Dict):
         if value is None:
@@ -146,6 +150,25 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+_NAMES = {str: ("a string", "strings"), int: ("an integer", "integers"),
+          float: ("a number", "numbers"), bool: ("true or false", "true/false values")}
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
+    """A spec type in words, e.g. `Union[str, List[str]]` -> 'a string or a list of strings'.
+
+    Users write YAML, not Python: 'Union' or 'List[int]' would not tell them what to write.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        members = [_type_name(a, plural) for a in args if a is not _NONE]
+        return " or ".join(members + (["null"] if _NONE in args else []))
+    if origin in (list, List):
+        return ("lists of " if plural else "a list of ") + _type_name(args[0], plural=True)
+    if origin in (dict, Dict):
+        return "mappings" if plural else "a mapping"
+    if tp in _NAMES:
+        return _NAMES[tp][1 if plural else 0]
+    name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+    return f"{name} mappings" if plural else f"a mapping of {name} fields"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from typing import Any, Iterable, Optional, Sequence
 
 from codetr.spec.convert import check_key_path, to_dataclass
@@ -54,7 +55,10 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             node = child
         if op == "~":
             if parts[-1] not in node and parts[0] not in PIPELINE_SECTIONS:
-                check_key_path(ExperimentSpec, key)  # a typo is an error, not a silent no-op
+                try:
+                    check_key_path(ExperimentSpec, key)  # a typo is an error, not a silent no-op
+                except SpecError as err:
+                    raise SpecError(f"override {text}: {err}") from None
             node.pop(parts[-1], None)
         else:
             node[parts[-1]] = value
@@ -65,29 +69,61 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 PIPELINE_SECTIONS = ("prepare", "backbone", "report")
 
 
+def _build(data: Optional[dict]) -> ExperimentSpec:
+    """The validated spec of plain data; SpecError messages name the key but not the source."""
+    for name in PIPELINE_SECTIONS:
+        value = (data or {}).get(name)
+        if value is not None and not isinstance(value, dict):
+            hint = " Did you mean 'model.backbone'?" if name == "backbone" else ""
+            raise SpecError(f"'{name}' is the pipeline's {name} stage section (a mapping, "
+                            f"ignored by the codetr tasks), got {value!r}.{hint}")
+    data = {k: v for k, v in (data or {}).items() if k not in PIPELINE_SECTIONS}
+    spec = to_dataclass(ExperimentSpec, data)
+    check_spec(spec)
+    return spec
+
+
 def spec_from_dict(data: Optional[dict], origin: str = "<spec>") -> ExperimentSpec:
     """Builds and validates the spec; SpecError messages start with `origin`.
 
     The pipeline's own sections (`PIPELINE_SECTIONS`) may sit beside the spec in params.yaml:
     they are ignored here so `codetr train -e params.yaml` works.
     """
-    for name in PIPELINE_SECTIONS:
-        value = (data or {}).get(name)
-        if value is not None and not isinstance(value, dict):
-            hint = " Did you mean 'model.backbone'?" if name == "backbone" else ""
-            raise SpecError(f"{origin}: '{name}' is the pipeline's {name} stage section (a mapping, "
-                            f"ignored by the codetr tasks), got {value!r}.{hint}")
-    data = {k: v for k, v in (data or {}).items() if k not in PIPELINE_SECTIONS}
     try:
-        spec = to_dataclass(ExperimentSpec, data)
-        check_spec(spec)
+        return _build(data)
     except SpecError as err:
         raise SpecError(f"{origin}: {err}") from None
-    return spec
+
+
+def _blame(data: dict, overrides: Sequence[str], origin: str, message: str) -> str:
+    """Who caused `message`: the file (`origin`) when it fails alone with it, else the overrides
+    whose keys the message names (a cross-field rule may name several), else the first override
+    after which it appears. Runs only once validation has failed, so re-validating costs nothing.
+    """
+    try:
+        _build(data)
+    except SpecError as err:
+        if str(err) == message:
+            return origin
+    named = [o for o in overrides if re.search(
+        rf"(?<![\w.]){re.escape(o.lstrip('~+').split('=', 1)[0].strip())}(?!\w)", message)]
+    if named:
+        return ("override " if len(named) == 1 else "overrides ") + " ".join(named)
+    for count in range(1, len(overrides) + 1):
+        try:
+            _build(apply_overrides(data, overrides[:count]))
+        except SpecError as err:
+            if str(err) == message:
+                return f"override {overrides[count - 1]}"
+    return f"{origin} with overrides {' '.join(overrides)}"
 
 
 def load_spec(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> ExperimentSpec:
-    """Reads the spec file (defaults when `path` is None), applies overrides and validates."""
+    """Reads the spec file (defaults when `path` is None), applies overrides and validates.
+
+    An error is labelled with its cause: the file's path (or 'defaults'), or `override key=value`
+    when a command-line override brought it in (the file may say something else).
+    """
     data = {}
     origin = "defaults"
     if path is not None:
@@ -100,11 +136,11 @@ def load_spec(path: Optional[str | os.PathLike] = None, overrides: Sequence[str]
             data = {}
         if not isinstance(data, dict):
             raise SpecError(f"{path}: the spec must be a mapping of sections (model, dataset, ...)")
+    merged = apply_overrides(data, overrides)  # its errors name the override already
     try:
-        data = apply_overrides(data, overrides)
+        return _build(merged)
     except SpecError as err:
-        raise SpecError(f"{origin}: {err}") from None
-    return spec_from_dict(data, origin)
+        raise SpecError(f"{_blame(data, list(overrides), origin, str(err))}: {err}") from None
 
 
 def spec_to_dict(spec: ExperimentSpec) -> dict:
@@ -126,8 +162,11 @@ def check_spec(spec: ExperimentSpec) -> None:
             f"model.return_interm_indices={idx} has {len(idx)} entries but "
             f"model.num_feature_levels={m.num_feature_levels}: the lengths must match "
             f"(e.g. [0, 1, 2, 3, 4] for 5 levels, [1, 2, 3, 4] for 4, [1, 2, 3] for 3)")
-    if sorted(set(idx)) != list(idx):
-        raise SpecError(f"model.return_interm_indices={idx} must be strictly increasing")
+    check_interm_indices(idx)
+    if not (m.cls_loss_coef or m.bbox_loss_coef or m.giou_loss_coef):
+        raise SpecError("model.cls_loss_coef, model.bbox_loss_coef and model.giou_loss_coef are "
+                        "all 0: the Hungarian matching cost is their weighted sum, so at least "
+                        "one must be > 0 (TAO: 2.0, 5.0, 2.0)")
     if m.dilation and not m.backbone.startswith("resnet"):
         raise SpecError(f"model.dilation=true is supported for resnet backbones only, "
                         f"not model.backbone={m.backbone}")
@@ -175,6 +214,30 @@ def check_spec(spec: ExperimentSpec) -> None:
         t = getattr(spec, task)
         if (t.input_width is None) != (t.input_height is None):
             raise SpecError(f"{task}.input_width and {task}.input_height must be set together")
+    for task in ("export", "gen_trt_engine"):
+        if getattr(spec, task).batch_size == 0:
+            raise SpecError(f"{task}.batch_size=0 is not supported. Allowed values: -1 (dynamic "
+                            "batch, TAO's default) or a fixed batch size >= 1")
+
+
+# TAO's supported values of model.return_interm_indices (seed 000's model table).
+TAO_INTERM_INDICES = ([0, 1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3], [1, 2], [1])
+
+
+def check_interm_indices(idx: Sequence[int]) -> None:
+    """The slots the backbone can build: ascending consecutive slots in 0..4, with slot 4 (stride
+    64, made from slot 3 by the neck's stride-2 conv or the ViT pyramid's pooling) only after 3.
+
+    A superset of TAO's lists (`TAO_INTERM_INDICES`): any such run of consecutive slots builds.
+    """
+    allowed = "; TAO's values: " + ", ".join(map(str, TAO_INTERM_INDICES))
+    if not idx or list(idx) != list(range(idx[0], idx[0] + len(idx))):
+        raise SpecError(f"model.return_interm_indices={list(idx)} is not supported: the slots must "
+                        f"be ascending and consecutive (slot k = stride 2^(k+2), 0..4){allowed}")
+    if list(idx) == [4]:
+        raise SpecError("model.return_interm_indices=[4] is not supported: slot 4 (stride 64) is "
+                        "made from slot 3 (the backbones have slots 0..3 natively), so it needs "
+                        f"slot 3 too, e.g. [3, 4]{allowed}")
 
 
 def save_spec(spec: ExperimentSpec, folder: str | os.PathLike) -> str:

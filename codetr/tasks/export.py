@@ -45,13 +45,12 @@ def run(spec: ExperimentSpec) -> int:
     from codetr.export.parity import detections_parity, onnx_parity
     from codetr.model.eval_fold import fold_for_eval
     from codetr.tasks.checkpoint import require_checkpoint_file, restore_detector
+    from codetr.tasks.spec_drift import reconcile_with_checkpoint
 
     cfg = spec.export
     if not cfg.checkpoint:
         raise SpecError("export.checkpoint is required: the .pth to export, e.g. "
                         "export.checkpoint=<results_dir>/train/codetr_model.pth")
-    if cfg.batch_size == 0:
-        raise SpecError("export.batch_size=0 is not allowed: use -1 (dynamic batch) or a batch size >= 1")
     onnx_file = default_onnx_file(spec)
     if not onnx_file.lower().endswith(".onnx"):
         raise SpecError(f"export.onnx_file={onnx_file} must end in .onnx (evaluate and inference "
@@ -59,10 +58,14 @@ def run(spec: ExperimentSpec) -> int:
     out_dir = spec.task_results_dir("export")
     ensure_writable_dir(out_dir, "export results directory")
     ensure_writable_dir(os.path.dirname(os.path.abspath(onnx_file)), "export.onnx_file directory")
-    save_spec(spec, out_dir)
     # An official mmdet / Sense-X file has no stored spec: this run's spec builds its model.
     require_checkpoint_file(cfg.checkpoint, "export.checkpoint")
     model, label_map, stored_spec, which = restore_detector(cfg.checkpoint, "cpu", spec)
+    # The graph is the checkpoint's architecture and carries its normalisation, as evaluate runs it.
+    spec, notice = reconcile_with_checkpoint(spec, stored_spec, label_map, cfg.checkpoint)
+    if notice:
+        print(notice)
+    save_spec(spec, out_dir)
     fold_for_eval(model)  # a smaller graph; same outputs within 1e-5 (tests/test_eval_fold.py)
     height, width = cfg.input_height, cfg.input_width
     # Written beside the target and moved onto it only once verified: a graph that fails the

@@ -31,7 +31,8 @@ def _fail(message: str) -> int:
 
 
 def _profile(spec: ExperimentSpec, meta) -> EngineProfile:
-    """The engine's batch profile: the file's fixed batch, `batch_size` > 0, or min/opt/max.
+    """The engine's batch profile: the file's fixed batch, `batch_size` > 0, or min/opt/max
+    (`batch_size: -1`, dynamic; check_spec refuses 0 and below -1, as for export.batch_size).
 
     Raises:
         SpecError: `batch_size` > 0 that differs from the fixed batch the file was exported with.

@@ -12,6 +12,8 @@ component (`codetr.tasks.output_names`: contained and collision-free by construc
 of an earlier run in the same folder are removed first (as its index lists them); files that no
 index lists make the run stop before writing anything.
 
+The model comes from the checkpoint, as for `codetr evaluate` (`codetr.tasks.spec_drift`: a
+notice lists the spec's keys it overrules; `experiment_spec.yaml` records the spec used).
 Class names come from the checkpoint's label map (a given `infer_data_sources.classmap` must
 list the same names). `category_mapping` folds classes into output groups (detections of
 classes outside every group are dropped) and, with `model.soft_nms_enabled`, runs one more
@@ -36,7 +38,7 @@ from codetr.fileio import atomic_write_bytes, atomic_write_text
 from codetr.postprocess.soft_nms import batched_soft_nms
 from codetr.spec import ExperimentSpec, SpecError
 from codetr.spec.schema import ModelConfig
-from codetr.export.onnx_runtime import fit_input_size, load_detector
+from codetr.export.onnx_runtime import fit_input_size, is_onnx_file, load_detector
 from codetr.tasks.draw import class_colors, draw_detections
 from codetr.tasks.evaluate import input_size
 from codetr.tasks.kitti import format_kitti_line, kitti_text
@@ -44,6 +46,7 @@ from codetr.tasks.output_names import (clear_previous_outputs, output_stems, rel
                                        write_index)
 from codetr.tasks.checkpoint import require_checkpoint_file
 from codetr.tasks.runtime import ensure_writable_dir, eval_device
+from codetr.tasks.spec_drift import reconcile_with_checkpoint
 
 
 class CategoryGrouping:
@@ -92,7 +95,7 @@ def check_classmap(label_map: LabelMap, classmap: Optional[str]) -> None:
     """A given classmap must list the checkpoint's class names, in the same order."""
     if not classmap:
         return
-    names = read_classmap(classmap)
+    names = read_classmap(classmap, where="dataset.infer_data_sources.classmap")
     if list(names) != list(label_map.names):
         raise SpecError(f"dataset.infer_data_sources.classmap {classmap} lists {names}, but the "
                         f"checkpoint was trained with classes {list(label_map.names)} (in category "
@@ -133,12 +136,18 @@ def run(spec: ExperimentSpec) -> int:
         raise SpecError("dataset.infer_data_sources.image_dir is required (a folder or a list)")
     out_dir = spec.task_results_dir("inference")
     ensure_writable_dir(out_dir, "inference results directory")
-    save_spec(spec, out_dir)
     device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "inference")
     for notice in notices:
         print(notice)
     require_checkpoint_file(cfg.checkpoint, "inference.checkpoint")
-    model, label_map, _, which = load_detector(cfg.checkpoint, device, spec)  # .pth, official or .onnx
+    model, label_map, trained, which = load_detector(cfg.checkpoint, device, spec)  # .pth, official or .onnx
+    # The weights fix the architecture: say which of the spec's keys the checkpoint overrules,
+    # and record the spec really used (a .onnx file checks its normalisation in fit_input_size).
+    spec, notice = reconcile_with_checkpoint(spec, trained, label_map, cfg.checkpoint,
+                                             check_inputs=not is_onnx_file(cfg.checkpoint))
+    if notice:
+        print(notice)
+    save_spec(spec, out_dir)
     check_classmap(label_map, infer.classmap)
     grouping = CategoryGrouping(label_map, cfg.category_mapping)
     colors = class_colors(grouping.names, cfg.color_map)

@@ -39,24 +39,43 @@ class Runtime:
     notices: List[str] = field(default_factory=list)
 
 
+def reconcile_gpus(num_gpus: int, gpu_ids: Sequence[int], task: str = "train",
+                   notices: Optional[List[str]] = None) -> tuple[int, List[int]]:
+    """TAO's rule for inconsistent `<task>.num_gpus` and `<task>.gpu_ids`: both follow the setting
+    with more GPUs (num_gpus = 1, gpu_ids = [0, 1] -> num_gpus = 2).
+
+    A longer `num_gpus` extends `gpu_ids` with the lowest indices not listed yet (so TAO's
+    default `[0]` with `num_gpus: 4` gives `[0, 1, 2, 3]`). A one-line notice says what changed,
+    except for that default, which is how TAO's specs ask for N GPUs.
+
+    Returns:
+        (num_gpus, gpu_ids), consistent.
+    """
+    ids = list(gpu_ids)
+    if len(ids) == num_gpus:
+        return num_gpus, ids
+    count = max(num_gpus, len(ids))
+    free = (i for i in range(count + len(ids)) if i not in ids)
+    new_ids = ids + [next(free) for _ in range(count - len(ids))]
+    if notices is not None and ids != [0]:
+        notices.append(f"notice: {task}.num_gpus={num_gpus} and {task}.gpu_ids={ids} disagree: "
+                       f"following the setting with more GPUs (TAO's rule), {task}.num_gpus="
+                       f"{count}, {task}.gpu_ids={new_ids}")
+    return count, new_ids
+
+
 def resolve_devices(num_gpus: int, gpu_ids: Sequence[int], cuda_count: int,
-                    notices: List[str]) -> tuple[str, Union[int, List[int]]]:
+                    notices: List[str], task: str = "train") -> tuple[str, Union[int, List[int]]]:
     """Picks the accelerator and devices; `cuda_count` is `torch.cuda.device_count()`."""
+    num_gpus, ids = reconcile_gpus(num_gpus, gpu_ids, task, notices)
     if cuda_count == 0:
         notices.append(f"No GPU found: running on the CPU with {num_gpus} process"
                        f"{'es' if num_gpus > 1 else ''}.")
         return "cpu", num_gpus
-    ids = list(gpu_ids)
-    if len(ids) != num_gpus:
-        # TAO's default gpu_ids is [0]: with num_gpus > 1 and no explicit ids, take the first N.
-        if ids == [0]:
-            ids = list(range(num_gpus))
-        else:
-            raise SpecError(f"gpu_ids={list(gpu_ids)} must list num_gpus={num_gpus} device indices")
     bad = [i for i in ids if i >= cuda_count]
     if bad:
-        raise SpecError(f"gpu_ids {bad} do not exist: this machine has {cuda_count} GPU(s) "
-                         f"(indices 0..{cuda_count - 1})")
+        raise SpecError(f"{task}.gpu_ids {bad} do not exist: this machine has {cuda_count} GPU(s) "
+                        f"(indices 0..{cuda_count - 1})")
     return "gpu", ids
 
 
@@ -93,7 +112,8 @@ def build_strategy(name: str, world_size: int, accelerator: str) -> object:
 
 
 def resolve_runtime(num_gpus: int, gpu_ids: Sequence[int], num_nodes: int, precision: str,
-                    distributed_strategy: str, cuda_count: Optional[int] = None) -> Runtime:
+                    distributed_strategy: str, cuda_count: Optional[int] = None,
+                    task: str = "train") -> Runtime:
     """Everything `lightning.Trainer` needs to place the run.
 
     Args:
@@ -103,10 +123,11 @@ def resolve_runtime(num_gpus: int, gpu_ids: Sequence[int], num_nodes: int, preci
         precision: 'fp32', 'fp16' or 'bf16'.
         distributed_strategy: 'ddp' or 'fsdp'.
         cuda_count: override for `torch.cuda.device_count()` (tests).
+        task: the spec section the values come from, for the messages (`train.num_gpus`).
     """
     notices: List[str] = []
     count = torch.cuda.device_count() if cuda_count is None else cuda_count
-    accelerator, devices = resolve_devices(num_gpus, gpu_ids, count, notices)
+    accelerator, devices = resolve_devices(num_gpus, gpu_ids, count, notices, task)
     flag = resolve_precision(precision, accelerator, notices)
     per_node = devices if isinstance(devices, int) else len(devices)
     world = per_node * num_nodes
@@ -135,22 +156,30 @@ def ensure_writable_dir(path: str, what: str) -> None:
                               "set results_dir to a writable folder") from None
 
 
-def eval_device(num_gpus: int, gpu_ids: Sequence[int], task: str) -> tuple[torch.device, List[str]]:
+def eval_device(num_gpus: int, gpu_ids: Sequence[int], task: str,
+                cuda_count: Optional[int] = None) -> tuple[torch.device, List[str]]:
     """The one device evaluate/inference run on: the first of `gpu_ids`, or the CPU without GPU.
+
+    `num_gpus` and `gpu_ids` are reconciled first (TAO's rule, `reconcile_gpus`); more than one
+    GPU still runs one process, with a notice.
+
+    Args:
+        cuda_count: override for `torch.cuda.device_count()` (tests).
 
     Returns:
         (device, notices).
     """
     notices: List[str] = []
-    if torch.cuda.device_count() == 0:
+    num_gpus, ids = reconcile_gpus(num_gpus, gpu_ids, task, notices)
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    if count == 0:
         notices.append(f"No GPU found: {task} runs on the CPU.")
         return torch.device("cpu"), notices
-    index = gpu_ids[0] if gpu_ids else 0
-    if index >= torch.cuda.device_count():
-        raise SpecError(f"{task}.gpu_ids {list(gpu_ids)}: GPU {index} does not exist "
-                         f"({torch.cuda.device_count()} GPU(s))")
+    index = ids[0]
+    if index >= count:
+        raise SpecError(f"{task}.gpu_ids {ids}: GPU {index} does not exist ({count} GPU(s))")
     if num_gpus > 1:
-        notices.append(f"{task} runs in one process: using GPU {index} of {task}.gpu_ids.")
+        notices.append(f"{task} runs in one process: using GPU {index} of {task}.gpu_ids {ids}.")
     return torch.device("cuda", index), notices
 
 
