@@ -1,7 +1,8 @@
 """ONNX export: onnxruntime against PyTorch eager on tiny random models, one file for batches 1 and 3.
 
-Tolerance 1e-3 on sigmoid scores and normalised boxes (the issue's bound): both runtimes compute
-in float32, with different kernels and summation orders (measured here: about 1e-5).
+Tolerance ORT_TOL (tests/export_tolerance.py, 5e-4) on sigmoid scores and normalised boxes: both
+runtimes compute in float32, with different kernels and summation orders (measured there: at most
+3.8e-5 on these models, 8.6e-5 over other random seeds).
 """
 from collections import Counter
 
@@ -13,6 +14,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from export_fixtures import LABEL_MAP, tiny_model_dict, write_checkpoint  # noqa: E402
+from export_tolerance import ORT_TOL as TOL  # noqa: E402
 
 from codetr.export.graph import DetectorGraph  # noqa: E402
 from codetr.export.onnx_export import export_onnx, read_metadata  # noqa: E402
@@ -21,7 +23,6 @@ from codetr.export.parity import compare_outputs, matched_box_diff, onnx_parity 
 from codetr.model.builder import build_postprocess  # noqa: E402
 from codetr.spec import spec_to_dict  # noqa: E402
 
-TOL = 1e-3
 
 
 @pytest.fixture(scope="module")

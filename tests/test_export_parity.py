@@ -1,10 +1,10 @@
 """The detections comparison of export parity: tied detections swapped between the runtimes are
 compared with their partner, and a wrong box anywhere fails (`matched_box_diff`)."""
 import torch
+from export_tolerance import ORT_TOL as TOL  # the tie tolerance the export checks use
 
 from codetr.export.parity import matched_box_diff
 
-TOL = 1e-3
 
 
 def _detections(generator, batch=2, k=30, classes=4):

@@ -13,6 +13,7 @@ import yaml
 pytest.importorskip("onnxruntime")
 
 from export_fixtures import tiny_model_dict, write_checkpoint  # noqa: E402
+from export_tolerance import ORT_TOL as TOL  # noqa: E402  (measured there)
 
 from codetr.data.labels import LabelMap  # noqa: E402
 
@@ -23,8 +24,15 @@ from codetr.spec import SpecError, spec_from_dict  # noqa: E402
 from codetr.tasks import evaluate, inference  # noqa: E402
 from codetr.tasks.kitti import parse_kitti_line  # noqa: E402
 
-TOL = 1e-3
 SIZE = 64
+# What the result files' rounding adds to TOL when two runs' files are compared (both rounded):
+COCO_SCORE_ROUNDING = 1e-5  # detections.json scores: 5 decimals, <= 5e-6 per file
+COCO_BOX_ROUNDING = 1e-3    # detections.json bbox: 3 decimals, px
+KITTI_SCORE_ROUNDING = 1e-3  # KITTI label files: 3 decimals (TAO's), <= 5e-4 per file
+KITTI_BOX_ROUNDING = 1e-3    # KITTI boxes: 3 decimals, px
+# TensorRT against onnxruntime (CUDA only): kept at the former bound, not measured in this session
+# (no GPU); TensorRT may run float32 layers in TF32 (10-bit mantissa), beyond ORT_TOL.
+TRT_TOL = 1e-3
 # The synthetic shapes as 4 contiguous labels: every one of the top 30 detections has a category
 # (with TAO's 21 logits, the ones of unused indices are dropped, and a tie at the boundary of
 # the top 30 would change the count).
@@ -102,14 +110,14 @@ def test_a_graph_failing_parity_never_replaces_the_file(setup, tmp_path, monkeyp
     assert report["onnx_file"] == str(tmp_path / "m.failed.onnx")
 
 
-def _tie_aware_box_diff(a: list, b: list) -> float:
+def _tie_aware_box_diff(a: list, b: list, score_tol: float) -> float:
     """Largest box difference of two ranked `(score, label, box)` lists of one image, each box of
-    b paired with a's box of the same label and a score within TOL (`matched_box_diff`)."""
+    b paired with a's box of the same label and a score within `score_tol` (`matched_box_diff`)."""
     def columns(rows: list) -> tuple:
         scores, labels, boxes = zip(*rows)
         return (torch.tensor(scores, dtype=torch.float64)[None], torch.tensor(labels)[None],
                 torch.tensor(boxes, dtype=torch.float64)[None])
-    return matched_box_diff(*columns(a), *columns(b), TOL)
+    return matched_box_diff(*columns(a), *columns(b), score_tol)
 
 
 def _detections(path: Path) -> list:
@@ -139,12 +147,12 @@ def test_evaluate_with_onnx_gives_the_pytorch_results(setup):
     a, b = _detections(runs["pth"] / "detections.json"), _detections(runs["onnx"] / "detections.json")
     assert len(a) == len(b) == 5 * 30
     for x, y in zip(a, b):
-        assert x["image_id"] == y["image_id"] and abs(x["score"] - y["score"]) <= TOL
+        assert x["image_id"] == y["image_id"] and abs(x["score"] - y["score"]) <= TOL + COCO_SCORE_ROUNDING
     for image_id in {x["image_id"] for x in a}:
         rows = [[(d["score"], d["category_id"], d["bbox"]) for d in dets if d["image_id"] == image_id]
                 for dets in (a, b)]
         # every ONNX box against its PyTorch twin (a tied partner where two scores tie): xywh px
-        assert _tie_aware_box_diff(*rows) <= TOL * SIZE
+        assert _tie_aware_box_diff(*rows, TOL + COCO_SCORE_ROUNDING) <= TOL * SIZE + COCO_BOX_ROUNDING
 
 
 def test_inference_with_onnx_writes_the_same_files(setup):
@@ -156,13 +164,12 @@ def test_inference_with_onnx_writes_the_same_files(setup):
         a = [parse_kitti_line(ln) for ln in label_file.read_text().splitlines()]
         b = [parse_kitti_line(ln) for ln in (outs["onnx"] / "labels" / label_file.name).read_text().splitlines()]
         assert len(a) == len(b) == 30
-        assert all(abs(x.score - y.score) <= TOL for x, y in zip(a, b))
+        assert all(abs(x.score - y.score) <= TOL + KITTI_SCORE_ROUNDING for x, y in zip(a, b))
         same = [(x, y) for x, y in zip(a, b) if x.name == y.name]
         assert len(same) >= len(a) - 2  # labels may swap only where two scores tie within TOL
         names = sorted({x.name for x in a + b})
         rows = [[(x.score, names.index(x.name), x.box_xyxy) for x in dets] for dets in (a, b)]
-        # + 0.01: KITTI files round boxes to 2 decimals
-        assert _tie_aware_box_diff(*rows) <= TOL * SIZE + 0.01
+        assert _tie_aware_box_diff(*rows, TOL + KITTI_SCORE_ROUNDING) <= TOL * SIZE + KITTI_BOX_ROUNDING
 
 
 def test_onnx_checkpoint_errors(setup, tmp_path):
@@ -253,5 +260,5 @@ def test_tensorrt_engine_matches_onnxruntime(setup, tmp_path):
     images = torch.randn(3, 3, SIZE, SIZE)
     out = runner({"images": images})
     logits, boxes = make_session(onnx_file).run(None, {"images": images.numpy()})
-    assert (out["pred_logits"].float().sigmoid().cpu() - torch.from_numpy(logits).sigmoid()).abs().max() <= TOL
-    assert (out["pred_boxes"].float().cpu() - torch.from_numpy(boxes)).abs().max() <= TOL
+    assert (out["pred_logits"].float().sigmoid().cpu() - torch.from_numpy(logits).sigmoid()).abs().max() <= TRT_TOL
+    assert (out["pred_boxes"].float().cpu() - torch.from_numpy(boxes)).abs().max() <= TRT_TOL

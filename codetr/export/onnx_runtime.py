@@ -10,6 +10,7 @@ to exactly that size and checks the spec normalises as the exported model expect
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -131,11 +132,14 @@ class OnnxDetector:
 
         Args:
             images: `[B, 3, H', W']` normalised, each image exactly `H x W` at the top left
-                (padding beyond it, from `pad_size_divisor`, is cropped off).
+                (padding beyond it, from `pad_size_divisor` or the LSJ canvas, is cropped off).
             masks: `[B, H', W']` bool, True on padding; must be False on the `H x W` image.
 
         Returns:
-            `pred_logits` `[B, Q, C]` and `pred_boxes` `[B, Q, 4]` cxcywh normalised by `(W, H)`.
+            `pred_logits` `[B, Q, C]` and `pred_boxes` `[B, Q, 4]` cxcywh normalised, as `CoDETR`
+            normalises them, by each image's unmasked extent `(W_valid, H_valid)`: `(W, H)` with
+            the padding mask, the whole `(W', H')` canvas with `test_padding: lsj` (no mask), which
+            is the frame the LSJ `detection_size` scales by.
         """
         h, w = self.input_size
         if images.shape[-2] < h or images.shape[-1] < w or bool(masks[:, :h, :w].any()):
@@ -145,7 +149,21 @@ class OnnxDetector:
         batch = images[:, :, :h, :w].float().contiguous().cpu().numpy()
         logits, boxes = self.run(batch)
         return {"pred_logits": torch.from_numpy(logits).to(self.device),
-                "pred_boxes": torch.from_numpy(boxes).to(self.device)}
+                "pred_boxes": to_unmasked_frame(torch.from_numpy(boxes), masks, (h, w)).to(self.device)}
+
+
+def to_unmasked_frame(boxes: Tensor, masks: Tensor, size: Tuple[int, int]) -> Tensor:
+    """cxcywh `[B, Q, 4]` normalised by the file's `size` (h, w) -> normalised by each image's
+    unmasked extent in `masks` `[B, H', W']` (True on padding), the frame `CoDETR` uses.
+
+    The image sits at the top left, so x (cx and w) scales by `w / W_valid` and y by `h / H_valid`;
+    with the padding mask the extent is the image itself (factor 1).
+    """
+    valid = ~masks.cpu()
+    valid_h = valid[:, :, 0].sum(1).clamp(min=1).float()  # rows of the first column: [B]
+    valid_w = valid[:, 0, :].sum(1).clamp(min=1).float()
+    rx, ry = size[1] / valid_w, size[0] / valid_h
+    return boxes * torch.stack([rx, ry, rx, ry], dim=1)[:, None, :].to(boxes.dtype)
 
 
 def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -178,9 +196,21 @@ def _same(a: Sequence[float], b: Sequence[float]) -> bool:
     return np.allclose(a3, b3, rtol=0, atol=1e-6)
 
 
+def default_input_size(spec: ExperimentSpec, task: str) -> Optional[Tuple[int, int]]:
+    """The schema's default (h, w) of `<task>.input_height/input_width` (inference: TAO's 640x640,
+    evaluate: None), or None when either default is null."""
+    defaults = {f.name: f.default for f in dataclasses.fields(type(getattr(spec, task)))}
+    height, width = defaults.get("input_height"), defaults.get("input_width")
+    return (int(height), int(width)) if isinstance(height, int) and isinstance(width, int) else None
+
+
 def fit_input_size(detector, spec: ExperimentSpec, task: str,
                    size: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
     """The (h, w) a task resizes to: `size` for a PyTorch detector, the file's for an ONNX one.
+
+    For an ONNX file, `size` left unset (null) or at the schema's default (TAO's 640x640 for
+    inference; the spec cannot tell a default from the same value written out) gives way to the
+    file's own size, with a one-line notice; any other size is an error.
 
     Raises:
         SpecError: `<task>.input_height/input_width` set to another size than the ONNX file's, or
@@ -190,13 +220,24 @@ def fit_input_size(detector, spec: ExperimentSpec, task: str,
         return size
     h, w = detector.input_size
     if size is not None and tuple(size) != (h, w):
-        raise SpecError(f"{task}.input_height/input_width = {size[0]}x{size[1]}, but "
-                        f"{detector.path} takes {h}x{w} images: set them to {h} and {w} or leave "
-                        "them null")
+        if tuple(size) != default_input_size(spec, task):
+            raise SpecError(f"{task}.input_height/input_width = {size[0]}x{size[1]}, but "
+                            f"{detector.path} takes {h}x{w} images: set them to {h} and {w} or "
+                            "leave them null")
+        print(f"{task}: {detector.path} takes {h}x{w} images: using that size, not the default "
+              f"{task}.input_height/input_width = {size[0]}x{size[1]} (set {h} and {w}, or null)")
+    elif size is None:
+        print(f"{task}: input_height/input_width unset: using {detector.path}'s size {h}x{w}")
     aug = spec.dataset.augmentation
     for name in ("input_mean", "input_std"):
         if not _same(getattr(aug, name), getattr(detector.meta, name)):
             raise SpecError(f"dataset.augmentation.{name}={getattr(aug, name)} differs from the "
                             f"{getattr(detector.meta, name)} {detector.path} was exported with: the "
                             "images would be normalised differently from training")
+    divisor = aug.pad_size_divisor
+    if aug.test_padding == "lsj" and (h % divisor or w % divisor):
+        print(f"{task}: dataset.augmentation.test_padding=lsj pads to a multiple of "
+              f"pad_size_divisor={divisor}; {detector.path} ({h}x{w}) sees the image without that "
+              "border (boxes are mapped to the canvas frame), so scores can differ slightly from "
+              f"the PyTorch model's: export at multiples of {divisor} for the same input")
     return h, w

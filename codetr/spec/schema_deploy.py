@@ -6,9 +6,12 @@ names follow TAO's Deformable DETR / RT-DETR export and TAO Deploy's gen_trt_eng
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional, Union
 
+from codetr.spec.errors import SpecError
 from codetr.spec.fields import _f
+
+DATA_TYPES = ("fp32", "fp16")  # engine precisions built; TAO Deploy writes them upper case
 
 
 @dataclass
@@ -39,13 +42,40 @@ class ExportConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """`gen_trt_engine.tensorrt.calibration`: TAO Deploy's INT8 calibration block. Accepted so
+    TAO specs load; unused, as INT8 (the only precision that reads it) is not implemented."""
+    cal_image_dir: Union[str, List[str]] = _f([])
+    cal_cache_file: Optional[str] = _f(None)
+    cal_batch_size: int = _f(1, gt=0)
+    cal_batches: int = _f(1, gt=0)
+
+
+@dataclass
 class TensorRTConfig:
-    """`gen_trt_engine.tensorrt`: engine precision, workspace and the batch optimisation profile."""
-    data_type: str = _f("fp32", choices=("fp32", "fp16"))
+    """`gen_trt_engine.tensorrt`: engine precision, workspace and the batch optimisation profile.
+
+    `data_type` is case-insensitive (TAO Deploy's default is `FP32`) and stored lower case.
+    """
+    data_type: str = _f("fp32")  # checked in __post_init__: DATA_TYPES, any case
     workspace_size: int = _f(1024, gt=0)
     min_batch_size: int = _f(1, gt=0)
     opt_batch_size: int = _f(1, gt=0)
     max_batch_size: int = _f(1, gt=0)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self) -> None:
+        # The one place data_type is normalised: every spec load builds this section.
+        key, value = "gen_trt_engine.tensorrt.data_type", self.data_type
+        lowered = value.lower() if isinstance(value, str) else value
+        if lowered == "int8":
+            raise SpecError(f"{key}={value!r}: INT8 calibration is not implemented (the "
+                            f"calibration block is accepted but unused). Allowed values: "
+                            f"{', '.join(DATA_TYPES)} (any case)")
+        if lowered not in DATA_TYPES:
+            raise SpecError(f"{key}={value!r} is not supported. Allowed values: "
+                            f"{', '.join(DATA_TYPES)} (any case)")
+        self.data_type = lowered
 
 
 @dataclass

@@ -28,6 +28,7 @@ from codetr.data.test_padding import detection_sizes
 from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_dataset
 from codetr.fileio import atomic_write_text
+from codetr.postprocess.postprocess import image_sizes
 from codetr.spec import ExperimentSpec, SpecError
 from codetr.export.onnx_runtime import fit_input_size, is_onnx_file, load_detector
 from codetr.tasks.coco_eval import (CocoMetrics, evaluate_coco, format_table, load_ground_truth,
@@ -93,7 +94,8 @@ def predict_coco(model: torch.nn.Module, postprocess: torch.nn.Module,
         batch = batch.to(device)
         outputs = model(batch.images, batch.masks)
         orig_sizes = detection_sizes(batch.targets)  # orig_size, or the LSJ canvas frame
-        for target, det in zip(batch.targets, postprocess(outputs, orig_sizes)):
+        clip = image_sizes(batch.targets)  # boxes stay inside the image, not the canvas
+        for target, det in zip(batch.targets, postprocess(outputs, orig_sizes, clip)):
             results += to_coco_results(int(target["image_id"]), det["scores"], det["labels"],
                                        det["boxes"], category_lut, conf_threshold)
     return results

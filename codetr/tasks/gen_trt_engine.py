@@ -3,7 +3,9 @@
 Reads `gen_trt_engine.onnx_file` (written by `codetr export`) and writes `gen_trt_engine.trt_engine`
 (default `<results_dir>/gen_trt_engine/codetr_model.engine`), atomically, with the batch
 optimisation profile `tensorrt.min/opt/max_batch_size`, precision `tensorrt.data_type` (fp32 or
-fp16) and builder workspace `tensorrt.workspace_size` MiB, on GPU `gpu_id`.
+fp16, any case: TAO Deploy writes FP32/FP16; INT8 is refused, its calibration is not implemented)
+and builder workspace `tensorrt.workspace_size` MiB, on GPU `gpu_id`. TAO Deploy's
+`tensorrt.calibration` block is accepted and unused (a notice says so when it is set).
 
 Needs a CUDA GPU and the optional `tensorrt` package (`pip install 'codetr[tensorrt]'`); without
 either it prints what is missing and exits with status 2, before anything is written. TensorRT
@@ -20,6 +22,7 @@ from codetr.fileio import atomic_write_bytes
 from codetr.export.tensorrt_engine import EngineProfile  # no tensorrt import at module level
 from codetr.spec import ExperimentSpec, SpecError
 from codetr.spec.load import save_spec
+from codetr.spec.schema_deploy import CalibrationConfig
 from codetr.tasks.runtime import ensure_writable_dir
 
 EXIT_USAGE = 2
@@ -93,6 +96,9 @@ def run(spec: ExperimentSpec) -> int:
                         f"but {cfg.onnx_file} was exported for {meta.input_height}x{meta.input_width}")
     profile = _profile(spec, meta)
     _note_opset(cfg.onnx_file, cfg.opset_version)
+    if trt_cfg.calibration != CalibrationConfig():
+        print("gen_trt_engine: tensorrt.calibration is not used: it configures INT8 calibration, "
+              f"which is not implemented (the engine is {trt_cfg.data_type})")
     if not torch.cuda.is_available():
         return _fail("TensorRT needs a CUDA GPU and none is visible on this machine; run it where "
                      "one is (the ONNX file itself runs on a CPU with onnxruntime: "

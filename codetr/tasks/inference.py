@@ -35,6 +35,7 @@ from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_infer_dataset, read_classmap
 from codetr.data.labels import LabelMap
 from codetr.fileio import atomic_write_bytes, atomic_write_text
+from codetr.postprocess.postprocess import image_sizes
 from codetr.postprocess.soft_nms import batched_soft_nms
 from codetr.spec import ExperimentSpec, SpecError
 from codetr.spec.schema import ModelConfig
@@ -172,7 +173,8 @@ def run(spec: ExperimentSpec) -> int:
             batch = batch.to(device)
             outputs = model(batch.images, batch.masks)
             orig_sizes = detection_sizes(batch.metas).to(device)  # orig_size, or the LSJ frame
-            for meta, det in zip(batch.metas, postprocess(outputs, orig_sizes)):
+            clip = image_sizes(batch.metas).to(device)  # boxes stay inside the image, not the canvas
+            for meta, det in zip(batch.metas, postprocess(outputs, orig_sizes, clip)):
                 scores, groups, boxes = select(*grouping.apply(det["scores"], det["labels"], det["boxes"]),
                                                spec.model, cfg.conf_threshold, grouping.merges)
                 names = [grouping.names[g] for g in groups.tolist()]

@@ -5,8 +5,10 @@ One line per detection, 16 fields separated by single spaces:
     name 0.00 0 0.00 x1 y1 x2 y2 0.00 0.00 0.00 0.00 0.00 0.00 0.00 score
 
 (type, truncated, occluded, alpha, bbox xyxy in pixels of the original image, 3-D dimensions,
-location and rotation_y unused, then the confidence). KITTI splits on whitespace, so a class
-name containing spaces is written with underscores (`traffic light` -> `traffic_light`).
+location and rotation_y unused, then the confidence). Box coordinates and score are written with
+3 decimals, as TAO's DETR-family inference writer (`save_inference_prediction`: `{:.3f}`).
+KITTI splits on whitespace, so a class name containing spaces is written with underscores
+(`traffic light` -> `traffic_light`).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ def kitti_name(name: str) -> str:
 def format_kitti_line(name: str, box_xyxy: Sequence[float], score: float) -> str:
     """One KITTI line; `box_xyxy` is (x1, y1, x2, y2) in original-image pixels."""
     x1, y1, x2, y2 = (float(v) for v in box_xyxy)
-    return (f"{kitti_name(name)} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} "
-            f"0.00 0.00 0.00 0.00 0.00 0.00 0.00 {float(score):.4f}")
+    return (f"{kitti_name(name)} 0.00 0 0.00 {x1:.3f} {y1:.3f} {x2:.3f} {y2:.3f} "
+            f"0.00 0.00 0.00 0.00 0.00 0.00 0.00 {float(score):.3f}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from codetr.data.test_padding import detection_sizes
+from codetr.postprocess.postprocess import image_sizes
 from codetr.data import Batch, LabelMap
 from codetr.spec.schema import OptimConfig
 from codetr.tasks.checkpoint import FORMAT_VERSION, capture_rng_state, restore_rng_state
@@ -176,8 +177,9 @@ class CoDETRModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         orig_sizes = detection_sizes(batch.targets)  # orig_size, or the LSJ canvas frame
+        clip = image_sizes(batch.targets)  # boxes stay inside the image, as evaluate's
         for tag, model in self.validated_models():
-            detections = self.postprocess(model(batch.images, batch.masks), orig_sizes)
+            detections = self.postprocess(model(batch.images, batch.masks), orig_sizes, clip)
             results = self._val_results.setdefault(tag, {})
             for target, det in zip(batch.targets, detections):
                 results[int(target["image_id"])] = to_coco_results(
