@@ -82,6 +82,27 @@ def test_category_name_conflict_across_sources(tmp_path):
         build_label_map(small_spec([first, second]))
 
 
+def test_one_category_name_with_two_ids_across_sources(tmp_path):
+    name = ["cat", "dog", "zebra"][int(torch.randint(0, 3, ()))]
+    ids = torch.randperm(20)[:2] + 1
+    first = make_coco(tmp_path / "a", seed=38, categories=[{"id": int(ids[0]), "name": name}])
+    second = make_coco(tmp_path / "b", seed=39, categories=[{"id": int(ids[1]), "name": name}])
+    with pytest.raises(ValueError, match=rf"category '{name}' is id {int(ids[0])} in {first[0]} but id "
+                                         rf"{int(ids[1])} in {second[0]}; names must be unique"):
+        build_label_map(small_spec([first, second], num_classes=30))
+    same = make_coco(tmp_path / "c", seed=40, categories=[{"id": int(ids[0]), "name": name}])
+    assert build_label_map(small_spec([first, same], num_classes=30)).names == (name,)
+
+
+def test_half_given_source_names_its_key(tmp_path):
+    sources = [make_coco(tmp_path / "a", n_images=1, seed=41)]
+    spec = small_spec(sources)
+    spec.dataset.val_data_sources = [DataSource(), DataSource(image_dir=str(tmp_path / "a" / "images"))]
+    with pytest.raises(SpecError, match=r"dataset.val_data_sources\[1\] needs both image_dir and "
+                                        r"json_file \(image_dir='.*/a/images', json_file=''\)"):
+        load_split_sources(spec, "val")
+
+
 @pytest.mark.parametrize("dataset_type", ["serialized", "default"])
 def test_train_dataloader_contract_with_worker(tmp_path, dataset_type):
     sources = [make_coco(tmp_path / "a", n_images=4, seed=34), make_coco(tmp_path / "b", n_images=3, seed=35)]
@@ -92,13 +113,13 @@ def test_train_dataloader_contract_with_worker(tmp_path, dataset_type):
     train = build_dataset(spec, "train", label_map, sources=loaded)
     assert len(train) == 7
     collator = build_collator(spec, "train")
-    assert collator.fixed_size == (96, 96)  # fixed_padding: square of random_resize_max_size
     loader = build_dataloader(train, batch_size=3, workers=1 if dataset_type == "serialized" else 0,
                               shuffle=True, collate_fn=collator, seed=0)
     batches = list(loader)
     assert [len(b) for b in batches] == [3, 3, 1]
-    for b in batches:
-        assert b.images.shape[-2:] == (96, 96)
+    for b in batches:  # fixed_padding: (max(scales), max_size) = (64, 96) by orientation, batch max
+        portrait = [t["size"][0] > t["size"][1] for t in b.targets]
+        assert b.images.shape[-2:] == (96 if any(portrait) else 64, 96 if not all(portrait) else 64)
         check_batch(b, len(b), label_map.num_classes)
     assert sorted(t["image_id"] for b in batches for t in b.targets) == [1, 1, 2, 2, 3, 3, 4]
 
@@ -153,5 +174,6 @@ def test_coco128_labels_round_trip_and_batch(coco128, contiguous, num_classes):
         if not contiguous:
             assert labels == by_image.get(image_id, [])
     batch = next(iter(build_dataloader(val, 4, 0, False, build_collator(spec, "val"))))
-    assert batch.images.shape == (4, 3, 96, 96)
+    portrait = [t["size"][0] > t["size"][1] for t in batch.targets]  # eval bound (56, 96) -> 64 x 96
+    assert batch.images.shape == (4, 3, 96 if any(portrait) else 64, 64 if all(portrait) else 96)
     check_batch(batch, 4, num_classes)

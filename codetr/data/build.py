@@ -9,6 +9,7 @@ from codetr.data.classmap import label_map_from_classmap
 from codetr.data.coco import CocoFormatError, CocoSource, load_coco
 from codetr.data.collate import Collator
 from codetr.data.dataset import CocoDetectionDataset
+from codetr.data.fixed_padding import fixed_padding_collator
 from codetr.data.images import ImageFolderDataset
 from codetr.data.labels import LabelMap
 from codetr.data.test_padding import LSJTestCollator, LSJTrainCollator
@@ -26,13 +27,15 @@ def split_sources(spec: ExperimentSpec, split: str) -> list[DataSource]:
     ds = spec.dataset
     sources = {"train": ds.train_data_sources, "val": ds.val_data_sources,
                "test": [ds.test_data_sources] if ds.test_data_sources else []}[split]
-    sources = [s for s in sources if s.json_file or s.image_dir]
-    if not sources:
+    given = [(i, s) for i, s in enumerate(sources) if s.json_file or s.image_dir]
+    if not given:
         raise SpecError(f"dataset.{split}_data_sources is empty; give image_dir and json_file")
-    for i, s in enumerate(sources):
+    for i, s in given:  # i: the index in the spec's list
         if not s.json_file or not s.image_dir:
-            raise SpecError(f"dataset.{split}_data_sources[{i}] needs both image_dir and json_file")
-    return sources
+            key = f"dataset.{split}_data_sources" + ("" if split == "test" else f"[{i}]")
+            raise SpecError(f"{key} needs both image_dir and json_file (image_dir={s.image_dir!r}, "
+                            f"json_file={s.json_file!r})")
+    return [s for _, s in given]
 
 
 def json_file_key(spec: ExperimentSpec, split: str, source: DataSource) -> str:
@@ -53,14 +56,21 @@ def load_split_sources(spec: ExperimentSpec, split: str) -> list[CocoSource]:
 
 
 def merge_categories(sources: Sequence[CocoSource]) -> list[dict]:
-    """The union of the sources' categories; one id with two names is an error naming both files."""
+    """The union of the sources' categories; one id with two names, or one name with two ids (as
+    within one file: the classmap and color_map key on names), is an error naming both files."""
     merged: dict[int, tuple[str, str]] = {}
+    by_name: dict[str, tuple[int, str]] = {}
     for src in sources:
         for cat in src.categories:
             seen = merged.setdefault(cat["id"], (cat["name"], src.json_file))
             if seen[0] != cat["name"]:
                 raise CocoFormatError(f"category id {cat['id']} is '{seen[0]}' in {seen[1]} but "
                                       f"'{cat['name']}' in {src.json_file}")
+            named = by_name.setdefault(cat["name"], (cat["id"], src.json_file))
+            if named[0] != cat["id"]:
+                raise CocoFormatError(f"category '{cat['name']}' is id {named[0]} in {named[1]} but id "
+                                      f"{cat['id']} in {src.json_file}; names must be unique (the "
+                                      "classmap and color_map key on names)")
     return [{"id": cid, "name": name} for cid, (name, _) in sorted(merged.items())]
 
 
@@ -126,8 +136,9 @@ def build_infer_dataset(spec: ExperimentSpec,
 
 def build_collator(spec: ExperimentSpec, split: str,
                    input_size: Optional[tuple[int, int]] = None) -> Collator:
-    """Padding of a split: to a multiple of `pad_size_divisor`, and to one fixed size for every
-    batch when `fixed_padding` (or, for training, `fixed_random_crop`) is set. Eval splits with
+    """Padding of a split: to a multiple of `pad_size_divisor`, and with `fixed_padding` (or, for
+    training, `fixed_random_crop`) as `codetr.data.fixed_padding` sets it (TAO's per-orientation
+    FixedPad; one fixed size for LSJ training or an eval `input_size`). Eval splits with
     `test_padding: lsj` get mmdet's LSJ test padding (`codetr.data.test_padding`)."""
     aug = spec.dataset.augmentation
     train = split == "train"
@@ -137,9 +148,9 @@ def build_collator(spec: ExperimentSpec, split: str,
     if train and aug.train_padding == "lsj":
         return LSJTrainCollator(max_output_size(aug, True, input_size), aug.pad_size_divisor,
                                 aug.input_mean, aug.input_std)
-    fixed = aug.fixed_padding or (train and aug.fixed_random_crop is not None)
-    size = max_output_size(aug, train, input_size) if fixed else None
-    return Collator(aug.pad_size_divisor, size)
+    if aug.fixed_padding or (train and aug.fixed_random_crop is not None):
+        return fixed_padding_collator(aug, train, input_size)
+    return Collator(aug.pad_size_divisor)
 
 
 def build_dataloader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, shuffle: bool,

@@ -1,4 +1,9 @@
-"""Keep-ratio resizes with mmcv's size rule (what TAO's mmdet-based Co-DETR pipelines compute).
+"""Keep-ratio resizes with mmcv's size rule (`mmcv.rescale_size`, as mmdet's Co-DETR configs resize).
+
+This is NOT the rule of TAO's DINO data pipeline, which TAO's Co-DETR reuses (seed 000): DINO's
+`RandomResize` (DETR's `get_size`) truncates the longer side, so it can differ from ours by 1 px,
+e.g. a 480 x 640 image at shorter side 800 is 800 x 1066 there and 800 x 1067 here. The rounding
+is kept: the trained default and the mmdet reference tests depend on it.
 
 mmcv's `rescale_size` scales an (h, w) image by `min(long_max / max(h, w), short / min(h, w))`
 and ROUNDS each side (`int(side * factor + 0.5)`); torchvision's `RandomShortestSize` and
@@ -22,7 +27,8 @@ from torchvision.transforms.v2._utils import query_size
 
 def keep_ratio_size(height: int, width: int, short: float, long_max: float = math.inf
                     ) -> tuple[int, int]:
-    """mmcv's `rescale_size`: the (h, w) that fits `short` x `long_max` keeping the ratio.
+    """mmcv's `rescale_size`: the (h, w) that fits `short` x `long_max` keeping the ratio (rounded;
+    TAO's DINO resize truncates: 480 x 640 at 800 is 800 x 1067 here, 800 x 1066 there).
 
     Args:
         height, width: the image's size, pixels.

@@ -130,10 +130,9 @@ def build_transforms(aug: AugmentationConfig, train: bool,
 
 def max_output_size(aug: AugmentationConfig, train: bool,
                     input_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-    """An upper bound (h, w) on the transformed image size: the fixed padding size.
-
-    Without a fixed input size or LSJ the longer side is at most `random_resize_max_size`, and it can
-    be the height (portrait) or the width (landscape), so one shape for all batches must be square.
+    """One (h, w) that bounds every transformed image of any orientation: the eval `input_size`, the
+    LSJ crop, else the `random_resize_max_size` square (the LSJ canvases of `test_padding` /
+    `train_padding: lsj`). `fixed_padding` pads by orientation instead (`codetr.data.fixed_padding`).
     """
     if input_size is not None and not train:
         return int(input_size[0]), int(input_size[1])

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 
 from codetr.data import CocoSource, LabelMap, build_collator, build_dataloader, build_dataset
+from codetr.spec.errors import SpecError
 from codetr.spec.schema import ExperimentSpec
 from codetr.tasks.coco_eval import load_ground_truth
 
@@ -48,8 +49,9 @@ class CoDETRDataModule(L.LightningDataModule):
                                                      sources=sources)
 
     def has_val(self) -> bool:
-        """Whether the spec names validation data."""
-        return any(s.json_file for s in self.spec.dataset.val_data_sources)
+        """Whether the spec names validation data: a val source with json_file OR image_dir (one
+        without the other makes `setup` fail naming the key, instead of validation going off)."""
+        return any(s.json_file or s.image_dir for s in self.spec.dataset.val_data_sources)
 
     def ground_truth(self, split: str) -> Dict[str, Any]:
         """The COCO ground truth dict of `split`'s annotation files (original ids and areas)."""
@@ -57,12 +59,21 @@ class CoDETRDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> torch.utils.data.DataLoader:
         ds = self.spec.dataset
-        size = None if split == "train" else self.eval_input_size
+        train = split == "train"
+        size = None if train else self.eval_input_size
         return build_dataloader(self.datasets[split], batch_size=ds.batch_size, workers=ds.workers,
                                 shuffle=shuffle, collate_fn=build_collator(self.spec, split, size),
-                                drop_last=False)
+                                drop_last=train)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Shuffled, the last partial batch dropped (TAO: `BatchSampler(..., drop_last=True)`; with
+        several processes Lightning keeps it when it puts in its `DistributedSampler`).
+
+        Raises:
+            SpecError: a process gets fewer images than one batch (an epoch of zero steps).
+        """
+        world = self.trainer.world_size if self.trainer is not None else 1
+        check_one_train_batch(len(self.datasets["train"]), self.spec.dataset.batch_size, world)
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
@@ -74,3 +85,16 @@ class CoDETRDataModule(L.LightningDataModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """`Batch` is a dataclass with its own `.to`, which moves the targets too."""
         return batch.to(device)
+
+
+def check_one_train_batch(num_images: int, batch_size: int, world_size: int = 1) -> None:
+    """A SpecError unless each of `world_size` processes gets one full train batch: Lightning's
+    `DistributedSampler` gives each ceil(num_images / world_size) images, and `drop_last` drops a
+    partial batch, so fewer than `batch_size` would train zero steps without a word."""
+    per_process = -(-num_images // max(world_size, 1))
+    if per_process < batch_size:
+        where = f" per process ({world_size} processes)" if world_size > 1 else ""
+        raise SpecError(f"dataset.batch_size={batch_size} is more than the {per_process} train "
+                        f"images{where} of dataset.train_data_sources: the last partial batch is "
+                        "dropped, so an epoch would have zero steps; lower dataset.batch_size or "
+                        "add train images")
