@@ -155,14 +155,14 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (declared in dvc.yaml)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    section = params_section(params, "backbone")
-    source = section.get("source", "none")
     try:
+        section = params_section(params, "backbone")  # typed: a bad value names its key
+        source = section.get("source", "none")
         spec_path = params_section(params, "model").get("pretrained_backbone_path")
         check_spec_path(source, args.out, spec_path)
         info = run(source, args.out, section.get("sha256"), float(section.get("timeout", 60.0)),
                    progress=sys.stderr.isatty())
-    except BackboneError as err:
+    except (BackboneError, ValueError) as err:  # ValueError: params (ParamsError, not a mapping)
         print(f"backbone: error: {err}", file=sys.stderr)
         return 1
     print(f"backbone: {info['source']} -> {info['file'] or 'random initialisation'} "

@@ -5,6 +5,7 @@ import os
 from typing import Any, Dict
 
 from codetr.spec.yaml_io import load_yaml
+from pipeline.param_schema import check_section
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Dict[str, Any]:
@@ -22,8 +23,15 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Dict[str, Any]:
 
 
 def section(params: Dict[str, Any], name: str) -> Dict[str, Any]:
-    """`params[name]` as a dict (empty when absent); a non-mapping value is an error."""
+    """`params[name]` as a dict (empty when absent); a non-mapping value is an error, and the
+    pipeline's own sections (prepare, backbone, report) are checked against their typed keys.
+
+    Raises:
+        ValueError: not a mapping; `pipeline.param_schema.ParamsError` (a ValueError): an unknown
+            key or a value of the wrong type, named by its full dotted key.
+    """
     value = params.get(name) or {}
     if not isinstance(value, dict):
         raise ValueError(f"params section '{name}' must be a mapping, got {type(value).__name__}")
+    check_section(name, value)
     return value

@@ -52,10 +52,10 @@ from codetr.data.labels import LabelMap
 from codetr.data.subset import SubsetError, select_categories, split_by_image
 from codetr.data.synthetic import generate
 from codetr.fileio import atomic_write_text
+from pipeline.param_schema import IMAGE_MODES, require_bool
 from pipeline.params import load_params, section
 
 SPLITS = ("train", "val", "test")
-IMAGE_MODES = ("symlink", "copy", "none")
 
 
 class PrepareError(ValueError):
@@ -189,6 +189,7 @@ def run(params: dict, out_dir: str | Path) -> dict:
     """
     out_dir = Path(out_dir)
     kind = params.get("source", "synthetic")
+    remap = require_bool(params.get("contiguous_ids", False), "prepare.contiguous_ids", PrepareError)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
@@ -201,8 +202,7 @@ def run(params: dict, out_dir: str | Path) -> dict:
                 generate(tmp, **syn)
             except TypeError as err:
                 raise PrepareError(f"prepare.synthetic: {err}") from None
-            splits = [s for s in SPLITS
-                      if json.loads((tmp / s / "annotations.json").read_text())["images"]]
+            splits = [s for s in SPLITS if json.loads((tmp / s / "annotations.json").read_text())["images"]]
             image_dirs = {s: tmp / s / "images" for s in SPLITS}
         elif kind == "coco":
             coco = params.get("coco") or {}
@@ -227,7 +227,7 @@ def run(params: dict, out_dir: str | Path) -> dict:
                 image_dirs[s] = tmp / s / "images" if images != "none" else image_dir
         else:
             raise PrepareError(f"prepare.source must be synthetic or coco, got {kind!r}")
-        if params.get("contiguous_ids", False):
+        if remap:
             _remap_contiguous(tmp, splits)
         stats: dict = {"source": kind, "splits": {}}
         categories = None
@@ -269,8 +269,8 @@ def check_spec(stats: dict, dataset: dict) -> None:
     Raises:
         SpecError: with the value to set (from `LabelMap`).
     """
-    LabelMap.from_categories(stats["categories"], int(dataset.get("num_classes", 91)),
-                             bool(dataset.get("contiguous_labels", False)))
+    contiguous = require_bool(dataset.get("contiguous_labels", False), "dataset.contiguous_labels", PrepareError)
+    LabelMap.from_categories(stats["categories"], int(dataset.get("num_classes", 91)), contiguous)
 
 
 def main(argv: Optional[list] = None) -> int:

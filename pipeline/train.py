@@ -67,8 +67,11 @@ def summarise(train_dir: Path, seconds: float) -> Dict[str, Any]:
 def copy_plots(train_dir: Path, plots: Path) -> int:
     """Copies DVCLive's step series to `plots`, replacing it as a whole (a sibling folder is
     filled, then renamed over it: an interrupted copy never leaves a partial folder); returns the
-    number of series."""
+    number of series. Without DVCLive series (the train task's CSV fallback, in a git repository
+    without commits) `plots` is left empty, with a notice saying why."""
     source = train_dir / "dvclive" / "plots" / "metrics"
+    if not source.is_dir():
+        print(f"train: notice: {plots} is left empty: {no_series_reason(train_dir)}", file=sys.stderr)
     plots.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=plots.parent, prefix=f".{plots.name}.tmp-"))
     try:
@@ -85,6 +88,17 @@ def copy_plots(train_dir: Path, plots: Path) -> int:
         if staging.exists():
             shutil.rmtree(staging)
     return sum(1 for _ in plots.rglob("*.tsv"))
+
+
+def no_series_reason(train_dir: Path) -> str:
+    """Why `train_dir` holds no DVCLive series (`codetr.tasks.loggers.build_logger`'s fallback)."""
+    source = train_dir / "dvclive" / "plots" / "metrics"
+    csv_file = train_dir / "csv" / "metrics.csv"
+    if csv_file.is_file():
+        return (f"there is no {source}: the run logged to {csv_file} instead, because DVCLive cannot "
+                "log inside a git repository without commits. Commit once (git commit), then rerun "
+                "the train stage to get the curves")
+    return f"there is no {source} (the train task logged no DVCLive series)"
 
 
 def check_train_dir(params: Path, train_dir: Path) -> None:

@@ -16,11 +16,11 @@ from pipeline.stages import (Stage, code_files, edges, read_stages, stage_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGE_NAMES = ["prepare", "backbone", "train", "evaluate", "infer", "export", "report"]
+STAGE_NAMES = ["prepare", "backbone", "train", "evaluate", "inference", "export", "report"]
 EXPECTED_EDGES = {("prepare", "train"), ("backbone", "train"), ("prepare", "evaluate"),
-                  ("train", "evaluate"), ("prepare", "infer"), ("train", "infer"),
+                  ("train", "evaluate"), ("prepare", "inference"), ("train", "inference"),
                   ("prepare", "report"), ("train", "report"), ("evaluate", "report"),
-                  ("infer", "report"), ("train", "export"), ("export", "report")}
+                  ("inference", "report"), ("train", "export"), ("export", "report")}
 
 
 def tool_env(tmp: Path) -> dict:
@@ -74,7 +74,7 @@ def test_stage_table_names_and_edges():
     assert edges(stages) == EXPECTED_EDGES
     for s in stages:
         gpu = s.resources.get("gpu")
-        assert gpu == (1 if s.name in ("train", "evaluate", "infer") else None)
+        assert gpu == (1 if s.name in ("train", "evaluate", "inference") else None)
 
 
 def test_dvc_and_snakemake_build_the_same_dag(repo_copy, tmp_path):
@@ -88,10 +88,18 @@ def test_dvc_and_snakemake_build_the_same_dag(repo_copy, tmp_path):
 
 def test_snakemake_dry_run_runs_each_stage_command(repo_copy, tmp_path):
     out = run_tool(["snakemake", "-n", "-p", "--cores", "1"], repo_copy, tool_env(tmp_path))
-    for stage in read_stages(REPO / "dvc.yaml"):
+    stages = read_stages(REPO / "dvc.yaml")
+    produced = {o for s in stages for o in s.outs}
+    for stage in stages:
         assert re.search(rf"rule {stage.name}:", out), stage.name
         # each rule runs ITS command (a loop-defined `shell: cmd` would run the last one)
         assert " ".join(stage.cmd.split()) in " ".join(out.split()), stage.name
+        # and lists every dep as an input: a file dep (report's params.yaml, which it embeds as
+        # text) by name, a code folder by its files, another stage's output as it is
+        inputs = set(re.search(rf"^rule {stage.name}:\n\s+input: (.*)$", out, re.M).group(1).split(", "))
+        for dep in stage.deps:
+            expanded = [dep] if dep in produced else code_files(str(repo_copy / dep))
+            assert {os.path.relpath(p, repo_copy) if os.path.isabs(p) else p for p in expanded} <= inputs, dep
     assert re.search(r"total\s+8", out)  # 7 stages + all
 
 
@@ -131,7 +139,7 @@ def test_spec_paths_point_into_the_declared_outputs(name):
     assert _under(ds.infer_data_sources.classmap, data)
     assert Path(spec.model.pretrained_backbone_path).parent == Path(outs["backbone"][0])
     assert spec.task_results_dir("train") == outs["train"][0]
-    assert spec.task_results_dir("inference") == outs["infer"][0]
+    assert spec.task_results_dir("inference") == outs["inference"][0]
     assert all(_under(p, spec.task_results_dir("evaluate")) for p in outs["evaluate"])
     assert _under(spec.evaluate.checkpoint, outs["train"][0])
     assert _under(spec.inference.checkpoint, outs["train"][0])

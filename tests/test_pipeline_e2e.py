@@ -135,4 +135,4 @@ def test_snakemake_runs_the_pipeline_and_reruns_dependents_of_a_param(tmp_path):
     _set_params(repo, {"train": {"optim": {"lr": 1.0e-4}}})
     plan = run_tool(["snakemake", "-n", "--cores", "1"], repo, env)
     planned = set(re.findall(r"^rule (\w+):", plan, re.M))
-    assert planned == {"train", "evaluate", "infer", "export", "report", "all"}  # not prepare, backbone
+    assert planned == {"train", "evaluate", "inference", "export", "report", "all"}  # not prepare, backbone

@@ -1,6 +1,7 @@
 """Stage `prepare`: synthetic and user COCO sources, contiguous ids, stats, failure hygiene."""
 import json
 import os
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -56,6 +57,23 @@ def test_contiguous_ids_rewrite_every_split(tmp_path):
     check_spec(stats, {"num_classes": 3, "contiguous_labels": True})
     with pytest.raises(SpecError, match="num_classes=3"):
         check_spec(stats, {"num_classes": 4, "contiguous_labels": True})
+
+
+def test_contiguous_flags_must_be_real_booleans(tmp_path):
+    """`dvc exp run -S prepare.contiguous_ids=no` writes `no`, a string in YAML 1.2 (truthy): it
+    must not turn the remap on, nor may a `dataset.contiguous_labels` string or number."""
+    word = random.choice(["no", "off", "yes", "on", "n"])
+    word = random.choice([word, word.upper(), word.capitalize()])
+    for value in (word, random.randint(0, 9)):
+        with pytest.raises(PrepareError, match=rf"^prepare\.contiguous_ids={value!r} .*expected true or false"):
+            run({"source": "synthetic", "contiguous_ids": value, "synthetic": SYN}, tmp_path / "data")
+        assert not list(tmp_path.iterdir())  # refused before any image is drawn
+    stats = run({"source": "synthetic", "contiguous_ids": False, "synthetic": SYN}, tmp_path / "data")
+    assert [c["id"] for c in stats["categories"]] == [3, 7, 11]
+    for value in (word, random.randint(0, 9), None):
+        with pytest.raises(PrepareError, match=rf"^dataset\.contiguous_labels={value!r} .*expected true or false"):
+            check_spec(stats, {"num_classes": 12, "contiguous_labels": value})
+    check_spec(stats, {"num_classes": 12, "contiguous_labels": False})
 
 
 def test_check_spec_explains_non_contiguous_num_classes(tmp_path):

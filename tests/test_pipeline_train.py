@@ -1,6 +1,8 @@
 """The train stage's committed record: metrics of the chosen weights, both APs, steps, time; the
 DVCLive curves copied out of the cached folder."""
 import json
+import random
+import subprocess
 
 import torch
 
@@ -81,3 +83,41 @@ def test_main_refuses_a_train_folder_the_spec_does_not_train_in(tmp_path, monkey
     assert train_stage.main(args + ["--train", str(tmp_path / "runs" / "train")]) == 0  # absolute
     (tmp_path / "params.yaml").write_text("results_dir: runs\ntrain: {results_dir: elsewhere}\n")
     assert train_stage.main(args + ["--train", "elsewhere"]) == 0 and len(ran) == 3
+
+
+def test_plots_left_empty_by_the_csv_fallback_say_why(tmp_path, monkeypatch, capsys):
+    """In a git repository without commits the train task logs CSV, not DVCLive: the committed
+    plots folder is then empty, and the stage says why instead of staying silent."""
+    from codetr.tasks.loggers import build_logger
+
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    monkeypatch.chdir(repo)
+    train_dir = repo / "results" / "train"
+    logger = build_logger(str(train_dir), resume=False)  # the CSV fallback
+    for step in range(random.randint(1, 5)):
+        logger.log_metrics({"train/loss": random.random()}, step=step)
+        logger.save()
+    logger.finalize("success")
+    plots = repo / "results" / "plots" / f"train-{random.randint(0, 999)}"
+    capsys.readouterr()
+    assert train_stage.copy_plots(train_dir, plots) == 0
+    assert plots.is_dir() and not list(plots.iterdir())
+    err = capsys.readouterr().err
+    assert f"{plots} is left empty" in err and str(train_dir / "csv" / "metrics.csv") in err
+    assert "git repository without commits" in err and "git commit" in err
+
+
+def test_plots_without_any_log_and_with_series(tmp_path, capsys):
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    assert train_stage.copy_plots(train_dir, tmp_path / "plots") == 0
+    err = capsys.readouterr().err
+    assert "is left empty" in err and "logged no DVCLive series" in err and "csv" not in err
+    series = train_dir / "dvclive" / "plots" / "metrics" / "train"
+    series.mkdir(parents=True)
+    n = random.randint(1, 4)
+    for i in range(n):
+        (series / f"m{i}.tsv").write_text(f"step\tm{i}\n0\t{random.random()}\n")
+    assert train_stage.copy_plots(train_dir, tmp_path / "plots") == n
+    assert capsys.readouterr().err == ""
