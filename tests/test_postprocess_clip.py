@@ -14,7 +14,7 @@ from codetr.data.test_padding import LSJTestCollator, detection_sizes
 from codetr.postprocess import PostProcess
 from codetr.postprocess.postprocess import image_sizes
 from codetr.spec import spec_from_dict
-from codetr.tasks import evaluate, inference
+from codetr.tasks import evaluate, inference, task_detector
 from codetr.tasks.kitti import parse_kitti_line
 
 PX_TOL = 1e-3  # see the module docstring
@@ -107,7 +107,7 @@ def test_inference_writes_lsj_boxes_inside_the_image(tmp_path, monkeypatch):
         "inference": {"checkpoint": str(checkpoint), "input_width": None, "input_height": None,
                       "save_annotated_images": False}})
     label_map = LabelMap((1, 2), ("car", "person"), True, 2)
-    monkeypatch.setattr(inference, "load_detector",
+    monkeypatch.setattr(task_detector, "load_detector",
                         lambda path, device, run_spec: (CanvasDetector(2), label_map, spec, "raw"))
     assert inference.run(spec) == 0
     for name, (h, w) in sizes.items():

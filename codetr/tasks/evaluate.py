@@ -25,17 +25,14 @@ from typing import List, Optional, Tuple
 import torch
 
 from codetr.data.test_padding import detection_sizes
-from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_dataset
 from codetr.fileio import atomic_write_text
 from codetr.postprocess.postprocess import image_sizes
 from codetr.spec import ExperimentSpec, SpecError
-from codetr.export.onnx_runtime import fit_input_size, is_onnx_file, load_detector
+from codetr.export.onnx_runtime import fit_input_size
 from codetr.tasks.coco_eval import (CocoMetrics, evaluate_coco, format_table, load_ground_truth,
                                     to_coco_results)
-from codetr.tasks.checkpoint import require_checkpoint_file
-from codetr.tasks.runtime import ensure_writable_dir, eval_device
-from codetr.tasks.spec_drift import reconcile_with_checkpoint
+from codetr.tasks.task_detector import load_task_detector
 
 
 def input_size(width: Optional[int], height: Optional[int]) -> Optional[Tuple[int, int]]:
@@ -53,20 +50,9 @@ def run(spec: ExperimentSpec) -> int:
                         "evaluate.checkpoint=<results_dir>/train/codetr_model.pth")
     if spec.dataset.test_data_sources is None or not spec.dataset.test_data_sources.json_file:
         raise SpecError("dataset.test_data_sources (image_dir and json_file) is required")
-    out_dir = spec.task_results_dir("evaluate")
-    ensure_writable_dir(out_dir, "evaluate results directory")
-    device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "evaluate")
-    for notice in notices:
-        print(notice)
-    require_checkpoint_file(cfg.checkpoint, "evaluate.checkpoint")
-    model, label_map, trained, which = load_detector(cfg.checkpoint, device, spec)  # .pth, official or .onnx
-    # The weights fix the architecture: say which of the spec's keys the checkpoint overrules,
-    # and record the spec really used (a .onnx file checks its normalisation in fit_input_size).
-    spec, notice = reconcile_with_checkpoint(spec, trained, label_map, cfg.checkpoint,
-                                             check_inputs=not is_onnx_file(cfg.checkpoint))
-    if notice:
-        print(notice)
-    save_spec(spec, out_dir)
+    loaded = load_task_detector(spec, "evaluate")
+    model, label_map, spec, which = loaded.model, loaded.label_map, loaded.spec, loaded.weights
+    device, out_dir = loaded.device, loaded.out_dir
     print(f"evaluating {cfg.checkpoint} ({'EMA' if which == 'ema' else 'raw'} weights) on {device}")
     size = fit_input_size(model, spec, "evaluate", input_size(cfg.input_width, cfg.input_height))
     dataset = build_dataset(spec, "test", label_map, size)

@@ -31,7 +31,6 @@ import torch
 from PIL import Image, ImageOps
 
 from codetr.data.test_padding import detection_sizes
-from codetr.spec.load import save_spec
 from codetr.data import build_collator, build_dataloader, build_infer_dataset, read_classmap
 from codetr.data.labels import LabelMap
 from codetr.fileio import atomic_write_bytes, atomic_write_text
@@ -39,15 +38,13 @@ from codetr.postprocess.postprocess import image_sizes
 from codetr.postprocess.soft_nms import batched_soft_nms
 from codetr.spec import ExperimentSpec, SpecError
 from codetr.spec.schema import ModelConfig
-from codetr.export.onnx_runtime import fit_input_size, is_onnx_file, load_detector
+from codetr.export.onnx_runtime import fit_input_size
 from codetr.tasks.draw import class_colors, draw_detections
 from codetr.tasks.evaluate import input_size
 from codetr.tasks.kitti import format_kitti_line, kitti_text
 from codetr.tasks.output_names import (clear_previous_outputs, output_stems, relative_output,
                                        write_index)
-from codetr.tasks.checkpoint import require_checkpoint_file
-from codetr.tasks.runtime import ensure_writable_dir, eval_device
-from codetr.tasks.spec_drift import reconcile_with_checkpoint
+from codetr.tasks.task_detector import load_task_detector
 
 
 class CategoryGrouping:
@@ -135,20 +132,9 @@ def run(spec: ExperimentSpec) -> int:
     infer = spec.dataset.infer_data_sources
     if infer is None or not infer.image_dir:
         raise SpecError("dataset.infer_data_sources.image_dir is required (a folder or a list)")
-    out_dir = spec.task_results_dir("inference")
-    ensure_writable_dir(out_dir, "inference results directory")
-    device, notices = eval_device(cfg.num_gpus, cfg.gpu_ids, "inference")
-    for notice in notices:
-        print(notice)
-    require_checkpoint_file(cfg.checkpoint, "inference.checkpoint")
-    model, label_map, trained, which = load_detector(cfg.checkpoint, device, spec)  # .pth, official or .onnx
-    # The weights fix the architecture: say which of the spec's keys the checkpoint overrules,
-    # and record the spec really used (a .onnx file checks its normalisation in fit_input_size).
-    spec, notice = reconcile_with_checkpoint(spec, trained, label_map, cfg.checkpoint,
-                                             check_inputs=not is_onnx_file(cfg.checkpoint))
-    if notice:
-        print(notice)
-    save_spec(spec, out_dir)
+    loaded = load_task_detector(spec, "inference")
+    model, label_map, spec, which = loaded.model, loaded.label_map, loaded.spec, loaded.weights
+    device, out_dir = loaded.device, loaded.out_dir
     check_classmap(label_map, infer.classmap)
     grouping = CategoryGrouping(label_map, cfg.category_mapping)
     colors = class_colors(grouping.names, cfg.color_map)
