@@ -148,3 +148,21 @@ def test_runtime_follows_the_setting_with_more_gpus():
     # TAO's default ids with num_gpus > 1 is the usual way to ask for N GPUs: no notice
     assert not [n for n in resolve_runtime(2, [0], 1, "fp32", "ddp", cuda_count=2).notices
                 if "disagree" in n]
+
+
+def test_freeze_takes_tao_module_names():
+    """Seed 000's example `["backbone", "transformer.encoder"]` and seed 001's `input_proj` name
+    modules of TAO's DINO; in the Co-DINO model they sit under `query_head.` and `neck`."""
+    from codetr.model.builder import build_model
+    from codetr.spec import spec_from_dict
+    from tests.zoo_fixtures import TINY_SPEC
+
+    model = build_model(spec_from_dict(TINY_SPEC), 3, load_pretrained_backbone=False)
+    names = {n for n, _ in model.named_parameters()}
+    counts = freeze_parameters(model, ["transformer.encoder", "input_proj"])
+    encoder = {n for n in names if n.startswith("query_head.transformer.encoder.")}
+    neck = {n for n in names if n.startswith("neck.")}
+    assert encoder and neck and counts == {"transformer.encoder": len(encoder), "input_proj": len(neck)}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == encoder | neck
+    with pytest.raises(ValueError, match="'transformer.encode' matches no parameter"):
+        freeze_parameters(model, ["transformer.encode"])  # a typo stays an error

@@ -76,8 +76,10 @@ class CoDETRDataModule(L.LightningDataModule):
         check_one_train_batch(len(self.datasets["train"]), self.spec.dataset.batch_size, world)
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
+        # No val split: no loader. A dry run's fast_dev_run sets limit_val_batches itself, so
+        # Lightning asks for one even when the trainer was told to skip validation.
+        return self._loader("val", shuffle=False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader("test", shuffle=False)

@@ -21,6 +21,9 @@ from codetr.spec.errors import SpecError
 from codetr.spec.schema import OptimConfig
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+# TAO's DINO-family module names (seed 000's `freeze` example ["backbone", "transformer.encoder"],
+# seed 001's `input_proj`) -> this model's: a prefix that matches nothing as given is retried so.
+TAO_MODULE_PREFIXES = (("transformer", "query_head.transformer"), ("input_proj", "neck"))
 _BLOCK = re.compile(r"\.blocks\.(\d+)\.")
 
 
@@ -28,7 +31,9 @@ def freeze_parameters(model: nn.Module, prefixes: Sequence[str]) -> Dict[str, in
     """Sets `requires_grad=False` on parameters under each module-name prefix.
 
     A prefix matches a parameter name equal to it or starting with `prefix + "."`
-    (`"transformer.encoder"` freezes `transformer.encoder.layers.0.norm1.weight`).
+    (`"query_head.transformer.encoder"` freezes `query_head.transformer.encoder.layers.0.norm1.weight`);
+    TAO's names (`TAO_MODULE_PREFIXES`: `transformer.encoder`, `input_proj`) are retried as this
+    model's when they match nothing as given.
 
     Returns:
         {prefix: number of parameter tensors frozen}.
@@ -40,8 +45,10 @@ def freeze_parameters(model: nn.Module, prefixes: Sequence[str]) -> Dict[str, in
     names = [name for name, _ in model.named_parameters()]
     for prefix in prefixes:
         prefix = prefix.strip().rstrip(".")
-        hits = [p for name, p in model.named_parameters()
-                if name == prefix or name.startswith(prefix + ".")]
+        hits = _under(model, prefix)
+        for tao, ours in TAO_MODULE_PREFIXES:
+            if not hits and (prefix == tao or prefix.startswith(tao + ".")):
+                hits = _under(model, ours + prefix[len(tao):])
         if not hits:
             tops = sorted({n.split(".")[0] for n in names})
             raise SpecError(f"train.freeze: '{prefix}' matches no parameter of the model; "
@@ -50,6 +57,11 @@ def freeze_parameters(model: nn.Module, prefixes: Sequence[str]) -> Dict[str, in
             p.requires_grad_(False)
         counts[prefix] = len(hits)
     return counts
+
+
+def _under(model: nn.Module, prefix: str) -> list:
+    """The parameters named `prefix` or under the module `prefix`."""
+    return [p for name, p in model.named_parameters() if name == prefix or name.startswith(prefix + ".")]
 
 
 def vit_layer_scale(name: str, num_layers: int, decay_rate: float) -> float:
