@@ -66,6 +66,7 @@ class CoDETRModule(L.LightningModule):
         self.verbose = verbose
         self.ema = ModelEMA(model, ema_decay, ema_warmup_steps or 0) if ema_decay is not None else None
         self._auto_ema_warmup = ema_warmup_steps is None
+        self._schedule_origin = [0, 0]  # [epoch, step] this fit started from (on_train_start)
         self.ema_final_weights = ema_final_weights
         self._category_lut = label_map.category_id_lut()
         self._val_results: Dict[str, Dict[int, List[dict]]] = {}
@@ -120,6 +121,11 @@ class CoDETRModule(L.LightningModule):
                     print(f"EMA decay {self.ema.decay} with a warm-up ramp of {self.ema.warmup_steps} "
                           f"steps (train.ema.warmup_steps: null, scaled to the run's {total} steps)")
 
+    def on_train_start(self) -> None:
+        # After a resume's restore: the decay epochs count on from here at this run's steps per
+        # epoch (another GPU count or batch size than the run that wrote the checkpoint).
+        self._schedule_origin[:] = [self.current_epoch, self.global_step]
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update(self.model)
@@ -148,7 +154,8 @@ class CoDETRModule(L.LightningModule):
         optimizer = build_optimizer(groups, self.optim_cfg, allow_fused=full_precision)
         epochs = max(1, self.trainer.max_epochs or 1)
         steps_per_epoch = optional_steps(self.trainer.estimated_stepping_batches) // epochs
-        scheduler = build_scheduler(optimizer, self.optim_cfg, max(1, steps_per_epoch))
+        scheduler = build_scheduler(optimizer, self.optim_cfg, max(1, steps_per_epoch),
+                                    self._schedule_origin)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 

@@ -5,7 +5,8 @@ trunk `backbone.body.*`, `lr * lr_linear_proj_mult` for the deformable-attention
 `reference_points` projections, and, for ViT backbones, a layer-wise decay of the backbone rate
 (`layer_decay_rate ** (depth + 1 - layer)`, BEiT/ViTDet's rule). The schedule is stepped every
 optimizer step: a linear warm-up over `warmup_steps`, then a decay by `lr_decay` at the epochs
-`lr_steps` (MultiStep) or every `lr_step_size` epochs (StepLR), as TAO counts them.
+`lr_steps` (MultiStep) or every `lr_step_size` epochs (StepLR), as TAO counts them; a resumed
+run counts on from the checkpoint's epoch at its own steps per epoch (`lr_factor`'s `origin`).
 """
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ def build_optimizer(groups: List[dict], cfg: OptimConfig, allow_fused: bool = Tr
 
 
 def lr_factor(step: int, steps_per_epoch: int, scheduler: str, lr_steps: Sequence[int],
-              lr_step_size: int, lr_decay: float, warmup_steps: int) -> float:
+              lr_step_size: int, lr_decay: float, warmup_steps: int,
+              origin: Sequence[int] = (0, 0)) -> float:
     """The multiplier of every group's base learning rate after `step` optimizer steps.
 
     Args:
@@ -163,8 +165,13 @@ def lr_factor(step: int, steps_per_epoch: int, scheduler: str, lr_steps: Sequenc
             `lr_step_size` epochs).
         lr_decay: the decay factor.
         warmup_steps: linear warm-up from 1/warmup_steps to 1 over the first steps (0: none).
+        origin: (epoch, step) where this run started: (0, 0), or the epoch end a resumed run
+            picked up from. The epochs after it are counted at THIS run's `steps_per_epoch`, which
+            a resume on another GPU count or batch size changes (TAO steps its schedulers per
+            epoch, so its decay epochs do not move with them).
     """
-    epoch = step // max(1, steps_per_epoch)
+    start_epoch, start_step = origin
+    epoch = start_epoch + max(0, step - start_step) // max(1, steps_per_epoch)
     if scheduler == "MultiStep":
         decays = sum(1 for m in lr_steps if epoch >= m)
     elif scheduler == "StepLR":
@@ -175,12 +182,17 @@ def lr_factor(step: int, steps_per_epoch: int, scheduler: str, lr_steps: Sequenc
     return warm * lr_decay ** decays
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step `LambdaLR` applying `lr_factor` (its state dict holds numbers only)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
+                    origin: Optional[List[int]] = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step `LambdaLR` applying `lr_factor` (its state dict holds numbers only).
+
+    `origin`: a `[epoch, step]` list read at every step, which the caller sets once a resumed
+    run's position is known (after the checkpoint is restored); None: `[0, 0]`.
+    """
     fn = functools.partial(lr_factor, steps_per_epoch=steps_per_epoch, scheduler=cfg.lr_scheduler,
                            lr_steps=tuple(cfg.lr_steps), lr_step_size=cfg.lr_step_size,
-                           lr_decay=cfg.lr_decay, warmup_steps=cfg.warmup_steps)
+                           lr_decay=cfg.lr_decay, warmup_steps=cfg.warmup_steps,
+                           origin=[0, 0] if origin is None else origin)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
