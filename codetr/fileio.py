@@ -15,8 +15,12 @@ from typing import Any
 from codetr.errors import DiskFullError, UnwritableOutputError
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to a temporary file next to `path`, fsyncs it, then renames it over `path`."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mtime: float | None = None) -> None:
+    """Writes `data` to a temporary file next to `path`, fsyncs it, then renames it over `path`.
+
+    `mtime`: the access and modification time the file has from the moment it appears (set on the
+    temporary before the rename, so no reader sees another one); None: now.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +34,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if mtime is not None:
+            os.utime(tmp, (mtime, mtime))
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
@@ -61,9 +67,9 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, mtime: float | None = None) -> None:
     """`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), mtime)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -107,3 +113,30 @@ def remove_stale_temp_files(directory: str | os.PathLike, older_than_s: float = 
             continue
         removed.append(path)
     return removed
+
+
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Moves the folder `new` onto `target` (a folder, a file, a link or nothing; same file system).
+
+    The old folder is renamed aside (`.<name>.old-<pid>`), `new` renamed in, and only then is the
+    old one deleted, so a failure before the second rename puts the old folder back. A process
+    killed between the two renames leaves no `target` and the aside folder; the next call deletes
+    such leftovers first (`target` is a derived output that call rebuilds).
+    """
+    new, target = Path(new), Path(target)
+    for stale in target.parent.glob(f".{target.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    old = None
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -51,7 +51,7 @@ from codetr.data.coco import load_coco
 from codetr.data.labels import LabelMap
 from codetr.data.subset import SubsetError, select_categories, split_by_image
 from codetr.data.synthetic import generate
-from codetr.fileio import atomic_write_text
+from codetr.fileio import atomic_write_text, replace_dir
 from pipeline.param_schema import IMAGE_MODES, require_bool
 from pipeline.params import load_params, section
 
@@ -240,22 +240,7 @@ def run(params: dict, out_dir: str | Path) -> dict:
         stats["categories"] = categories
         write_classmap(tmp / "classmap.txt", [c["name"] for c in categories])
         atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2) + "\n")
-        old = None
-        if out_dir.is_symlink() or out_dir.is_file():
-            out_dir.unlink()
-        elif out_dir.exists():
-            # renamed aside, not removed, until the new folder is in place: an rmtree first would
-            # leave no data (or half of it) if the run died before the rename
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out_dir)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out_dir)  # the old data/ stays whole until the new one is in place
         # the temporary folder was private (0700): give the data folder the usual permissions
         out_dir.chmod(0o755)
     finally:

@@ -159,10 +159,8 @@ def write_if_changed(path: str | os.PathLike, text: str, outputs_current: Callab
     path = Path(path)
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
-    current = outputs_current()
     # A unique, fsynced temporary file: Snakefile parses running at once (dry runs, several
-    # snakemake calls) each write their own, and none is left behind on an error.
-    atomic_write_text(path, text)
-    if current:
-        os.utime(path, (0, 0))
+    # snakemake calls) each write their own, and none is left behind on an error; its mtime is
+    # set before the rename, so the file never shows a "changed now" time it should not have.
+    atomic_write_text(path, text, mtime=0 if outputs_current() else None)
     return True
