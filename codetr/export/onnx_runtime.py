@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -190,12 +190,6 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu",
     return detector, LabelMap.from_dict(meta.label_map), spec, meta.weights
 
 
-def _same(a: Sequence[float], b: Sequence[float]) -> bool:
-    a3 = list(a) * (3 if len(a) == 1 else 1)
-    b3 = list(b) * (3 if len(b) == 1 else 1)
-    return np.allclose(a3, b3, rtol=0, atol=1e-6)
-
-
 def default_input_size(spec: ExperimentSpec, task: str) -> Optional[Tuple[int, int]]:
     """The schema's default (h, w) of `<task>.input_height/input_width` (inference: TAO's 640x640,
     evaluate: None), or None when either default is null."""
@@ -213,8 +207,7 @@ def fit_input_size(detector, spec: ExperimentSpec, task: str,
     file's own size, with a one-line notice; any other size is an error.
 
     Raises:
-        SpecError: `<task>.input_height/input_width` set to another size than the ONNX file's, or
-            `dataset.augmentation.input_mean/input_std` other than the ones it was exported with.
+        SpecError: `<task>.input_height/input_width` set to another size than the ONNX file's.
     """
     if not isinstance(detector, OnnxDetector):
         return size
@@ -228,12 +221,7 @@ def fit_input_size(detector, spec: ExperimentSpec, task: str,
               f"{task}.input_height/input_width = {size[0]}x{size[1]} (set {h} and {w}, or null)")
     elif size is None:
         print(f"{task}: input_height/input_width unset: using {detector.path}'s size {h}x{w}")
-    aug = spec.dataset.augmentation
-    for name in ("input_mean", "input_std"):
-        if not _same(getattr(aug, name), getattr(detector.meta, name)):
-            raise SpecError(f"dataset.augmentation.{name}={getattr(aug, name)} differs from the "
-                            f"{getattr(detector.meta, name)} {detector.path} was exported with: the "
-                            "images would be normalised differently from training")
+    aug = spec.dataset.augmentation  # its mean/std: checked against the file's spec (spec_drift)
     divisor = aug.pad_size_divisor
     if aug.test_padding == "lsj" and (h % divisor or w % divisor):
         print(f"{task}: dataset.augmentation.test_padding=lsj pads to a multiple of "

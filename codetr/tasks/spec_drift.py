@@ -6,8 +6,8 @@ fit that architecture), so the run's `model.*`, `dataset.num_classes` and
 
 - each such key whose value differs is listed in one notice (the checkpoint's value is used);
 - `dataset.augmentation.input_mean/input_std` other than the training's are an error: the
-  images would be normalised differently from training (as for an `.onnx` file,
-  `codetr.export.onnx_runtime.fit_input_size`);
+  images would be normalised differently from training (for an `.onnx` file: the spec it was
+  exported with, whose mean/std its graph takes);
 - `spec_used` is the spec the task really runs with, which it saves as `experiment_spec.yaml`.
 
 The post-processing keys (`POSTPROCESS_KEYS`) are the run's own: they act after the model.
@@ -80,15 +80,10 @@ def spec_used(spec: ExperimentSpec, trained: ExperimentSpec, label_map: LabelMap
 
 
 def reconcile_with_checkpoint(spec: ExperimentSpec, trained: ExperimentSpec, label_map: LabelMap,
-                              checkpoint: str, check_inputs: bool = True) -> Tuple[ExperimentSpec, Optional[str]]:
-    """`check_normalisation` (when `check_inputs`), then `(spec_used, drift_notice)`.
-
-    Args:
-        check_inputs: False for an `.onnx` file, whose own input check (`fit_input_size`) runs
-            against the normalisation it was exported with.
-    """
-    if check_inputs:
-        check_normalisation(spec, trained, checkpoint)
+                              checkpoint: str) -> Tuple[ExperimentSpec, Optional[str]]:
+    """`check_normalisation`, then `(spec_used, drift_notice)`. An `.onnx` file's `trained` spec is
+    the one it was exported with, whose mean/std its graph's metadata carries."""
+    check_normalisation(spec, trained, checkpoint)
     notice = drift_notice(architecture_drift(spec, trained, label_map), checkpoint)
     return spec_used(spec, trained, label_map), notice
 

@@ -3,8 +3,7 @@
 `<task>.checkpoint` is a codetr `.pth`, an official mmdet / Sense-X file or an exported `.onnx`
 (`codetr.export.onnx_runtime.load_detector`). The weights fix the architecture, so the run's spec
 is reconciled with the checkpoint's (`codetr.tasks.spec_drift`: a notice names the keys it
-overrules; another input normalisation is an error, which a `.onnx` file checks itself in
-`fit_input_size`), and the spec really used is saved as `<results>/<task>/experiment_spec.yaml`.
+overrules; another input normalisation is an error), and the spec really used is saved as `<results>/<task>/experiment_spec.yaml`.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from codetr.data.labels import LabelMap
-from codetr.export.onnx_runtime import is_onnx_file, load_detector
+from codetr.export.onnx_runtime import load_detector
 from codetr.spec import ExperimentSpec
 from codetr.spec.load import save_spec
 from codetr.tasks.checkpoint import require_checkpoint_file
@@ -43,8 +42,7 @@ def load_task_detector(spec: ExperimentSpec, task: str) -> TaskDetector:
         print(notice)
     require_checkpoint_file(cfg.checkpoint, f"{task}.checkpoint")
     model, label_map, trained, which = load_detector(cfg.checkpoint, device, spec)
-    used, notice = reconcile_with_checkpoint(spec, trained, label_map, cfg.checkpoint,
-                                             check_inputs=not is_onnx_file(cfg.checkpoint))
+    used, notice = reconcile_with_checkpoint(spec, trained, label_map, cfg.checkpoint)
     if notice:
         print(notice)
     save_spec(used, out_dir)
