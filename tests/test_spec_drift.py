@@ -56,7 +56,9 @@ def test_differing_keys_are_named_and_the_used_spec_is_saved(setup, tmp_path, ca
     select = random.randint(5, 40)
     model = tiny_model_dict(num_queries=queries, backbone=backbone, num_select=select)
     spec = _spec_file(root, tmp_path, model, {"num_classes": 30, "contiguous_labels": False})
-    assert main([task, "-e", str(spec), f"{task}.checkpoint={checkpoint}"]) == 0
+    # export: its parity check is not the point here, and random tiny weights can miss 1e-3
+    extra = ["export.verify=false"] if task == "export" else []
+    assert main([task, "-e", str(spec), f"{task}.checkpoint={checkpoint}", *extra]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "the checkpoint's is used" in line]
     assert sorted(line.split(":")[0].strip() for line in lines) == [
