@@ -130,8 +130,9 @@ def test_empty_detections_give_zero_not_a_crash():
         pycocotools_stats(gt, [])
     ours = evaluate_coco(gt, [])
     assert ours.stats["AP"] == 0.0 and ours.stats["AR100"] == 0.0
-    # a class without any ground truth in the draw is -1 (COCO's "undefined"), the others 0
-    present = {a["category_id"] for a in gt["annotations"]}
+    # a class without any ground truth in the draw is -1 (COCO's "undefined"), the others 0;
+    # crowd boxes are ignored ground truth, so a class with only crowd boxes is -1 as well
+    present = {a["category_id"] for a in gt["annotations"] if not a["iscrowd"]}
     assert {c["category_id"]: c["AP"] for c in ours.per_class} == {
         c["id"]: 0.0 if c["id"] in present else -1.0 for c in gt["categories"]}
     assert all(p == 0.0 for _, p in ours.pr_curve)
